@@ -1,0 +1,112 @@
+"""A SOCK_SEQPACKET channel carrying protocol messages and their fds.
+
+Ownership: ``send`` never takes ownership of the fds it passes (the caller
+still closes its copies).  ``recv`` returns fds that the caller owns; they
+are close-on-exec (MSG_CMSG_CLOEXEC) so they cannot leak into a process the
+caller later spawns.  If anything is wrong with a received datagram, every
+fd that came with it is closed before ProtocolError is raised.
+
+socket.recv_fds is not used: it cannot pass MSG_CMSG_CLOEXEC, so the fds it
+returns are inheritable, and it hides MSG_CTRUNC.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+
+from tlshd.shared import protocol
+from tlshd.shared.errors import PeerGone, ProtocolError
+
+_FD_SIZE = array.array("i").itemsize
+# Room for more fds than any message may carry, so that a peer sending
+# too many is detected (and all of them closed) rather than truncated.
+_CMSG_ROOM = socket.CMSG_SPACE(8 * _FD_SIZE)
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """Make a connected pair of close-on-exec SEQPACKET sockets."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class Channel:
+    """One end of a supervisor-worker channel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(
+        self, msg: protocol.Message, req_id: int = 0, fds: tuple[int, ...] = ()
+    ) -> None:
+        """Send one message; raises PeerGone if the other end is closed."""
+        if len(fds) != msg.NFDS:
+            raise ValueError("%s needs %d fds" % (type(msg).__name__,
+                                                  msg.NFDS))
+        data = protocol.encode(msg, req_id)
+        anc = []
+        if fds:
+            anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                        array.array("i", fds).tobytes()))
+        while True:
+            try:
+                self.sock.sendmsg([data], anc)
+                return
+            except InterruptedError:
+                continue
+            except (BrokenPipeError, ConnectionResetError) as e:
+                raise PeerGone("channel closed") from e
+
+    def recv(self) -> tuple[protocol.Message, int, list[int]]:
+        """Receive one message: (message, request id, owned fds).
+
+        Raises PeerGone on EOF and ProtocolError on a malformed datagram.
+        """
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(
+                protocol.MAX_MSG + 1, _CMSG_ROOM, socket.MSG_CMSG_CLOEXEC
+            )
+        except ConnectionResetError as e:
+            raise PeerGone("channel reset") from e
+        fds = _collect_fds(anc)
+        if not data and not fds:
+            raise PeerGone("channel closed")
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ProtocolError("truncated message or control data")
+            msg, req_id = protocol.decode(data, len(fds))
+        except BaseException:
+            _close_all(fds)
+            raise
+        return msg, req_id, fds
+
+
+def _collect_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    bad = False
+    for level, ctype, payload in anc:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+        else:
+            bad = True  # SCM_CREDENTIALS or such: nobody sends those here
+    if bad:
+        _close_all(fds)
+        raise ProtocolError("unexpected control message")
+    return fds
+
+
+def is_would_block(e: OSError) -> bool:
+    return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)

@@ -1,0 +1,163 @@
+"""Read tlshd's configuration file (the ktls-utils format).
+
+The file is a GLib key file: ``[section]`` headers, ``key=value`` lines,
+``#`` comments, and ``;`` separating list items.  Every key ktls-utils
+documents is accepted, so an existing /etc/tlshd/config works unchanged.
+Keys this implementation does not use are logged and ignored.
+
+Extensions (absent from ktls-utils, all optional):
+  [authenticate] handshake_timeout = seconds for requests that carry no
+      TIMEOUT attribute (NFS and NFSD send none and give up after 20 s).
+  [authenticate.client|server] x509.ciphersuites = OpenSSL TLS 1.3 suite
+      list restricting what this end offers or accepts.
+
+Parsing only: nothing here opens a certificate or a key.  The worker that
+serves a namespace loads the files its own configuration names.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+from dataclasses import dataclass
+
+from tlshd.shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/etc/tlshd/config"
+LEGACY_PATH = "/etc/tlshd.conf"
+MAX_CONFIG_BYTES = 1 << 20
+# Under NFS's 20 s, so the consumer hears ETIMEDOUT from us, not its own.
+DEFAULT_HANDSHAKE_TIMEOUT = 15.0
+
+_ROLE_KEYS = {
+    "x509.truststore": "truststore",
+    "x509.crl": "crl",
+    "x509.certificate": "certificate",
+    "x509.private_key": "private_key",
+    "x509.ciphersuites": "ciphersuites",
+}
+# Documented by ktls-utils, not acted upon here (yet).
+_KNOWN_UNUSED = {
+    "debug": {"tls", "nl", "delay_done"},
+    "authenticate.client": {"x509.pq.certificate", "x509.pq.private_key"},
+    "authenticate.server": {"x509.pq.certificate", "x509.pq.private_key",
+                            "x509.client_auth", "x509.client_allowed_sans"},
+}
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Credentials for one end: ``[authenticate.client]`` or ``.server``."""
+
+    truststore: str | None = None
+    crl: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+    ciphersuites: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    loglevel: int = 0
+    keyrings: tuple[str, ...] = ()
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    client: RoleConfig = RoleConfig()
+    server: RoleConfig = RoleConfig()
+
+
+def find_config(explicit: str | None) -> str:
+    """Pick the configuration file the way ktls-utils does."""
+    if explicit:
+        return explicit
+    if os.path.exists(LEGACY_PATH):
+        log.warning("Please relocate %s to %s", LEGACY_PATH, DEFAULT_PATH)
+        return LEGACY_PATH
+    return DEFAULT_PATH
+
+
+class _Parser(configparser.RawConfigParser):
+    path = ""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr  # GLib key files are case-sensitive
+
+
+def _int(parser: _Parser, section: str, key: str,
+         default: int) -> int:
+    raw = parser.get(section, key, fallback=None)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw, 0)
+    except ValueError as e:
+        raise ConfigError("[%s] %s: %r is not a number"
+                          % (section, key, raw)) from e
+
+
+def _role(parser: _Parser, section: str) -> RoleConfig:
+    if not parser.has_section(section):
+        return RoleConfig()
+    values: dict[str, str] = {}
+    for key, raw in parser.items(section):
+        if key in _ROLE_KEYS:
+            if raw:
+                values[_ROLE_KEYS[key]] = raw
+        elif key not in _KNOWN_UNUSED.get(section, ()):
+            log.warning("%s: unknown key [%s] %s ignored", parser.path,
+                        section, key)
+    return RoleConfig(**values)
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Parse configuration text; raises ConfigError on malformed input."""
+    parser = _Parser(delimiters=("=",), comment_prefixes=("#",),
+                     inline_comment_prefixes=None, strict=True,
+                     empty_lines_in_values=False, interpolation=None)
+    parser.path = path
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError("%s: %s" % (path, e)) from e
+    keyrings = tuple(
+        k.strip()
+        for k in parser.get("authenticate", "keyrings", fallback="").split(";")
+        if k.strip()
+    )
+    timeout = parser.get("authenticate", "handshake_timeout", fallback="")
+    try:
+        handshake_timeout = (float(timeout) if timeout
+                             else DEFAULT_HANDSHAKE_TIMEOUT)
+    except ValueError as e:
+        raise ConfigError("%s: handshake_timeout %r is not a number"
+                          % (path, timeout)) from e
+    if not 0.1 <= handshake_timeout <= 600:
+        raise ConfigError("%s: handshake_timeout out of range" % path)
+    return Config(
+        path=path,
+        loglevel=_int(parser, "debug", "loglevel", 0),
+        keyrings=keyrings,
+        handshake_timeout=handshake_timeout,
+        client=_role(parser, "authenticate.client"),
+        server=_role(parser, "authenticate.server"),
+    )
+
+
+def load(path: str) -> Config:
+    """Read and parse ``path``; raises ConfigError if that fails."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError("Failed to read %s: %s" % (path, e.strerror)) from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("%s is larger than %d bytes"
+                          % (path, MAX_CONFIG_BYTES))
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s is not UTF-8 text" % path) from e
+    return parse(text, path)

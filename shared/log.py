@@ -1,0 +1,35 @@
+"""Logging set-up shared by the supervisor and the workers.
+
+The supervisor logs to syslog with facility auth and ident "tlshd", as
+ktls-utils does, or to stderr with -s.  A sandboxed worker cannot reach
+syslog: its records travel to the supervisor over the channel (see
+tlshd.worker.serve) and are emitted there with the namespace's tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+FORMAT_STDERR = "tlshd[%(process)d]: %(message)s"
+FORMAT_SYSLOG = "tlshd[%(process)d]: %(message)s"
+
+
+def setup(to_stderr: bool, debug: bool) -> None:
+    """Configure the root logger for the supervisor process."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if to_stderr or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT_STDERR))
+    else:
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log",
+            facility=logging.handlers.SysLogHandler.LOG_AUTH)
+        handler.setFormatter(logging.Formatter(FORMAT_SYSLOG))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -1,0 +1,329 @@
+"""Typed, versioned messages between the supervisor and its workers.
+
+Every message is one SOCK_SEQPACKET datagram: a fixed header followed by a
+body whose layout depends on the message type.  Fds travel with the message
+that needs them; each type declares exactly how many it carries.  Decoding is
+strict: a short or oversized body, trailing bytes, a string that is not UTF-8
+or a field out of range raise ProtocolError.  Nothing is ever unpickled.
+
+Header (network byte order): magic u16, version u8, type u8, body length u32,
+request id u64.  Requests from the supervisor have even types, answers and
+notifications from the worker odd ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tlshd.shared.errors import ProtocolError
+
+MAGIC = 0x544C  # "TL"
+PROTOCOL_VERSION = 1  # bump on any change to MsgType or a body layout
+HEADER = struct.Struct("!HBBIQ")
+MAX_MSG = 64 * 1024
+MAX_FDS = 1
+MAX_STR = 4096
+MAX_LIST = 16
+
+
+class Msg(enum.IntEnum):
+    HANDSHAKE_REQ = 2  # supervisor -> worker, 1 fd: the ACCEPTed socket
+    HELLO = 3  # worker -> supervisor, once, after the sandbox is up
+    HANDSHAKE_ANS = 5  # worker -> supervisor, 0 fds
+    LOG = 7  # worker -> supervisor, one formatted log record
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u8(self, v: int) -> None:
+        self.parts.append(struct.pack("!B", v))
+
+    def u32(self, v: int) -> None:
+        self.parts.append(struct.pack("!I", v))
+
+    def s32(self, v: int) -> None:
+        self.parts.append(struct.pack("!i", v))
+
+    def u64(self, v: int) -> None:
+        self.parts.append(struct.pack("!Q", v))
+
+    def text(self, v: str | None) -> None:
+        """Write a length-prefixed UTF-8 string; None is length 0xFFFF."""
+        if v is None:
+            self.parts.append(struct.pack("!H", 0xFFFF))
+            return
+        raw = v.encode()
+        if len(raw) > MAX_STR:
+            raise ValueError("string too long for the channel")
+        self.parts.append(struct.pack("!H", len(raw)) + raw)
+
+    def u32_list(self, values: tuple[int, ...]) -> None:
+        if len(values) > MAX_LIST:
+            raise ValueError("list too long for the channel")
+        self.u8(len(values))
+        for v in values:
+            self.u32(v)
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Reader:
+    """Bounds-checked reads from one message body."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.body):
+            raise ProtocolError("message body truncated")
+        chunk = self.body[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return int(self._take(1)[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack("!I", self._take(4))[0])
+
+    def s32(self) -> int:
+        return int(struct.unpack("!i", self._take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack("!Q", self._take(8))[0])
+
+    def text(self) -> str | None:
+        (n,) = struct.unpack("!H", self._take(2))
+        if n == 0xFFFF:
+            return None
+        if n > MAX_STR:
+            raise ProtocolError("string longer than %d bytes" % MAX_STR)
+        try:
+            return self._take(n).decode()
+        except UnicodeDecodeError as e:
+            raise ProtocolError("string is not UTF-8") from e
+
+    def u32_list(self) -> tuple[int, ...]:
+        n = self.u8()
+        if n > MAX_LIST:
+            raise ProtocolError("list longer than %d items" % MAX_LIST)
+        return tuple(self.u32() for _ in range(n))
+
+    def end(self) -> None:
+        if self.pos != len(self.body):
+            raise ProtocolError("trailing bytes after message body")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeRequest:
+    """One ACCEPTed kernel request, handed to the namespace's worker.
+
+    ``certs`` holds (certificate serial, private key serial) pairs of kernel
+    keys; ``peerids`` the PSK serials to offer; ``timeout_ms`` what is left
+    of the request's deadline when the supervisor sent it.
+    """
+
+    TYPE: ClassVar[Msg] = Msg.HANDSHAKE_REQ
+    NFDS: ClassVar[int] = 1
+
+    msg_type: int
+    auth_mode: int
+    timeout_ms: int
+    keyring: int
+    peerids: tuple[int, ...]
+    certs: tuple[tuple[int, int], ...]
+    peername: str | None
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.u32(self.msg_type)
+        w.u32(self.auth_mode)
+        w.u32(self.timeout_ms)
+        w.u32(self.keyring)
+        w.u32_list(self.peerids)
+        w.u8(len(self.certs))
+        for cert, key in self.certs:
+            w.u32(cert)
+            w.u32(key)
+        w.text(self.peername)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> HandshakeRequest:
+        r = _Reader(body)
+        msg_type, auth_mode, timeout_ms, keyring = (
+            r.u32(),
+            r.u32(),
+            r.u32(),
+            r.u32(),
+        )
+        peerids = r.u32_list()
+        ncerts = r.u8()
+        if ncerts > MAX_LIST:
+            raise ProtocolError("too many certificates")
+        certs = tuple((r.u32(), r.u32()) for _ in range(ncerts))
+        peername = r.text()
+        r.end()
+        return cls(
+            msg_type=msg_type,
+            auth_mode=auth_mode,
+            timeout_ms=timeout_ms,
+            keyring=keyring,
+            peerids=peerids,
+            certs=certs,
+            peername=peername,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeAnswer:
+    """The outcome of one request: DONE's status and REMOTE_AUTH ids."""
+
+    TYPE: ClassVar[Msg] = Msg.HANDSHAKE_ANS
+    NFDS: ClassVar[int] = 0
+
+    status: int
+    remote_auth: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.u32(self.status)
+        w.u32_list(self.remote_auth)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> HandshakeAnswer:
+        r = _Reader(body)
+        status = r.u32()
+        remote_auth = r.u32_list()
+        r.end()
+        # The kernel caps STATUS at MAX_ERRNO; anything larger is a lie.
+        if status > 4095:
+            raise ProtocolError("status %d is not an errno" % status)
+        return cls(status=status, remote_auth=remote_auth)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """The worker's report once it is sandboxed: who it runs as."""
+
+    TYPE: ClassVar[Msg] = Msg.HELLO
+    NFDS: ClassVar[int] = 0
+
+    pid: int
+    uid: int
+    gid: int
+    cap_eff: int
+    no_new_privs: int
+    seccomp: int
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        for v in (self.pid, self.uid, self.gid):
+            w.u32(v)
+        w.u64(self.cap_eff)
+        w.u8(self.no_new_privs)
+        w.u8(self.seccomp)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Hello:
+        r = _Reader(body)
+        pid, uid, gid = r.u32(), r.u32(), r.u32()
+        cap_eff = r.u64()
+        no_new_privs, seccomp = r.u8(), r.u8()
+        r.end()
+        return cls(
+            pid=pid,
+            uid=uid,
+            gid=gid,
+            cap_eff=cap_eff,
+            no_new_privs=no_new_privs,
+            seccomp=seccomp,
+        )
+
+
+# Python logging levels a worker may use; anything else is a protocol error.
+LOG_LEVELS = frozenset((10, 20, 30, 40, 50))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogRecord:
+    """A log line formatted in the worker, emitted by the supervisor."""
+
+    TYPE: ClassVar[Msg] = Msg.LOG
+    NFDS: ClassVar[int] = 0
+
+    level: int
+    text: str
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.u8(self.level)
+        w.text(self.text[:MAX_STR])
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> LogRecord:
+        r = _Reader(body)
+        level = r.u8()
+        text = r.text()
+        r.end()
+        if level not in LOG_LEVELS or text is None:
+            raise ProtocolError("bad log record")
+        return cls(level=level, text=text)
+
+
+Message = HandshakeRequest | HandshakeAnswer | Hello | LogRecord
+
+_CLASSES: dict[int, type[Message]] = {
+    Msg.HANDSHAKE_REQ: HandshakeRequest,
+    Msg.HANDSHAKE_ANS: HandshakeAnswer,
+    Msg.HELLO: Hello,
+    Msg.LOG: LogRecord,
+}
+
+
+def encode(msg: Message, req_id: int = 0) -> bytes:
+    """Frame ``msg`` with its header."""
+    body = msg.encode()
+    frame = HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.TYPE, len(body), req_id)
+    if len(frame) + len(body) > MAX_MSG:
+        raise ValueError("message larger than MAX_MSG")
+    return frame + body
+
+
+def decode(data: bytes, nfds: int) -> tuple[Message, int]:
+    """Parse one datagram carrying ``nfds`` fds; return (message, req id).
+
+    Raises ProtocolError for anything but a well-formed message of a known
+    type with exactly the fd count that type declares.
+    """
+    if len(data) < HEADER.size:
+        raise ProtocolError("message shorter than its header")
+    if len(data) > MAX_MSG:
+        raise ProtocolError("message longer than MAX_MSG")
+    magic, version, mtype, length, req_id = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic 0x%04x" % magic)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("protocol version %d, want %d"
+                            % (version, PROTOCOL_VERSION))
+    if length != len(data) - HEADER.size:
+        raise ProtocolError("length field %d does not match body %d"
+                            % (length, len(data) - HEADER.size))
+    cls = _CLASSES.get(mtype)
+    if cls is None:
+        raise ProtocolError("unknown message type %d" % mtype)
+    if nfds != cls.NFDS:
+        raise ProtocolError("%s carries %d fds, want %d"
+                            % (cls.__name__, nfds, cls.NFDS))
+    return cls.decode(data[HEADER.size :]), req_id

@@ -1,0 +1,18 @@
+"""Privileged supervisor for kernel TLS handshake upcalls.
+
+Processes: one root, single-threaded supervisor and one worker per served
+network namespace.  The supervisor holds a handshake netlink socket created
+inside each namespace and joined to the ``tlshd`` group, ACCEPTs there (the
+kernel installs the socket fd in the supervisor), passes the fd to that
+namespace's worker over SOCK_SEQPACKET with SCM_RIGHTS, and sends DONE
+itself with its own fd number: both ACCEPT and DONE need CAP_NET_ADMIN.
+Workers never use netlink.
+
+Threads: none.  Workers are fork+exec'd (subprocess with close_fds), signals
+arrive through a wake-up fd, and each worker is watched through a pidfd, so
+no waitpid(-1) can steal an exit status.
+
+Invariant: every ACCEPTed fd gets exactly one DONE, whatever happens: the
+worker's answer, the request's deadline (ETIMEDOUT), or the worker's death
+(EIO).  The in-flight table is the single place that enforces it.
+"""

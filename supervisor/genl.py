@@ -1,0 +1,282 @@
+"""The supervisor's handshake netlink sockets: READY, ACCEPT and DONE.
+
+This is the only module that imports pyroute2, and it uses it only at
+start-up, to resolve the ``handshake`` family, its ``tlshd`` group and the
+kernel's per-operation policy (CTRL_CMD_GETPOLICY).  The hot path is a
+plain AF_NETLINK socket and the strict codec in ``upcall``.
+
+A netlink socket serves the network namespace it was created in, so the
+caller creates one HandshakeSocket per served namespace while inside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlshd.shared import uapi
+from tlshd.shared.errors import ConfigError, ProtocolError
+from tlshd.supervisor import upcall
+
+log = logging.getLogger(__name__)
+
+NETLINK_GENERIC = 16
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
+GENL_ADMIN_PERM = 0x1
+# How long to wait for the kernel's answer to ACCEPT or DONE.  Both are
+# synchronous "do" operations, so the answer is normally queued before
+# sendmsg returns; the timeout only guards against a wedged kernel.
+TRANSACT_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What the running kernel offers: ids, op flags, DONE's attributes."""
+
+    family_id: int
+    group_id: int
+    op_flags: dict[int, int] = field(default_factory=dict)
+    done_attrs: frozenset[int] = frozenset()
+
+    def describe(self) -> str:
+        def perm(op: int) -> str:
+            flags = self.op_flags.get(op)
+            if flags is None:
+                return "absent"
+            return "admin" if flags & GENL_ADMIN_PERM else "any"
+
+        return ("family id %d, group tlshd id %d, ACCEPT %s, DONE %s, "
+                "DONE attributes %s"
+                % (self.family_id, self.group_id,
+                   perm(uapi.HANDSHAKE_CMD_ACCEPT),
+                   perm(uapi.HANDSHAKE_CMD_DONE),
+                   sorted(self.done_attrs) or "unknown"))
+
+    def capabilities(self) -> str:
+        """The tlshd-worded capability line, from the real policy."""
+        def has(attr: int) -> str:
+            return "supported" if attr in self.done_attrs else "unsupported"
+
+        # DONE attribute 4 is "tag" in the NFSD development tree.
+        return ("session_tags=%s remote_peerids=%s"
+                % (has(4), has(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH)))
+
+
+def _get(msg: Any, name: str, default: Any = None) -> Any:
+    return msg.get_attr(name, default)
+
+
+def _done_policy(replies: tuple[Any, ...]) -> frozenset[int]:
+    """Collect the attribute numbers of DONE's "do" policy."""
+    done_policy_idx = None
+    policies: dict[int, set[int]] = {}
+    for msg in replies:
+        oppol = _get(msg, "CTRL_ATTR_OP_POLICY")
+        if oppol is not None:
+            for name, value in oppol["attrs"]:
+                if name == "OP(%d)" % uapi.HANDSHAKE_CMD_DONE:
+                    done_policy_idx = value.get_attr("CTRL_ATTR_POLICY_DO")
+        pol = _get(msg, "CTRL_ATTR_POLICY")
+        if pol is not None:
+            for pname, pvalue in pol["attrs"]:
+                idx = int(pname[len("POLICY("):-1])
+                for aname, _ in pvalue["attrs"]:
+                    policies.setdefault(idx, set()).add(
+                        int(aname[len("ATTR("):-1]))
+    if done_policy_idx is None:
+        return frozenset()
+    return frozenset(policies.get(done_policy_idx, ()))
+
+
+def probe_family() -> FamilyInfo:
+    """Resolve the handshake family in the current network namespace.
+
+    Raises ConfigError when the kernel has no handshake family (too old, or
+    CONFIG_NET_HANDSHAKE off).
+    """
+    from pyroute2.netlink import genlmsg
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    nl = GenericNetlinkSocket()
+    try:
+        try:
+            fam = nl.discovery(uapi.HANDSHAKE_FAMILY_NAME)
+        except Exception as e:
+            raise ConfigError(
+                "Kernel handshake service is not available (%s)" % e
+            ) from e
+        family_id = int(_get(fam, "CTRL_ATTR_FAMILY_ID"))
+        groups = {
+            g.get_attr("CTRL_ATTR_MCAST_GRP_NAME"):
+                g.get_attr("CTRL_ATTR_MCAST_GRP_ID")
+            for g in _get(fam, "CTRL_ATTR_MCAST_GROUPS", [])
+        }
+        if uapi.HANDSHAKE_MCGRP_TLSHD not in groups:
+            raise ConfigError("handshake family has no 'tlshd' group")
+        op_flags = {
+            int(op.get_attr("CTRL_ATTR_OP_ID")):
+                int(op.get_attr("CTRL_ATTR_OP_FLAGS"))
+            for op in _get(fam, "CTRL_ATTR_OPS", [])
+        }
+        try:
+            nl.bind(uapi.HANDSHAKE_FAMILY_NAME, genlmsg)
+            done_attrs = _done_policy(nl.policy(uapi.HANDSHAKE_FAMILY_NAME))
+        except Exception as e:  # kernels before 5.10 have no GETPOLICY
+            log.warning("Cannot read the handshake policy: %s", e)
+            done_attrs = frozenset()
+        return FamilyInfo(family_id, int(groups[uapi.HANDSHAKE_MCGRP_TLSHD]),
+                          op_flags, done_attrs)
+    finally:
+        nl.close()
+
+
+class AcceptFailed(Exception):
+    """An ACCEPT reply could not be decoded; ``sockfd`` may still be ours."""
+
+    def __init__(self, reason: str, sockfd: int | None) -> None:
+        super().__init__(reason)
+        self.sockfd = sockfd
+
+
+class HandshakeSocket:
+    """A handshake netlink socket joined to the tlshd group.
+
+    Create it while the calling thread is inside the namespace to serve.
+    """
+
+    def __init__(self, family: FamilyInfo) -> None:
+        self.family = family
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                                  NETLINK_GENERIC)
+        try:
+            self.sock.bind((0, 0))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                 1 << 20)
+            # Until this membership exists the kernel fails this namespace's
+            # consumers at once with ESRCH.
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP,
+                                 family.group_id)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.seq = 0
+        self.ready = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def leave_group(self) -> None:
+        """Stop receiving READY; the socket can still send DONE."""
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP,
+                             self.family.group_id)
+
+    def _note(self, msg: upcall.NlMsg) -> None:
+        """Remember a READY notification seen while waiting for a reply."""
+        if msg.type == self.family.family_id:
+            try:
+                cmd, _ = upcall.genl_payload(msg)
+            except ProtocolError:
+                return
+            if cmd == uapi.HANDSHAKE_CMD_READY:
+                self.ready = True
+
+    def drain(self) -> bool:
+        """Read every queued notification; True if ACCEPT should run.
+
+        An ENOBUFS overrun means READY notifications were lost, so it too
+        asks for an ACCEPT loop.
+        """
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.ready = True
+                    continue
+                raise
+            try:
+                for msg in upcall.split_messages(data):
+                    self._note(msg)
+            except ProtocolError as e:
+                log.warning("Ignoring malformed netlink datagram: %s", e)
+        ready, self.ready = self.ready, False
+        return ready
+
+    def _transact(self, data: bytes, seq: int) -> list[upcall.NlMsg]:
+        """Send one request; return the messages answering it."""
+        self.sock.send(data)
+        answers: list[upcall.NlMsg] = []
+        while True:
+            r, _, _ = select.select([self.sock], [], [], TRANSACT_TIMEOUT)
+            if not r:
+                raise TimeoutError("no netlink answer from the kernel")
+            try:
+                datagram = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.ready = True
+                    continue
+                raise
+            for msg in upcall.split_messages(datagram):
+                if msg.seq != seq:
+                    self._note(msg)
+                    continue
+                answers.append(msg)
+                if msg.type in (upcall.NLMSG_ERROR, upcall.NLMSG_DONE):
+                    return answers
+                if not msg.flags & 0x2:  # not NLM_F_MULTI: a lone reply
+                    return answers
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
+        return self.seq
+
+    def accept(self) -> upcall.AcceptedRequest | None:
+        """ACCEPT one pending request; None when none is pending.
+
+        The returned request's ``sockfd`` is now an fd of this process.
+        """
+        seq = self._next_seq()
+        answers = self._transact(
+            upcall.encode_accept(self.family.family_id, seq), seq)
+        for msg in answers:
+            if msg.type == upcall.NLMSG_ERROR:
+                err = upcall.netlink_error(msg)
+                if err in (errno.EAGAIN, 0):
+                    return None
+                raise OSError(err, "ACCEPT failed: %s" % errno.errorcode.get(
+                    err, str(err)))
+            if msg.type == self.family.family_id:
+                _cmd, attrs = upcall.genl_payload(msg)
+                try:
+                    return upcall.decode_accept_attrs(attrs)
+                except ProtocolError as e:
+                    raise AcceptFailed(str(e),
+                                       upcall.salvage_sockfd(attrs)) from e
+        return None
+
+    def done(self, sockfd: int, status: int,
+             remote_auth: tuple[int, ...]) -> int:
+        """Send DONE for ``sockfd``; return the kernel's errno (0 = ok)."""
+        seq = self._next_seq()
+        answers = self._transact(
+            upcall.encode_done(self.family.family_id, seq, sockfd, status,
+                               remote_auth), seq)
+        for msg in answers:
+            if msg.type == upcall.NLMSG_ERROR:
+                return upcall.netlink_error(msg)
+        return 0

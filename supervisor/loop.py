@@ -1,0 +1,386 @@
+"""The supervisor's event loop: namespaces, workers, requests, signals.
+
+One thread and one selector.  Callbacks are bound to each registered fd:
+the signal wake-up pipe, each namespace's handshake netlink socket, each
+worker's channel and pidfd.  After every wake-up, overdue requests are
+completed with ETIMEDOUT and workers whose back-off has elapsed are
+started.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tlshd.shared import config, protocol
+from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
+from tlshd.supervisor import genl, upcall
+from tlshd.supervisor.backoff import Backoff
+from tlshd.supervisor.workers import Worker, spawn_worker
+
+log = logging.getLogger(__name__)
+
+# The worker enforces each deadline itself and answers ETIMEDOUT; this much
+# later the supervisor stops waiting for a worker that is stuck.
+DEADLINE_GRACE = 1.0
+# How long a stopping supervisor lets in-flight handshakes finish.
+STOP_GRACE = 5.0
+
+
+@dataclass(eq=False)
+class InFlight:
+    """An ACCEPTed request the supervisor still owes a DONE."""
+
+    req_id: int
+    ns: Namespace
+    sockfd: int
+    request: upcall.AcceptedRequest
+    deadline: float
+    worker: Worker | None = None
+
+
+@dataclass(eq=False)
+class Namespace:
+    """One served network namespace."""
+
+    label: str
+    config_path: str
+    nlsock: genl.HandshakeSocket
+    backoff: Backoff = field(default_factory=Backoff)
+    worker: Worker | None = None
+    retiring: list[Worker] = field(default_factory=list)
+    restart_at: float | None = 0.0
+    held: bool = False  # a configuration error: wait for SIGHUP
+    pending: list[InFlight] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: config.Config, family: genl.FamilyInfo,
+                 debug: bool = False) -> None:
+        self.cfg = cfg
+        self.family = family
+        self.debug = debug
+        self.sel = selectors.DefaultSelector()
+        self.inflight: dict[int, InFlight] = {}
+        self.next_id = 1
+        self.stopping: float | None = None
+        self.namespaces: list[Namespace] = []
+        self._setup_signals()
+
+    # ---- set-up ---------------------------------------------------------
+
+    def _setup_signals(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup_r = r
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                    signal.SIGCHLD):
+            # The handler does nothing: the wake-up fd carries the signal
+            # number into the selector, where the real work happens.
+            signal.signal(sig, lambda *_: None)
+        self.sel.register(r, selectors.EVENT_READ, self.on_signal)
+
+    def add_namespace(self, label: str, config_path: str) -> Namespace:
+        """Serve the current network namespace (the caller is inside it)."""
+        nlsock = genl.HandshakeSocket(self.family)
+        ns = Namespace(label, config_path, nlsock)
+        self.namespaces.append(ns)
+        self.sel.register(nlsock, selectors.EVENT_READ,
+                          lambda: self.on_netlink(ns))
+        log.info("Listening for handshake requests in netns %s", label)
+        return ns
+
+    # ---- the loop -------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            now = time.monotonic()
+            if self.stopping is not None and (
+                    not self.inflight or now >= self.stopping):
+                break
+            timeout = self._next_wakeup(now)
+            for key, _ in self.sel.select(timeout):
+                callback: Callable[[], None] = key.data
+                callback()
+            now = time.monotonic()
+            self.expire(now)
+            self.manage_workers(now)
+        self.shutdown()
+        return 0
+
+    def _next_wakeup(self, now: float) -> float:
+        times = [r.deadline + (DEADLINE_GRACE if r.worker else 0)
+                 for r in self.inflight.values()]
+        times += [ns.restart_at for ns in self.namespaces
+                  if ns.restart_at is not None and ns.worker is None]
+        if self.stopping is not None:
+            times.append(self.stopping)
+        return max(0.0, min(times) - now) if times else 60.0
+
+    # ---- signals --------------------------------------------------------
+
+    def on_signal(self) -> None:
+        try:
+            data = os.read(self.wakeup_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def stop(self) -> None:
+        if self.stopping is not None:
+            return
+        log.info("Shutting down; %d handshake(s) in flight",
+                 len(self.inflight))
+        self.stopping = time.monotonic() + STOP_GRACE
+        for ns in self.namespaces:
+            # Leave the group first: new consumers fail at once with ESRCH
+            # instead of waiting for an agent that is going away.
+            self.sel.unregister(ns.nlsock)
+            ns.nlsock.leave_group()
+            for req in ns.pending:
+                self.complete(req, errno.ETIMEDOUT, ())
+            ns.pending.clear()
+
+    def reload(self) -> None:
+        """Re-read the configuration; new workers take the new requests.
+
+        Old workers finish what they hold and then get their channel closed,
+        so handshakes in flight are not disturbed.
+        """
+        try:
+            self.cfg = config.load(self.cfg.path)
+        except ConfigError as e:
+            log.error("Reload failed, keeping the old configuration: %s", e)
+            return
+        log.info("Reloading configuration from %s", self.cfg.path)
+        now = time.monotonic()
+        for ns in self.namespaces:
+            ns.held = False
+            ns.backoff.failures = 0
+            if ns.worker is not None:
+                self.retire(ns, ns.worker)
+            ns.restart_at = now
+
+    def retire(self, ns: Namespace, worker: Worker) -> None:
+        worker.retiring = True
+        ns.worker = None
+        ns.retiring.append(worker)
+        self._close_if_idle(worker)
+
+    def _close_if_idle(self, worker: Worker) -> None:
+        if worker.retiring and not worker.inflight:
+            # EOF on its channel tells the worker to exit.
+            try:
+                worker.channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ---- workers --------------------------------------------------------
+
+    def manage_workers(self, now: float) -> None:
+        if self.stopping is not None:
+            return
+        for ns in self.namespaces:
+            if (ns.worker is None and not ns.held
+                    and ns.restart_at is not None and now >= ns.restart_at):
+                self.start_worker(ns, now)
+
+    def start_worker(self, ns: Namespace, now: float) -> None:
+        ns.restart_at = None
+        try:
+            worker = spawn_worker(ns.label, ns.config_path, self.debug)
+        except OSError as e:
+            log.error("Cannot start a worker for netns %s: %s", ns.label, e)
+            ns.restart_at = ns.backoff.failed(now)
+            return
+        ns.backoff.started(now)
+        ns.worker = worker
+        self.sel.register(worker.channel, selectors.EVENT_READ,
+                          lambda: self.on_channel(ns, worker))
+        self.sel.register(worker.pidfd, selectors.EVENT_READ,
+                          lambda: self.on_exit(ns, worker))
+
+    def on_channel(self, ns: Namespace, worker: Worker) -> None:
+        try:
+            msg, req_id, _fds = worker.channel.recv()  # answers carry none
+        except PeerGone:
+            self.sel.unregister(worker.channel)  # the pidfd reports the exit
+            return
+        except (ProtocolError, OSError) as e:
+            log.error("Worker %d (netns %s) broke the protocol: %s; "
+                      "killing it", worker.pid, ns.label, e)
+            worker.kill()
+            self.sel.unregister(worker.channel)
+            return
+        if isinstance(msg, protocol.LogRecord):
+            log.log(msg.level, "%s [netns %s]", msg.text, ns.label)
+        elif isinstance(msg, protocol.Hello) and not worker.ready:
+            self.answer_hello(ns, worker, msg)
+        elif (isinstance(msg, protocol.HandshakeAnswer)
+              and req_id in worker.inflight):
+            worker.inflight.discard(req_id)
+            self.complete(self.inflight[req_id], msg.status,
+                          msg.remote_auth)
+            self._close_if_idle(worker)
+        else:
+            log.error("Worker %d (netns %s) sent an unexpected %s (request "
+                      "%d); killing it", worker.pid, ns.label,
+                      type(msg).__name__, req_id)
+            worker.kill()
+            self.sel.unregister(worker.channel)
+
+    def answer_hello(self, ns: Namespace, worker: Worker,
+                     hello: protocol.Hello) -> None:
+        worker.ready = True
+        log.info("Worker %d for netns %s ready: uid %d gid %d CapEff %016x "
+                 "NoNewPrivs %d Seccomp %d", worker.pid, ns.label, hello.uid,
+                 hello.gid, hello.cap_eff, hello.no_new_privs, hello.seccomp)
+        pending, ns.pending = ns.pending, []
+        for req in pending:
+            self.dispatch(req, worker)
+
+    def on_exit(self, ns: Namespace, worker: Worker) -> None:
+        self.sel.unregister(worker.pidfd)
+        if self.sel.get_map().get(worker.channel.fileno()) is not None:
+            self.sel.unregister(worker.channel)
+        code = worker.reap()
+        how = ("killed by %s" % signal.Signals(-code).name if code < 0
+               else "exited with status %d" % code)
+        lost = sorted(worker.inflight)
+        level = (logging.INFO if worker.retiring and code == 0
+                 else logging.ERROR)
+        log.log(level, "Worker %d for netns %s %s; %d request(s) in flight",
+                worker.pid, ns.label, how, len(lost))
+        for req_id in lost:
+            self.complete(self.inflight[req_id], errno.EIO, ())
+        if worker in ns.retiring:
+            ns.retiring.remove(worker)
+            return
+        ns.worker = None
+        now = time.monotonic()
+        if code == os.EX_CONFIG:
+            log.error("Configuration error in netns %s; holding it until "
+                      "the next reload (SIGHUP)", ns.label)
+            ns.held = True
+            for req in ns.pending:
+                self.complete(req, errno.EIO, ())
+            ns.pending.clear()
+        else:
+            ns.restart_at = ns.backoff.failed(now)
+
+    # ---- requests -------------------------------------------------------
+
+    def on_netlink(self, ns: Namespace) -> None:
+        if not ns.nlsock.drain():
+            return
+        while self.stopping is None:
+            try:
+                req = ns.nlsock.accept()
+            except genl.AcceptFailed as e:
+                log.error("Malformed ACCEPT reply in netns %s: %s",
+                          ns.label, e)
+                if e.sockfd is not None:
+                    self._done(ns, e.sockfd, errno.EIO, ())
+                continue
+            except (OSError, TimeoutError, ProtocolError) as e:
+                log.error("ACCEPT failed in netns %s: %s", ns.label, e)
+                return
+            if req is None:
+                return
+            self.submit(ns, req)
+
+    def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
+        now = time.monotonic()
+        timeout = (req.timeout_ms / 1000.0 if req.timeout_ms
+                   else self.cfg.handshake_timeout)
+        inflight = InFlight(self.next_id, ns, req.sockfd, req, now + timeout)
+        self.next_id += 1
+        self.inflight[inflight.req_id] = inflight
+        log.debug("Accepted request %d in netns %s: fd %d, type %d, auth %d,"
+                  " peer %r, timeout %.1f s", inflight.req_id, ns.label,
+                  req.sockfd, req.msg_type, req.auth_mode, req.peername,
+                  timeout)
+        if ns.held:
+            log.error("Netns %s has no usable configuration", ns.label)
+            self.complete(inflight, errno.EIO, ())
+        elif ns.worker is not None and ns.worker.ready:
+            self.dispatch(inflight, ns.worker)
+        else:
+            ns.pending.append(inflight)
+
+    def dispatch(self, req: InFlight, worker: Worker) -> None:
+        remaining = max(1, int((req.deadline - time.monotonic()) * 1000))
+        msg = protocol.HandshakeRequest(
+            msg_type=req.request.msg_type,
+            auth_mode=req.request.auth_mode,
+            timeout_ms=remaining,
+            keyring=req.request.keyring or 0,
+            peerids=req.request.peerids,
+            certs=req.request.certs,
+            peername=req.request.peername,
+        )
+        try:
+            worker.channel.send(msg, req.req_id, (req.sockfd,))
+        except (PeerGone, OSError) as e:
+            log.error("Cannot hand request %d to worker %d: %s", req.req_id,
+                      worker.pid, e)
+            self.complete(req, errno.EIO, ())
+            return
+        req.worker = worker
+        worker.inflight.add(req.req_id)
+
+    def expire(self, now: float) -> None:
+        for req in list(self.inflight.values()):
+            grace = DEADLINE_GRACE if req.worker is not None else 0.0
+            if now < req.deadline + grace:
+                continue
+            log.error("Handshake request %d in netns %s timed out",
+                      req.req_id, req.ns.label)
+            if req.worker is not None:
+                req.worker.inflight.discard(req.req_id)
+                self._close_if_idle(req.worker)
+            elif req in req.ns.pending:
+                req.ns.pending.remove(req)
+            self.complete(req, errno.ETIMEDOUT, ())
+
+    def complete(self, req: InFlight, status: int,
+                 remote_auth: tuple[int, ...]) -> None:
+        """Send the one DONE ``req`` is owed and forget it."""
+        if self.inflight.pop(req.req_id, None) is None:
+            raise AssertionError("request %d completed twice" % req.req_id)
+        self._done(req.ns, req.sockfd, status, remote_auth)
+
+    def _done(self, ns: Namespace, sockfd: int, status: int,
+              remote_auth: tuple[int, ...]) -> None:
+        try:
+            err = ns.nlsock.done(sockfd, status, remote_auth)
+            if err:
+                log.error("DONE for fd %d refused by the kernel: %s", sockfd,
+                          os.strerror(err))
+        except (OSError, TimeoutError, ProtocolError) as e:
+            log.error("DONE for fd %d failed: %s", sockfd, e)
+        finally:
+            os.close(sockfd)
+
+    def shutdown(self) -> None:
+        for req in list(self.inflight.values()):
+            if req.worker is not None:
+                req.worker.inflight.discard(req.req_id)
+            self.complete(req, errno.ETIMEDOUT, ())
+        for ns in self.namespaces:
+            for worker in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+                worker.kill()
+                worker.reap()
+            ns.nlsock.close()
+        log.info("Shut down")

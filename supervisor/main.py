@@ -1,0 +1,81 @@
+"""``tlshd``: command line, start-up ladder, then the supervisor loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import setproctitle
+
+from tlshd.shared import config
+from tlshd.shared import log as tlshd_log
+from tlshd.shared.errors import ConfigError
+from tlshd.supervisor import genl
+from tlshd.supervisor.loop import Supervisor
+
+log = logging.getLogger("tlshd")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tlshd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tlshd",
+        description="Kernel TLS handshake agent: one supervisor, sandboxed "
+                    "per-namespace workers.")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="configuration file (default %s)"
+                        % config.DEFAULT_PATH)
+    p.add_argument("-s", "--stderr", action="store_true",
+                   help="log to stderr instead of syslog")
+    p.add_argument("-v", "--version", action="version",
+                   version="tlshd, built from tlshd (Python) %s" % _version())
+    return p.parse_args(argv)
+
+
+def preload_modules() -> None:
+    """Load kTLS before any request: a worker cannot load modules.
+
+    TCP_ULP autoloads tls.ko only for a caller with CAP_NET_ADMIN, and the
+    sandboxed worker has none.
+    """
+    if os.path.isdir("/sys/module/tls"):
+        return
+    result = subprocess.run(["modprobe", "-q", "tls"], check=False,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        log.warning("modprobe tls failed; kTLS may be unavailable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setproctitle.setproctitle("tlshd: supervisor")
+    tlshd_log.setup(args.stderr, debug=False)
+    path = config.find_config(args.config)
+    try:
+        cfg = config.load(path)
+    except ConfigError as e:
+        log.error("%s", e)
+        return os.EX_CONFIG
+    tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
+    log.info("Built from tlshd (Python) %s", _version())
+    preload_modules()
+    try:
+        family = genl.probe_family()
+    except ConfigError as e:
+        log.error("%s", e)
+        return os.EX_UNAVAILABLE
+    log.info("Kernel handshake family: %s", family.describe())
+    log.info("Kernel capabilities: %s", family.capabilities())
+    supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0)
+    supervisor.add_namespace("init", path)
+    return supervisor.run()

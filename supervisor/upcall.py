@@ -1,0 +1,254 @@
+"""Encode and decode the handshake family's netlink messages.
+
+Pure functions over bytes, so that they can be fuzzed without a kernel.
+The decoder is strict about what it knows: every known attribute must have
+exactly its wire size, single-valued attributes may appear once, lists are
+bounded, the peer name must be NUL-terminated UTF-8 of sane length.
+Attributes this kernel interface does not know yet are skipped, because a
+newer kernel may add some (netlink's usual forward compatibility).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from tlshd.shared import uapi
+from tlshd.shared.errors import ProtocolError
+
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+GENL_HDR = struct.Struct("=BBH")  # cmd, version, reserved
+NLA_HDR = struct.Struct("=HH")  # len, type
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+
+MAX_PEERNAME = 1024
+MAX_CERTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class NlMsg:
+    """One netlink message: header fields and payload after nlmsghdr."""
+
+    type: int
+    flags: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AcceptedRequest:
+    """The kernel's ACCEPT reply: one handshake to run.
+
+    ``sockfd`` is an fd number in the process that sent ACCEPT; that
+    process owns it and must close it after DONE.
+    """
+
+    sockfd: int
+    msg_type: int
+    auth_mode: int
+    timeout_ms: int | None
+    peerids: tuple[int, ...]
+    certs: tuple[tuple[int, int], ...]
+    peername: str | None
+    keyring: int | None
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def split_messages(data: bytes) -> list[NlMsg]:
+    """Split one netlink datagram into its messages."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < NLMSG_HDR.size:
+            raise ProtocolError("netlink datagram has a partial header")
+        length, mtype, flags, seq, _pid = NLMSG_HDR.unpack_from(data, pos)
+        if length < NLMSG_HDR.size or pos + length > len(data):
+            raise ProtocolError("netlink message length %d out of range"
+                                % length)
+        out.append(NlMsg(mtype, flags, seq,
+                         data[pos + NLMSG_HDR.size : pos + length]))
+        pos += _align(length)
+    return out
+
+
+def iter_attrs(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a run of netlink attributes into (type, payload) pairs."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < NLA_HDR.size:
+            raise ProtocolError("attribute header truncated")
+        length, atype = NLA_HDR.unpack_from(data, pos)
+        if length < NLA_HDR.size or pos + length > len(data):
+            raise ProtocolError("attribute length %d out of range" % length)
+        out.append((atype & NLA_TYPE_MASK,
+                    data[pos + NLA_HDR.size : pos + length]))
+        pos += _align(length)
+    return out
+
+
+def _u32(payload: bytes, name: str) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("%s: %d bytes, want 4" % (name, len(payload)))
+    return int(struct.unpack("=I", payload)[0])
+
+
+def _s32(payload: bytes, name: str) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("%s: %d bytes, want 4" % (name, len(payload)))
+    return int(struct.unpack("=i", payload)[0])
+
+
+def _peername(payload: bytes) -> str:
+    if not payload or payload[-1] != 0:
+        raise ProtocolError("PEERNAME is not NUL-terminated")
+    raw = payload[:-1]
+    if not raw or len(raw) > MAX_PEERNAME or b"\0" in raw:
+        raise ProtocolError("PEERNAME has a bad length or embedded NUL")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise ProtocolError("PEERNAME is not UTF-8") from e
+
+
+def _certificate(payload: bytes) -> tuple[int, int]:
+    cert = key = 0
+    for atype, value in iter_attrs(payload):
+        if atype == uapi.HANDSHAKE_A_X509_CERT:
+            cert = _s32(value, "X509_CERT")
+        elif atype == uapi.HANDSHAKE_A_X509_PRIVKEY:
+            key = _s32(value, "X509_PRIVKEY")
+    if cert < 0 or key < 0:
+        raise ProtocolError("negative key serial in CERTIFICATE")
+    return cert, key
+
+
+_SINGLE = {
+    uapi.HANDSHAKE_A_ACCEPT_SOCKFD,
+    uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE,
+    uapi.HANDSHAKE_A_ACCEPT_TIMEOUT,
+    uapi.HANDSHAKE_A_ACCEPT_AUTH_MODE,
+    uapi.HANDSHAKE_A_ACCEPT_PEERNAME,
+    uapi.HANDSHAKE_A_ACCEPT_KEYRING,
+    uapi.HANDSHAKE_A_ACCEPT_HANDLER_CLASS,
+}
+
+
+def decode_accept_attrs(attrs: bytes) -> AcceptedRequest:
+    """Decode the attributes of an ACCEPT reply (after the genl header)."""
+    seen: set[int] = set()
+    fields: dict[int, int] = {}
+    peerids: list[int] = []
+    certs: list[tuple[int, int]] = []
+    peername = None
+    for atype, value in iter_attrs(attrs):
+        if atype in _SINGLE:
+            if atype in seen:
+                raise ProtocolError("attribute %d repeated" % atype)
+            seen.add(atype)
+        if atype == uapi.HANDSHAKE_A_ACCEPT_SOCKFD:
+            fields[atype] = _s32(value, "SOCKFD")
+        elif atype == uapi.HANDSHAKE_A_ACCEPT_PEERNAME:
+            peername = _peername(value)
+        elif atype == uapi.HANDSHAKE_A_ACCEPT_PEER_IDENTITY:
+            if len(peerids) >= uapi.HANDSHAKE_MAX_PEER_IDS:
+                raise ProtocolError("too many PEER_IDENTITY attributes")
+            peerids.append(_u32(value, "PEER_IDENTITY"))
+        elif atype == uapi.HANDSHAKE_A_ACCEPT_CERTIFICATE:
+            if len(certs) >= MAX_CERTS:
+                raise ProtocolError("too many CERTIFICATE attributes")
+            certs.append(_certificate(value))
+        elif atype in _SINGLE:
+            fields[atype] = _u32(value, "attribute %d" % atype)
+    for required in (uapi.HANDSHAKE_A_ACCEPT_SOCKFD,
+                     uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE,
+                     uapi.HANDSHAKE_A_ACCEPT_AUTH_MODE):
+        if required not in fields:
+            raise ProtocolError("ACCEPT reply lacks attribute %d" % required)
+    sockfd = fields[uapi.HANDSHAKE_A_ACCEPT_SOCKFD]
+    if sockfd < 0:
+        raise ProtocolError("negative SOCKFD")
+    return AcceptedRequest(
+        sockfd=sockfd,
+        msg_type=fields[uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE],
+        auth_mode=fields[uapi.HANDSHAKE_A_ACCEPT_AUTH_MODE],
+        timeout_ms=fields.get(uapi.HANDSHAKE_A_ACCEPT_TIMEOUT),
+        peerids=tuple(peerids),
+        certs=tuple(certs),
+        peername=peername,
+        keyring=fields.get(uapi.HANDSHAKE_A_ACCEPT_KEYRING),
+    )
+
+
+def salvage_sockfd(attrs: bytes) -> int | None:
+    """Find SOCKFD in an ACCEPT reply that failed to decode.
+
+    The kernel has installed that fd in us even if the rest of the reply is
+    unusable; we still owe it a DONE.
+    """
+    try:
+        for atype, value in iter_attrs(attrs):
+            if atype == uapi.HANDSHAKE_A_ACCEPT_SOCKFD and len(value) == 4:
+                fd = int(struct.unpack("=i", value)[0])
+                return fd if fd >= 0 else None
+    except ProtocolError:
+        return None
+    return None
+
+
+def genl_payload(msg: NlMsg) -> tuple[int, bytes]:
+    """Return (command, attributes) of a generic netlink message."""
+    if len(msg.payload) < GENL_HDR.size:
+        raise ProtocolError("generic netlink header truncated")
+    cmd, _version, _reserved = GENL_HDR.unpack_from(msg.payload)
+    return cmd, msg.payload[GENL_HDR.size :]
+
+
+def netlink_error(msg: NlMsg) -> int:
+    """Return the positive errno of an NLMSG_ERROR (0 for an ACK)."""
+    if len(msg.payload) < 4:
+        raise ProtocolError("NLMSG_ERROR truncated")
+    (err,) = struct.unpack_from("=i", msg.payload)
+    return -int(err)
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    length = NLA_HDR.size + len(payload)
+    pad = b"\0" * (_align(length) - length)
+    return NLA_HDR.pack(length, atype) + payload + pad
+
+
+def encode_request(family_id: int, cmd: int, attrs: bytes, seq: int,
+                   flags: int = NLM_F_REQUEST) -> bytes:
+    body = GENL_HDR.pack(cmd, uapi.HANDSHAKE_FAMILY_VERSION, 0) + attrs
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), family_id, flags,
+                          seq, 0) + body
+
+
+def encode_accept(family_id: int, seq: int) -> bytes:
+    attrs = _attr(uapi.HANDSHAKE_A_ACCEPT_HANDLER_CLASS,
+                  struct.pack("=I", uapi.HandlerClass.TLSHD))
+    return encode_request(family_id, uapi.HANDSHAKE_CMD_ACCEPT, attrs, seq)
+
+
+def encode_done(family_id: int, seq: int, sockfd: int, status: int,
+                remote_auth: tuple[int, ...]) -> bytes:
+    """DONE carries only attributes 1-3: what both Debian kernels accept."""
+    if not 0 <= status <= 4095:
+        status = errno.EIO
+    attrs = _attr(uapi.HANDSHAKE_A_DONE_STATUS, struct.pack("=I", status))
+    attrs += _attr(uapi.HANDSHAKE_A_DONE_SOCKFD, struct.pack("=i", sockfd))
+    for peerid in remote_auth[: uapi.HANDSHAKE_MAX_PEER_IDS]:
+        attrs += _attr(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH,
+                       struct.pack("=I", peerid))
+    return encode_request(family_id, uapi.HANDSHAKE_CMD_DONE, attrs, seq,
+                          NLM_F_REQUEST | NLM_F_ACK)

@@ -1,0 +1,81 @@
+"""The worker's boot sequence, in order.
+
+1. Process title, logging through the channel.
+2. Load this namespace's configuration and credentials (before any lock-down,
+   while files can still be opened).
+3. Start the handshake thread pool.
+4. Lock down (sandbox) and report who we run as (HELLO).
+5. Serve until the supervisor closes the channel.
+
+Exit codes: EX_CONFIG means the configuration or a credential is unusable;
+the supervisor then holds this namespace until it is told to reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+
+import setproctitle
+
+from tlshd.shared import config
+from tlshd.shared.channel import Channel
+from tlshd.shared.errors import ConfigError, PeerGone
+from tlshd.worker import sandbox
+from tlshd.worker.serve import ChannelLogHandler, Server
+from tlshd.worker.tlsengine import CredentialError, Engine, RoleSettings
+
+log = logging.getLogger("tlshd.worker")
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tlshd-worker")
+    p.add_argument("--channel-fd", type=int, required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--label", default="init",
+                   help="namespace name or inode, for the process title")
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--debug", action="store_true")
+    return p.parse_args(argv)
+
+
+def _settings(role: config.RoleConfig) -> RoleSettings:
+    return RoleSettings(truststore=role.truststore, crl=role.crl,
+                        certificate=role.certificate,
+                        private_key=role.private_key,
+                        ciphersuites=role.ciphersuites)
+
+
+def load_engine(path: str) -> Engine:
+    cfg = config.load(path)
+    return Engine(_settings(cfg.client), _settings(cfg.server))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    setproctitle.setproctitle("tlshd: worker [netns %s]" % args.label)
+    channel = Channel(socket.socket(fileno=args.channel_fd))
+    lock = threading.Lock()  # one sender at a time on the channel
+    handler = ChannelLogHandler(channel, lock)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+
+    try:
+        engine = load_engine(args.config)
+    except (ConfigError, CredentialError) as e:
+        log.error("%s", e)
+        return os.EX_CONFIG
+    server = Server(channel, lock, engine, args.threads)
+    hello = sandbox.lock_down()
+    try:
+        server.send(hello)
+        server.serve()
+    except PeerGone:
+        pass
+    return 0

@@ -1,0 +1,185 @@
+"""Serve handshake requests: channel in, thread pool, answers out.
+
+The main thread only reads the channel and queues work; a fixed pool of
+threads, started before the sandbox is applied (so no thread is ever
+created afterwards), runs the handshakes.  Concurrency is required, not an
+optimisation: an NFS mount over loopback makes the client end wait for the
+server end, and both are served by the same namespace's worker.
+
+Ownership: a queued request owns its fd; the thread that runs it closes
+the fd (its copy; the supervisor keeps its own until DONE) before it
+answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from tlshd.shared import keys, protocol, uapi
+from tlshd.shared.channel import Channel
+from tlshd.shared.errors import PeerGone
+from tlshd.worker import ktls
+from tlshd.worker.tlsengine import Engine, Outcome
+
+log = logging.getLogger(__name__)
+
+# Python ignores SO_PROTOCOL on socket objects it wraps; ask the kernel.
+IPPROTO_QUIC = 261
+
+
+@dataclass
+class Job:
+    req_id: int
+    request: protocol.HandshakeRequest
+    fd: int
+
+
+class ChannelLogHandler(logging.Handler):
+    """Forward log records to the supervisor, which owns syslog."""
+
+    def __init__(self, channel: Channel, lock: threading.Lock) -> None:
+        super().__init__()
+        self.channel = channel
+        self.lock = lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            level = min(max(record.levelno // 10 * 10, 10), 50)
+            with self.lock:
+                self.channel.send(protocol.LogRecord(level=level, text=text))
+        except Exception:  # never let logging kill a handshake thread
+            self.handleError(record)
+
+
+def _peer_address(sock: socket.socket) -> str:
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "unknown"
+    return str(addr[0]) if isinstance(addr, tuple) else str(addr)
+
+
+def _kernel_x509(request: protocol.HandshakeRequest
+                 ) -> tuple[bytes, bytes] | None:
+    """Read the DER certificate and key the consumer passed by serial."""
+    for cert_serial, key_serial in request.certs:
+        if cert_serial and key_serial:
+            return keys.read(cert_serial), keys.read(key_serial)
+    return None
+
+
+def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
+                  sock: socket.socket) -> Outcome | int:
+    """Run the handshake the kernel asked for; an int is a local failure."""
+    deadline = time.monotonic() + request.timeout_ms / 1000.0
+    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    if proto != socket.IPPROTO_TCP:
+        log.error("Unsupported socket protocol %d", proto)
+        return errno.EOPNOTSUPP
+    try:
+        x509 = _kernel_x509(request)
+    except OSError as e:
+        log.error("Failed to read certificate keys: %s", e)
+        return errno.ENOKEY
+    if request.msg_type == uapi.MsgType.CLIENTHELLO:
+        if request.auth_mode in (uapi.AuthMode.UNAUTH, uapi.AuthMode.X509):
+            return engine.client_handshake(
+                sock, peername=request.peername, x509=x509,
+                use_certificate=request.auth_mode == uapi.AuthMode.X509,
+                deadline=deadline)
+    elif request.msg_type == uapi.MsgType.SERVERHELLO:
+        if request.auth_mode == uapi.AuthMode.X509:
+            return engine.server_handshake(sock, x509=x509,
+                                           deadline=deadline)
+    log.error("Unsupported handshake: message type %d, auth mode %d",
+              request.msg_type, request.auth_mode)
+    return errno.EIO
+
+
+def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
+    """Run one job to its answer; always closes the job's fd."""
+    sock = socket.socket(fileno=job.fd)
+    peer = _peer_address(sock)
+    name = job.request.peername or peer
+    try:
+        result = run_handshake(engine, job.request, sock)
+        if isinstance(result, int):
+            status, remote_auth = result, ()
+        else:
+            status, remote_auth = result.status, result.remote_auth
+            if status == 0:
+                try:
+                    ktls.install(sock, result.tx, result.rx)
+                except OSError as e:
+                    log.error("Failed to install kTLS keys: %s", e)
+                    status, remote_auth = errno.EIO, ()
+            if status == 0:
+                log.info("Session description: %s", result.description)
+            elif result.reason:
+                log.error("Handshake with '%s' (%s): %s", name, peer,
+                          result.reason)
+    except Exception:
+        log.exception("Handshake with '%s' (%s) crashed", name, peer)
+        status, remote_auth = errno.EIO, ()
+    finally:
+        sock.close()
+    log.info("Handshake with '%s' (%s) %s", name, peer,
+             "succeeded" if status == 0 else
+             "failed: %s" % errno.errorcode.get(status, str(status)))
+    return protocol.HandshakeAnswer(status=status, remote_auth=remote_auth)
+
+
+class Server:
+    """The worker's request loop and its handshake thread pool."""
+
+    def __init__(self, channel: Channel, lock: threading.Lock,
+                 engine: Engine, threads: int) -> None:
+        self.channel = channel
+        self.engine = engine
+        self.lock = lock
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.pool = [
+            threading.Thread(target=self._work, name="handshake-%d" % i,
+                             daemon=True)
+            for i in range(threads)
+        ]
+        for t in self.pool:
+            t.start()
+
+    def send(self, msg: protocol.Message, req_id: int = 0) -> None:
+        with self.lock:
+            self.channel.send(msg, req_id)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            answer = handle(self.engine, job)
+            try:
+                self.send(answer, job.req_id)
+            except PeerGone:
+                return
+
+    def serve(self) -> None:
+        """Read requests until the supervisor closes the channel."""
+        while True:
+            try:
+                msg, req_id, fds = self.channel.recv()
+            except PeerGone:
+                return
+            if not isinstance(msg, protocol.HandshakeRequest):
+                # The supervisor sends only requests; anything else means
+                # we no longer understand each other.
+                for fd in fds:
+                    socket.socket(fileno=fd).close()
+                raise SystemExit("unexpected %s from supervisor"
+                                 % type(msg).__name__)
+            self.jobs.put(Job(req_id, msg, fds[0]))
