@@ -1,0 +1,133 @@
+"""Certificates and private keys for the TLS engine.
+
+PEM files from the configuration are read once, when the engine is built
+(before the sandbox). DER certificates and keys handed over per request
+(from kernel key serials) are parsed in memory. Keys are parsed with
+cryptography first: it refuses an encrypted key instead of letting OpenSSL
+prompt for a passphrase on a terminal, and it reads PKCS#8, PKCS#1 and
+SEC1 alike. The key then reaches pyOpenSSL as PKCS#8 DER, which also
+covers key types pyOpenSSL cannot convert directly (ML-DSA).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+
+from tlshd.worker.verify import (
+    CredentialError,
+    load_pem_certificates,
+    read_file,
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A certificate chain (leaf first) and the leaf's private key."""
+
+    chain: tuple[crypto.X509, ...]
+    key: crypto.PKey
+
+    def use_in_context(self, ctx: SSL.Context) -> None:
+        """Install this identity as the context's certificate and key."""
+        ctx.use_certificate(self.chain[0])
+        for extra in self.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(self.key)
+        ctx.check_privatekey()
+
+    def use_in_connection(self, conn: SSL.Connection) -> None:
+        """Install this identity on a single connection."""
+        conn.use_certificate(self.chain[0])
+        conn.use_privatekey(self.key)
+
+
+def _build(chain: list[x509.Certificate], key: PrivateKeyTypes) -> Identity:
+    if chain[0].public_key() != key.public_key():
+        raise ValueError("the private key does not match the certificate")
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    pkey = crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
+    return Identity(
+        chain=tuple(crypto.X509.from_cryptography(c) for c in chain),
+        key=pkey,
+    )
+
+
+def load_pem_identity(cert_path: str, key_path: str) -> Identity:
+    """Load a PEM chain and PEM key from files; CredentialError if bad."""
+    chain = load_pem_certificates(cert_path, "certificate file")
+    data = read_file(key_path, "private key file")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # TypeError: the key is encrypted; ValueError: not a PEM key.
+        raise CredentialError(
+            f"private key file {key_path} is not a usable unencrypted PEM"
+            f" private key: {exc}"
+        ) from exc
+    try:
+        return _build(chain, key)
+    except (ValueError, crypto.Error) as exc:
+        raise CredentialError(
+            f"private key file {key_path} does not match certificate file"
+            f" {cert_path}: {exc}"
+        ) from exc
+
+
+def load_der_identity(cert_der: bytes, key_der: bytes) -> Identity:
+    """Parse a DER certificate and DER private key; ValueError if bad."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError as exc:
+        raise ValueError(f"certificate is not valid DER: {exc}") from exc
+    try:
+        key = serialization.load_der_private_key(key_der, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"private key is not usable DER: {exc}") from exc
+    try:
+        return _build([cert], key)
+    except crypto.Error as exc:
+        raise ValueError(f"OpenSSL rejected the key: {exc}") from exc
+
+
+def key_description(cert: crypto.X509 | None) -> str:
+    """Describe a certificate's signature key, e.g. "ECDSA-SECP256R1"."""
+    if cert is None:
+        return "no certificate"
+    key = cert.to_cryptography().public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA-{key.curve.name.upper()}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-PSS-{key.key_size}"
+    name = type(key).__name__.removesuffix("PublicKey").lstrip("_")
+    return name.upper() or "unknown key"
+
+
+def ephemeral_identity() -> Identity:
+    """Return a throwaway self-signed P-256 identity (for self-tests)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlshd")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    return _build([cert], key)

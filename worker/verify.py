@@ -1,0 +1,183 @@
+"""Trust stores, CRLs and peer-name checks for the TLS engine.
+
+Everything here runs either at configuration load (reading files, before
+the sandbox) or inside a handshake on peer-controlled data (formatting a
+verification failure); the latter touches no files and needs no
+privileges.
+
+Trust anchors are always loaded eagerly from a bundle *file*: OpenSSL
+consults a hashed CA *directory* lazily during verification, which would
+open files from inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401  (loaded now, not on first use)
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from tlshd.worker import sslbind
+
+# Bundle files of the common distributions, tried in order when no trust
+# store is configured. SSL_CERT_FILE, if set, comes first.
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Gentoo, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/cert.pem",  # Alpine
+)
+
+_CRL_PEM = re.compile(
+    rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.S
+)
+
+
+class EngineError(Exception):
+    """The TLS engine cannot be set up as configured."""
+
+
+class CredentialError(EngineError):
+    """A configured credential file cannot be used; the message names it."""
+
+
+def read_file(path: str, what: str) -> bytes:
+    """Return the contents of ``path``, or raise CredentialError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CredentialError(f"cannot read {what} {path}: {reason}") from exc
+
+
+def load_pem_certificates(path: str, what: str) -> list[x509.Certificate]:
+    """Parse every certificate in a PEM file; at least one is required."""
+    data = read_file(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CredentialError(
+            f"{what} {path} holds no valid PEM certificate: {exc}"
+        ) from exc
+    return certs
+
+
+def system_bundle() -> str | None:
+    """Return the first existing system CA bundle file, or None."""
+    candidates = [os.environ.get("SSL_CERT_FILE", ""), *SYSTEM_BUNDLES]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+def load_trust(ctx: SSL.Context, truststore: str | None) -> int:
+    """Add trust anchors to ``ctx``; return how many were loaded.
+
+    ``truststore`` None means the system bundle; a missing system bundle
+    leaves the store empty (every verification then fails with "unable to
+    get local issuer certificate") rather than failing the configuration
+    of a role that may never be used.
+    """
+    path = truststore if truststore is not None else system_bundle()
+    if path is None:
+        return 0
+    store = ctx.get_cert_store()
+    if store is None:  # pragma: no cover - a fresh SSL_CTX always has one
+        raise CredentialError("OpenSSL context has no certificate store")
+    certs = load_pem_certificates(path, "trust store")
+    for cert in certs:
+        store.add_cert(crypto.X509.from_cryptography(cert))
+    return len(certs)
+
+
+def load_crl(ctx: SSL.Context, path: str) -> int:
+    """Add every CRL in PEM file ``path`` and enable leaf CRL checking."""
+    data = read_file(path, "CRL file")
+    blocks = _CRL_PEM.findall(data)
+    if not blocks:
+        raise CredentialError(f"CRL file {path} holds no PEM CRL")
+    store = ctx.get_cert_store()
+    if store is None:  # pragma: no cover
+        raise CredentialError("OpenSSL context has no certificate store")
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise CredentialError(f"CRL file {path}: {exc}") from exc
+        store.add_crl(crl)
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+    return len(blocks)
+
+
+@dataclass(frozen=True)
+class PeerName:
+    """The name a server certificate must match.
+
+    Exactly one of ``ip`` (packed address) and ``dns`` (ASCII A-label
+    form) is set. ``dns`` is also what goes into SNI; an IP literal is
+    never sent as SNI (RFC 6066 section 3).
+    """
+
+    text: str
+    ip: bytes | None = None
+    dns: bytes | None = None
+
+
+def parse_peername(peername: str) -> PeerName:
+    """Classify a kernel-supplied peer name; ValueError if unusable."""
+    text = peername.strip()
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        addr = ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:
+        return PeerName(text=peername, ip=addr.packed)
+    name = text.rstrip(".") if text.endswith(".") else text
+    if not name or len(name) > 253 or "\x00" in name:
+        raise ValueError(f"peer name {peername!r} is not a host name")
+    try:
+        dns = name.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            dns = name.encode("idna")
+        except UnicodeError as exc:
+            raise ValueError(
+                f"peer name {peername!r} is not a valid IDNA name"
+            ) from exc
+    return PeerName(text=peername, dns=dns.lower())
+
+
+def set_expected_name(conn: SSL.Connection, name: PeerName) -> None:
+    """Bind certificate verification (and SNI for DNS) to ``name``."""
+    if name.ip is not None:
+        sslbind.set_expected_ip(conn, name.ip)
+    elif name.dns is not None:
+        sslbind.set_expected_host(conn, name.dns)
+        conn.set_tlsext_host_name(name.dns)
+
+
+def subject_text(cert: crypto.X509 | None) -> str | None:
+    """Return an RFC 4514 subject string for logs, or None."""
+    if cert is None:
+        return None
+    try:
+        return cert.to_cryptography().subject.rfc4514_string()
+    except ValueError:
+        return "(unparsable subject)"
+
+
+def describe_failure(cert: crypto.X509, errnum: int, depth: int) -> str:
+    """Format one verification error like a tlshd log line."""
+    return (
+        f"certificate verify failed: depth={depth} err={errnum}"
+        f" ({sslbind.verify_error_string(errnum)})"
+        f" subject={subject_text(cert)}"
+    )
