@@ -83,37 +83,74 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "in the guest, in this cwd and environment.  Exit status: CMD's, "
         "124 on timeout, 125 on a boot or harness failure.",
     )
-    ap.add_argument("--kernel", default="6.12",
-                    help="kernel series or version (6.12, 7, or a kver)")
+    ap.add_argument(
+        "--kernel",
+        default="6.12",
+        help="kernel series or version (6.12, 7, or a kver)",
+    )
     ap.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
     ap.add_argument("--mem", type=int, default=2048, help="MiB (2048)")
-    ap.add_argument("--timeout", type=float, default=3600,
-                    help="seconds CMD may run, 0 = no limit (3600)")
-    ap.add_argument("--boot-timeout", type=float, default=90,
-                    help="seconds until CMD must have started (90)")
-    ap.add_argument("--boot-retries", type=int, default=2,
-                    help="boots to retry if CMD never started (2)")
-    ap.add_argument("--rw", action="append", default=[], type=Path,
-                    metavar="DIR", help="mount DIR read-write in the guest")
-    ap.add_argument("--console", type=Path, metavar="FILE",
-                    help="save the guest console log to FILE")
-    ap.add_argument("--accel", choices=("auto", "kvm", "tcg"),
-                    default="auto")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="seconds CMD may run, 0 = no limit (3600)",
+    )
+    ap.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=90,
+        help="seconds until CMD must have started (90)",
+    )
+    ap.add_argument(
+        "--boot-retries",
+        type=int,
+        default=2,
+        help="boots to retry if CMD never started (2)",
+    )
+    ap.add_argument(
+        "--rw",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="mount DIR read-write in the guest",
+    )
+    ap.add_argument(
+        "--console",
+        type=Path,
+        metavar="FILE",
+        help="save the guest console log to FILE",
+    )
+    ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     ap.add_argument("--append", default="", help="extra kernel arguments")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the run directory (control share, logs)")
-    ap.add_argument("-v", "--verbose", action="store_true",
-                    help="report boot progress and timings on stderr")
-    ap.add_argument("--list", action="store_true",
-                    help="list the prepared kernels and exit")
-    ap.add_argument("--which", action="store_true",
-                    help="print the kver --kernel selects and exit")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the run directory (control share, logs)",
+    )
+    ap.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="report boot progress and timings on stderr",
+    )
+    ap.add_argument(
+        "--list",
+        action="store_true",
+        help="list the prepared kernels and exit",
+    )
+    ap.add_argument(
+        "--which",
+        action="store_true",
+        help="print the kver --kernel selects and exit",
+    )
     ap.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     # Everything after "--" is the command, even if it looks like options.
     if "--" in argv:
         cut = argv.index("--")
         args = ap.parse_args(argv[:cut])
-        args.command = argv[cut + 1:]
+        args.command = argv[cut + 1 :]
     else:
         args = ap.parse_args(argv)
     return args
@@ -163,8 +200,11 @@ def shell_quote(value: bytes) -> bytes:
 
 def keep_env(name: bytes) -> bool:
     text = name.decode("ascii", "replace")
-    return (bool(ENV_NAME.match(name)) and text not in ENV_DROP
-            and not text.startswith(ENV_DROP_PREFIXES))
+    return (
+        bool(ENV_NAME.match(name))
+        and text not in ENV_DROP
+        and not text.startswith(ENV_DROP_PREFIXES)
+    )
 
 
 def env_script(kver: str) -> bytes:
@@ -192,8 +232,12 @@ def rw_shares(dirs: list[Path]) -> list[tuple[str, Path]]:
     return shares
 
 
-def write_control(run: Path, opts: Options, kernel: vmimage.Kernel,
-                  shares: list[tuple[str, Path]]) -> None:
+def write_control(
+    run: Path,
+    opts: Options,
+    kernel: vmimage.Kernel,
+    shares: list[tuple[str, Path]],
+) -> None:
     """The files stage 1 and stage 2 read from the control share."""
     cwd = os.getcwd()
     (run / "cmd").write_text(command_script(opts.command))
@@ -214,43 +258,74 @@ def use_kvm(accel: str) -> bool:
     kvm_pvm, which cannot run a stock kernel (pitfall 1)."""
     if accel != "auto":
         return accel == "kvm"
-    hw = any(Path(f"/sys/module/{m}").exists() for m in ("kvm_intel",
-                                                          "kvm_amd"))
+    hw = any(
+        Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd")
+    )
     return hw and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def qemu_command(opts: Options, kernel: vmimage.Kernel, initrd: Path,
-                 run: Path, shares: list[tuple[str, Path]]) -> list[str]:
+def qemu_command(
+    opts: Options,
+    kernel: vmimage.Kernel,
+    initrd: Path,
+    run: Path,
+    shares: list[tuple[str, Path]],
+) -> list[str]:
     if use_kvm(opts.accel):
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         accel = ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max"]
     cmd = [
-        "qemu-system-x86_64", "-nodefaults", "-no-user-config",
-        "-display", "none", "-no-reboot",
-        "-machine", "q35", "-m", str(opts.mem), "-smp", str(opts.smp),
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-machine",
+        "q35",
+        "-m",
+        str(opts.mem),
+        "-smp",
+        str(opts.smp),
         *accel,
-        "-kernel", str(kernel.image), "-initrd", str(initrd),
-        "-append", f"{KERNEL_ARGS} {opts.append}".strip(),
-        "-fsdev", "local,id=fsroot,path=/,security_model=none,"
+        "-kernel",
+        str(kernel.image),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"{KERNEL_ARGS} {opts.append}".strip(),
+        "-fsdev",
+        "local,id=fsroot,path=/,security_model=none,"
         "readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=fsctl,path={run},security_model=none",
-        "-device", "virtio-9p-pci,fsdev=fsctl,mount_tag=vmctl",
+        "-device",
+        "virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot",
+        "-fsdev",
+        f"local,id=fsctl,path={run},security_model=none",
+        "-device",
+        "virtio-9p-pci,fsdev=fsctl,mount_tag=vmctl",
     ]
     for tag, path in shares:
         cmd += [
-            "-fsdev", f"local,id=fs{tag},path={path},security_model=none,"
+            "-fsdev",
+            f"local,id=fs{tag},path={path},security_model=none,"
             "multidevs=remap",
-            "-device", f"virtio-9p-pci,fsdev=fs{tag},mount_tag={tag}",
+            "-device",
+            f"virtio-9p-pci,fsdev=fs{tag},mount_tag={tag}",
         ]
     cmd += [
-        "-device", "virtio-serial-pci",
-        "-chardev", f"file,id=cout,path={run}/out.fifo",
-        "-device", "virtserialport,chardev=cout,name=vm.stdout",
-        "-chardev", f"file,id=cerr,path={run}/err.fifo",
-        "-device", "virtserialport,chardev=cerr,name=vm.stderr",
-        "-device", "virtio-rng-pci",
+        "-device",
+        "virtio-serial-pci",
+        "-chardev",
+        f"file,id=cout,path={run}/out.fifo",
+        "-device",
+        "virtserialport,chardev=cout,name=vm.stdout",
+        "-chardev",
+        f"file,id=cerr,path={run}/err.fifo",
+        "-device",
+        "virtserialport,chardev=cerr,name=vm.stderr",
+        "-device",
+        "virtio-rng-pci",
     ]
     return cmd
 
@@ -307,7 +382,7 @@ class Relay:
         view = memoryview(data)
         while view and not self.broken:
             try:
-                view = view[os.write(self.dest, view):]
+                view = view[os.write(self.dest, view) :]
             except BlockingIOError:
                 select.select([], [self.dest], [])
             except BrokenPipeError:
@@ -339,8 +414,13 @@ def on_signal(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def watch(proc: subprocess.Popen[bytes], attempt: Attempt, run: Path,
-          relays: list[Relay], opts: Options) -> None:
+def watch(
+    proc: subprocess.Popen[bytes],
+    attempt: Attempt,
+    run: Path,
+    relays: list[Relay],
+    opts: Options,
+) -> None:
     """Relay output until qemu exits, the boot watchdog fires (command
     not started in time) or the command's timeout expires."""
     poller = select.poll()
@@ -357,16 +437,21 @@ def watch(proc: subprocess.Popen[bytes], attempt: Attempt, run: Path,
             started_at = now
             attempt.boot_seconds = now - t0
             if opts.verbose:
-                log(f"attempt {attempt.number}: command started after "
-                    f"{now - t0:.2f} s")
+                log(
+                    f"attempt {attempt.number}: command started after "
+                    f"{now - t0:.2f} s"
+                )
         if proc.poll() is not None:
             attempt.result = "exited"
             break
         if started_at is None and now - t0 > opts.boot_timeout:
             attempt.result = "boot-timeout"
             break
-        if (started_at is not None and opts.timeout > 0
-                and now - started_at > opts.timeout):
+        if (
+            started_at is not None
+            and opts.timeout > 0
+            and now - started_at > opts.timeout
+        ):
             attempt.result = "timeout"
             break
     stop_qemu(proc)
@@ -374,8 +459,13 @@ def watch(proc: subprocess.Popen[bytes], attempt: Attempt, run: Path,
         r.pump()
 
 
-def boot(cmd: list[str], attempt: Attempt, run: Path, relays: list[Relay],
-         opts: Options) -> None:
+def boot(
+    cmd: list[str],
+    attempt: Attempt,
+    run: Path,
+    relays: list[Relay],
+    opts: Options,
+) -> None:
     with open(attempt.qemu_log, "wb") as qlog:
         # Own session: a terminal's ^C reaches only vm-run, which then
         # stops qemu itself.
@@ -385,7 +475,8 @@ def boot(cmd: list[str], attempt: Attempt, run: Path, relays: list[Relay],
             stdout=qlog,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads here
+            # Safe in preexec_fn: vm-run runs no threads.
+            preexec_fn=die_with_parent,
         )
     try:
         watch(proc, attempt, run, relays, opts)
@@ -407,8 +498,9 @@ def report_failure(what: str, attempt: Attempt) -> None:
     log(f"console tail:\n{tail(attempt.console)}")
 
 
-def run_attempts(opts: Options, cmd: list[str], run: Path,
-                 relays: list[Relay]) -> tuple[int, list[Attempt]]:
+def run_attempts(
+    opts: Options, cmd: list[str], run: Path, relays: list[Relay]
+) -> tuple[int, list[Attempt]]:
     """Boot until the command has run; retry only boots in which it never
     started (TCG boot flakes, pitfalls 20 and 21), never a started one."""
     attempts: list[Attempt] = []
@@ -418,8 +510,10 @@ def run_attempts(opts: Options, cmd: list[str], run: Path,
         t0 = time.monotonic()
         boot(cmd, attempt, run, relays, opts)
         if opts.verbose:
-            log(f"attempt {n}: {attempt.result} after "
-                f"{time.monotonic() - t0:.2f} s")
+            log(
+                f"attempt {n}: {attempt.result} after "
+                f"{time.monotonic() - t0:.2f} s"
+            )
         if (run / "rc").exists():
             return int((run / "rc").read_text().strip() or 255), attempts
         if attempt.result == "timeout":
@@ -429,8 +523,11 @@ def run_attempts(opts: Options, cmd: list[str], run: Path,
         if (run / "started").exists():
             report_failure("the guest died while the command ran", attempt)
             return EXIT_HARNESS, attempts
-        why = ("boot watchdog fired" if attempt.result == "boot-timeout"
-               else "qemu exited")
+        why = (
+            "boot watchdog fired"
+            if attempt.result == "boot-timeout"
+            else "qemu exited"
+        )
         if n <= opts.boot_retries:
             log(f"boot attempt {n} failed ({why}); retrying")
             continue
@@ -464,9 +561,11 @@ def run_vm(opts: Options) -> int:
         relays = [Relay(run / "out.fifo", 1), Relay(run / "err.fifo", 2)]
         cmd = qemu_command(opts, kernel, initrd, run, shares)
         if opts.verbose:
-            log(f"kernel {kernel.kver} ({kernel.boot}), "
+            log(
+                f"kernel {kernel.kver} ({kernel.boot}), "
                 f"{'kvm' if use_kvm(opts.accel) else 'tcg'}, "
-                f"{opts.smp} vCPU, {opts.mem} MiB, run dir {run}")
+                f"{opts.smp} vCPU, {opts.mem} MiB, run dir {run}"
+            )
         rc, attempts = run_attempts(opts, cmd, run, relays)
         return rc
     finally:

@@ -262,11 +262,29 @@ class Cpio:
         self.buf = io.BytesIO()
         self.ino = 0
 
-    def _entry(self, name: str, mode: int, data: bytes = b"",
-               rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        rdev: tuple[int, int] = (0, 0),
+    ) -> None:
         self.ino += 1
-        fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0,
-                  rdev[0], rdev[1], len(name) + 1, 0)
+        fields = (
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(name) + 1,
+            0,
+        )
         hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
         self._write_padded(hdr + name.encode() + b"\0")
         self._write_padded(data)
