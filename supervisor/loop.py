@@ -87,9 +87,12 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
         self.sel.register(r, selectors.EVENT_READ, self.on_signal)
 
-    def add_namespace(self, label: str, config_path: str) -> Namespace:
+    def add_namespace(self, label: str, config_path: str,
+                      nlsock: genl.HandshakeSocket | None = None
+                      ) -> Namespace:
         """Serve the current network namespace (the caller is inside it)."""
-        nlsock = genl.HandshakeSocket(self.family)
+        if nlsock is None:
+            nlsock = genl.HandshakeSocket(self.family)
         ns = Namespace(label, config_path, nlsock)
         self.namespaces.append(ns)
         self.sel.register(nlsock, selectors.EVENT_READ,
@@ -100,20 +103,26 @@ class Supervisor:
     # ---- the loop -------------------------------------------------------
 
     def run(self) -> int:
-        while True:
-            now = time.monotonic()
-            if self.stopping is not None and (
-                    not self.inflight or now >= self.stopping):
-                break
-            timeout = self._next_wakeup(now)
-            for key, _ in self.sel.select(timeout):
-                callback: Callable[[], None] = key.data
-                callback()
-            now = time.monotonic()
-            self.expire(now)
-            self.manage_workers(now)
+        while not self.finished():
+            self.step()
         self.shutdown()
         return 0
+
+    def finished(self) -> bool:
+        return self.stopping is not None and (
+            not self.inflight or time.monotonic() >= self.stopping)
+
+    def step(self, max_wait: float | None = None) -> None:
+        """Wait for one batch of events, handle them, then the timers."""
+        timeout = self._next_wakeup(time.monotonic())
+        if max_wait is not None:
+            timeout = min(timeout, max_wait)
+        for key, _ in self.sel.select(timeout):
+            callback: Callable[[], None] = key.data
+            callback()
+        now = time.monotonic()
+        self.expire(now)
+        self.manage_workers(now)
 
     def _next_wakeup(self, now: float) -> float:
         times = [r.deadline + (DEADLINE_GRACE if r.worker else 0)

@@ -46,13 +46,14 @@ class ChannelLogHandler(logging.Handler):
     def __init__(self, channel: Channel, lock: threading.Lock) -> None:
         super().__init__()
         self.channel = channel
-        self.lock = lock
+        # Not "lock": logging.Handler already has one of its own.
+        self.send_lock = lock
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)
             level = min(max(record.levelno // 10 * 10, 10), 50)
-            with self.lock:
+            with self.send_lock:
                 self.channel.send(protocol.LogRecord(level=level, text=text))
         except Exception:  # never let logging kill a handshake thread
             self.handleError(record)
@@ -108,13 +109,17 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
     sock = socket.socket(fileno=job.fd)
     peer = _peer_address(sock)
     name = job.request.peername or peer
+    remote_auth: tuple[int, ...] = ()
     try:
         result = run_handshake(engine, job.request, sock)
         if isinstance(result, int):
-            status, remote_auth = result, ()
+            status = result
         else:
             status, remote_auth = result.status, result.remote_auth
-            if status == 0:
+            if status == 0 and (result.tx is None or result.rx is None):
+                log.error("Handshake succeeded without traffic secrets")
+                status, remote_auth = errno.EIO, ()
+            if status == 0 and result.tx and result.rx:
                 try:
                     ktls.install(sock, result.tx, result.rx)
                 except OSError as e:
