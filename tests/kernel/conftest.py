@@ -48,7 +48,7 @@ def sh(
 
 # ---- certificates -------------------------------------------------------
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
+NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
 
 
@@ -366,10 +366,10 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-EXPORTS = """\
-%(root)s/tls 127.0.0.1(rw,no_root_squash,insecure,no_subtree_check,fsid=1,xprtsec=tls:mtls)
-%(root)s/mtls 127.0.0.1(rw,no_root_squash,insecure,no_subtree_check,fsid=2,xprtsec=mtls)
-""" % {"root": EXPORT_ROOT}
+_OPTS = "rw,no_root_squash,insecure,no_subtree_check"
+EXPORTS = (
+    "%s/tls 127.0.0.1(%s,fsid=1,xprtsec=tls:mtls)\n" % (EXPORT_ROOT, _OPTS)
+    + "%s/mtls 127.0.0.1(%s,fsid=2,xprtsec=mtls)\n" % (EXPORT_ROOT, _OPTS))
 
 
 @pytest.fixture(scope="session")

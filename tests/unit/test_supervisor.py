@@ -166,7 +166,7 @@ def test_worker_killed_mid_handshake(sup, listener):
 
 
 def test_requests_before_worker_ready_are_queued(sup, listener):
-    s, nl, ns = sup
+    s, nl, _ns = sup
     fds = []
     for _ in range(3):
         fd, peer = connected_fd(listener)
