@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
@@ -28,13 +28,25 @@ from tlshd.worker.verify import (
     read_file,
 )
 
+# What pyOpenSSL's use_privatekey accepts without a deprecation warning.
+_UsableKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+
 
 @dataclass(frozen=True)
 class Identity:
-    """A certificate chain (leaf first) and the leaf's private key."""
+    """A certificate chain (leaf first) and the leaf's private key.
 
-    chain: tuple[crypto.X509, ...]
-    key: crypto.PKey
+    ``key`` is a cryptography key where pyOpenSSL can take one, else a
+    PKey loaded from DER (ML-DSA).
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    key: _UsableKey | crypto.PKey
 
     def use_in_context(self, ctx: SSL.Context) -> None:
         """Install this identity as the context's certificate and key."""
@@ -53,16 +65,25 @@ class Identity:
 def _build(chain: list[x509.Certificate], key: PrivateKeyTypes) -> Identity:
     if chain[0].public_key() != key.public_key():
         raise ValueError("the private key does not match the certificate")
-    der = key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    pkey = crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
-    return Identity(
-        chain=tuple(crypto.X509.from_cryptography(c) for c in chain),
-        key=pkey,
-    )
+    usable: _UsableKey | crypto.PKey
+    if isinstance(
+        key,
+        (
+            ec.EllipticCurvePrivateKey,
+            rsa.RSAPrivateKey,
+            ed25519.Ed25519PrivateKey,
+            ed448.Ed448PrivateKey,
+        ),
+    ):
+        usable = key
+    else:
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        usable = crypto.load_privatekey(crypto.FILETYPE_ASN1, der)
+    return Identity(chain=tuple(chain), key=usable)
 
 
 def load_pem_identity(cert_path: str, key_path: str) -> Identity:
@@ -106,7 +127,10 @@ def key_description(cert: crypto.X509 | None) -> str:
     """Describe a certificate's signature key, e.g. "ECDSA-SECP256R1"."""
     if cert is None:
         return "no certificate"
-    key = cert.to_cryptography().public_key()
+    try:
+        key = cert.to_cryptography().public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return "unknown key"
     if isinstance(key, ec.EllipticCurvePublicKey):
         return f"ECDSA-{key.curve.name.upper()}"
     if isinstance(key, rsa.RSAPublicKey):

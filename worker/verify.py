@@ -93,6 +93,7 @@ def load_trust(ctx: SSL.Context, truststore: str | None) -> int:
         raise CredentialError("OpenSSL context has no certificate store")
     certs = load_pem_certificates(path, "trust store")
     for cert in certs:
+        # X509Store.add_cert takes only pyOpenSSL's X509 type.
         store.add_cert(crypto.X509.from_cryptography(cert))
     return len(certs)
 
