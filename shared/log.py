@@ -32,4 +32,8 @@ def setup(to_stderr: bool, debug: bool) -> None:
             facility=logging.handlers.SysLogHandler.LOG_AUTH)
         handler.setFormatter(logging.Formatter(FORMAT_SYSLOG))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Debugging applies to tlshd's own loggers only: pyroute2 narrates
+    # every netlink message at DEBUG, partly through the root logger.
+    root.setLevel(logging.INFO)
+    logging.getLogger("tlshd").setLevel(logging.DEBUG if debug
+                                        else logging.INFO)

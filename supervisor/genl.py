@@ -106,6 +106,8 @@ def probe_family() -> FamilyInfo:
     nl = GenericNetlinkSocket()
     try:
         try:
+            # bind() registers the nlctrl decoder, then resolves the family.
+            nl.bind(uapi.HANDSHAKE_FAMILY_NAME, genlmsg)
             fam = nl.discovery(uapi.HANDSHAKE_FAMILY_NAME)
         except Exception as e:
             raise ConfigError(
@@ -125,7 +127,6 @@ def probe_family() -> FamilyInfo:
             for op in _get(fam, "CTRL_ATTR_OPS", [])
         }
         try:
-            nl.bind(uapi.HANDSHAKE_FAMILY_NAME, genlmsg)
             done_attrs = _done_policy(nl.policy(uapi.HANDSHAKE_FAMILY_NAME))
         except Exception as e:  # kernels before 5.10 have no GETPOLICY
             log.warning("Cannot read the handshake policy: %s", e)

@@ -367,34 +367,37 @@ def _quote(s: str) -> str:
 
 
 _OPTS = "rw,no_root_squash,insecure,no_subtree_check"
+# The NFSv4 root is a tmpfs that allows tls and mtls; below it, a second
+# tmpfs that only mtls clients may use.  Clients mount "/" and "/mtls".
 EXPORTS = (
-    "%s/tls 127.0.0.1(%s,fsid=1,xprtsec=tls:mtls)\n" % (EXPORT_ROOT, _OPTS)
+    "%s 127.0.0.1(%s,fsid=0,xprtsec=tls:mtls)\n" % (EXPORT_ROOT, _OPTS)
     + "%s/mtls 127.0.0.1(%s,fsid=2,xprtsec=mtls)\n" % (EXPORT_ROOT, _OPTS))
 
 
 @pytest.fixture(scope="session")
 def nfs_server() -> str:
-    """Start nfsd with a tls and an mtls-only export; return the root."""
+    """Start nfsd with a tls and an mtls-only export; return the root.
+
+    exportfs and rpc.mountd run in the trixie chroot (nfs-utils 2.8 knows
+    xprtsec=); the exported tmpfs is mounted at the same path inside and
+    outside the chroot so that every path resolves the same way.
+    """
     if not TRIXIE.is_dir():
         pytest.fail("trixie chroot missing at %s (run tools/setup)" % TRIXIE)
     sh("modprobe tls && modprobe nfsd && modprobe nfsv4")
     for sub in ("proc", "dev", "run", "sys"):
-        sh(
-            "mountpoint -q %s/%s || mount --rbind /%s %s/%s"
-            % (TRIXIE, sub, sub, TRIXIE, sub)
-        )
+        sh("mountpoint -q %s/%s || mount --rbind /%s %s/%s"
+           % (TRIXIE, sub, sub, TRIXIE, sub))
     sh("mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd")
-    for name in ("tls", "mtls"):
-        d = "%s%s/%s" % (TRIXIE, EXPORT_ROOT, name)
-        sh(
-            "mkdir -p %s && (mountpoint -q %s || mount -t tmpfs -o size=16m "
-            "tmpfs %s)" % (d, d, d)
-        )
+    sh("mkdir -p {r} && mount -t tmpfs -o size=32m tmpfs {r} && "
+       "mkdir {r}/mtls && mount -t tmpfs -o size=16m tmpfs {r}/mtls && "
+       "mkdir -p {t}{r} && mount --rbind {r} {t}{r}"
+       .format(r=EXPORT_ROOT, t=TRIXIE))
     (TRIXIE / "etc/exports").write_text(EXPORTS)
-    chroot_sh(
-        "mkdir -p /var/lib/nfs/rpc_pipefs /run/rpcbind; "
-        "rpcbind -w; exportfs -ra; rpc.mountd -N 3; rpc.nfsd -N 3 4"
-    )
+    chroot_sh("mkdir -p /var/lib/nfs/rpc_pipefs /run/rpcbind; "
+              "rpcbind -w && exportfs -ra && rpc.mountd -N 3")
+    # bookworm's rpc.nfsd: trixie's 2.8 says "no version specified" here.
+    sh("rpc.nfsd -N 3 4")
     return EXPORT_ROOT
 
 
@@ -424,8 +427,8 @@ class Nfs:
         opts = "vers=4.2,xprtsec=%s%s" % (xprtsec, extra)
         start = time.monotonic()
         r = sh(
-            "timeout %d mount -t nfs -o %s %s:%s/%s %s"
-            % (timeout, opts, host, self.root, export, self.target),
+            "timeout %d mount -t nfs -o %s %s:/%s %s"
+            % (timeout, opts, host, export, self.target),
             check=False,
             timeout=timeout + 10,
         )

@@ -27,7 +27,7 @@ def test_mount_write_read(pki, tlshd, trace, nfs, mode):
     tlshd.start(pki.config())
     before = nfs.tls_stat()
     mark = tlshd.mark()
-    r = nfs.mount("tls", mode)
+    r = nfs.mount("", mode)
     assert r.ok, r.output
     nfs.write_and_read_back()
     stat = nfs.tls_stat()
@@ -52,7 +52,7 @@ def test_mount_write_read(pki, tlshd, trace, nfs, mode):
 def test_each_cipher_suite(pki, tlshd, trace, nfs, suite, name):
     tlshd.start(pki.config(extra_server="x509.ciphersuites=%s" % suite))
     mark = tlshd.mark()
-    r = nfs.mount("tls", "tls")
+    r = nfs.mount("", "tls")
     assert r.ok, r.output
     nfs.write_and_read_back()
     nfs.umount()
@@ -83,14 +83,14 @@ def failing_then_fixed(
     then reload a good configuration and mount again (must succeed)."""
     tlshd.start(bad_config)
     mark = tlshd.mark()
-    r = nfs.mount("tls", "tls", host=host, extra=",retry=0", timeout=60)
+    r = nfs.mount("", "tls", host=host, extra=",retry=0", timeout=60)
     assert not r.ok, "mount succeeded with a bad certificate"
     statuses = {c.status for c in trace.completions()}
     assert want_status in statuses, (statuses, tlshd.since(mark)[-2000:])
     assert re.search(r"Handshake with .* failed", tlshd.since(mark))
     tlshd.reload(pki.config())
     trace.clear()
-    r = nfs.mount("tls", "tls", host=host)
+    r = nfs.mount("", "tls", host=host)
     assert r.ok, r.output
     nfs.write_and_read_back()
     completed_ok(trace, 2)
