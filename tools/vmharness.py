@@ -226,8 +226,8 @@ def rw_shares(dirs: list[Path]) -> list[tuple[str, Path]]:
         real = d.resolve()
         if not real.is_dir():
             raise ValueError(f"--rw {d}: not a directory")
-        if "\n" in str(real) or " " in str(real):
-            raise ValueError(f"--rw {d}: blanks in the path are unsupported")
+        if "\n" in str(real):
+            raise ValueError(f"--rw {d}: a newline in the path")
         shares.append((f"rw{i}", real))
     return shares
 
@@ -262,6 +262,11 @@ def use_kvm(accel: str) -> bool:
         Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd")
     )
     return hw and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def qarg(path: Path) -> str:
+    """A path inside a qemu -fsdev/-chardev option: commas are doubled."""
+    return str(path).replace(",", ",,")
 
 
 def qemu_command(
@@ -301,14 +306,14 @@ def qemu_command(
         "-device",
         "virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot",
         "-fsdev",
-        f"local,id=fsctl,path={run},security_model=none",
+        f"local,id=fsctl,path={qarg(run)},security_model=none",
         "-device",
         "virtio-9p-pci,fsdev=fsctl,mount_tag=vmctl",
     ]
     for tag, path in shares:
         cmd += [
             "-fsdev",
-            f"local,id=fs{tag},path={path},security_model=none,"
+            f"local,id=fs{tag},path={qarg(path)},security_model=none,"
             "multidevs=remap",
             "-device",
             f"virtio-9p-pci,fsdev=fs{tag},mount_tag={tag}",
@@ -317,11 +322,11 @@ def qemu_command(
         "-device",
         "virtio-serial-pci",
         "-chardev",
-        f"file,id=cout,path={run}/out.fifo",
+        f"file,id=cout,path={qarg(run / 'out.fifo')}",
         "-device",
         "virtserialport,chardev=cout,name=vm.stdout",
         "-chardev",
-        f"file,id=cerr,path={run}/err.fifo",
+        f"file,id=cerr,path={qarg(run / 'err.fifo')}",
         "-device",
         "virtserialport,chardev=cerr,name=vm.stderr",
         "-device",
