@@ -33,6 +33,7 @@ SYSTEM_BUNDLES = (
     "/etc/ssl/cert.pem",  # Alpine
 )
 
+_CERT_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----")
 _CRL_PEM = re.compile(
     rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.S
 )
@@ -83,19 +84,22 @@ def load_trust(ctx: SSL.Context, truststore: str | None) -> int:
     ``truststore`` None means the system bundle; a missing system bundle
     leaves the store empty (every verification then fails with "unable to
     get local issuer certificate") rather than failing the configuration
-    of a role that may never be used.
+    of a role that may never be used. The file is parsed by OpenSSL, which
+    skips nothing and, unlike cryptography, still accepts the odd legacy
+    root in distribution bundles (e.g. a non-positive serial number).
     """
     path = truststore if truststore is not None else system_bundle()
     if path is None:
         return 0
-    store = ctx.get_cert_store()
-    if store is None:  # pragma: no cover - a fresh SSL_CTX always has one
-        raise CredentialError("OpenSSL context has no certificate store")
-    certs = load_pem_certificates(path, "trust store")
-    for cert in certs:
-        # X509Store.add_cert takes only pyOpenSSL's X509 type.
-        store.add_cert(crypto.X509.from_cryptography(cert))
-    return len(certs)
+    data = read_file(path, "trust store")
+    count = len(_CERT_PEM.findall(data))
+    if count == 0:
+        raise CredentialError(f"trust store {path} holds no PEM certificate")
+    try:
+        ctx.load_verify_locations(path)
+    except SSL.Error as exc:
+        raise CredentialError(f"trust store {path}: {exc}") from exc
+    return count
 
 
 def load_crl(ctx: SSL.Context, path: str) -> int:
