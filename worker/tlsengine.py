@@ -59,7 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The kTLS-capable suites, in ktls-utils' preference order.
+# The kTLS-capable suites; AES-256-GCM first, as in GnuTLS's NORMAL.
 DEFAULT_CIPHERSUITES = (
     "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
     ":TLS_AES_128_GCM_SHA256"
@@ -339,7 +339,11 @@ class Engine:
             conn.set_app_data(session)
             key = sslbind.ssl_pointer(conn)
             self._sessions[key] = session
-            setup(conn)
+            try:
+                setup(conn)
+            except (SSL.Error, ValueError) as exc:
+                # Our own parameters were refused: a local error.
+                return failed(errno.EIO, f"connection set-up failed: {exc}")
             _drive(conn, sock, deadline)
             return success(conn, session, server=server)
         except (DeadlineExpired, SSL.Error, OSError) as exc:

@@ -101,7 +101,8 @@ def test_aes_128_ccm_when_configured(pki: Any, run_pair: Any) -> None:
 def test_default_suite_and_description(engine: Engine, run_pair: Any) -> None:
     pair = run_pair(engine, engine)
     assert pair.client.status == 0, pair.client.reason
-    # OpenSSL's server honours its own order: AES-256-GCM first.
+    # Our default list puts AES-256-GCM first (the server follows the
+    # client's order).
     assert pair.client.cipher == "TLS_AES_256_GCM_SHA384"
     assert pair.client.group
     assert pair.client.description == (
