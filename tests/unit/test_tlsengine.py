@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from recordlayer import RecordLayer, recv_app_data, send_app_data
 
 from tlshd.worker import ktls
@@ -362,5 +362,49 @@ def test_engine_counts_tickets_into_the_server_tx_seq(
     )
 
 
-def test_peer_certificate_type(engine: Engine) -> None:
-    assert isinstance(crypto.X509, type)
+def test_nothing_is_sent_after_the_handshake(
+    engine: Engine, run_pair: Any
+) -> None:
+    """No tickets, no close_notify: the kernel owns the stream from here."""
+    import gc
+
+    pair = run_pair(engine, engine, use_certificate=True)
+    assert pair.client.status == 0 and pair.server.status == 0
+    gc.collect()  # free the SSL objects; that must not write either
+    time.sleep(0.05)
+    for sock in (pair.csock, pair.ssock):
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+        sock.setblocking(True)
+    prove_pair(pair)
+
+
+def test_kernel_der_identity_overrides_configured_one(
+    engine: Engine, pki: Any, run_pair: Any
+) -> None:
+    der_server = pki.pki.leaf("der-override", dns=("localhost",))
+    der_client = pki.pki.leaf(
+        "der-client-override", dns=("dco",), ips=(), client=True
+    )
+    pair = run_pair(
+        engine,
+        engine,
+        use_certificate=True,
+        x509=der_client.der_pair,
+        server_kw={"x509": der_server.der_pair},
+    )
+    assert pair.client.status == 0, pair.client.reason
+    assert pair.client.peer_subject == "CN=der-override"
+    assert pair.server.peer_subject == "CN=der-client-override"
+
+
+def test_anonymous_client_ignores_x509(
+    engine: Engine, pki: Any, run_pair: Any
+) -> None:
+    pair = run_pair(
+        engine, engine, use_certificate=False, x509=pki.client.der_pair
+    )
+    assert pair.client.status == 0
+    assert pair.server.remote_auth == ()
+    assert pair.server.peer_subject is None
