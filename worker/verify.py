@@ -12,7 +12,10 @@ open files from inside the sandbox.
 
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401  (loaded now, not on first use)
+# IDNA peer names need these codecs: load them now, not on first use
+# inside a handshake (the worker is sandboxed by then).
+import encodings.idna
+import encodings.punycode  # noqa: F401
 import ipaddress
 import os
 import re
