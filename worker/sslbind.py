@@ -25,9 +25,7 @@ SSL3_RT_APPLICATION_DATA = 23
 SSL3_RT_HEADER = 256
 SSL3_RT_INNER_CONTENT_TYPE = 257
 
-X509_V_OK = 0
 X509_V_ERR_UNABLE_TO_GET_CRL = int(_lib.X509_V_ERR_UNABLE_TO_GET_CRL)
-X509_V_FLAG_CRL_CHECK = int(_lib.X509_V_FLAG_CRL_CHECK)
 X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = int(
     _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
 )
@@ -107,11 +105,6 @@ def set_expected_ip(conn: SSL.Connection, packed: bytes) -> None:
     if _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed)) != 1:
         _lib.ERR_clear_error()
         raise ValueError("cannot set expected IP address")
-
-
-def verify_result(conn: SSL.Connection) -> int:
-    """Return SSL_get_verify_result (X509_V_OK is 0)."""
-    return int(_lib.SSL_get_verify_result(conn._ssl))
 
 
 def verify_error_string(code: int) -> str:
