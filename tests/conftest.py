@@ -13,12 +13,19 @@ marked ``not_applicable`` (for example a rekey test on a kernel older than
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Generator
-from typing import Any
+# The worker's OpenSSL settings (no session tickets, TLS 1.3 only) are read
+# once, when cryptography first loads OpenSSL: before any test module or
+# fixture imports it.
+from tlshd.worker import sslconf
 
-import pytest
+sslconf.use_worker_config()
+
+import os  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Generator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
 
 IN_VM = os.environ.get("TLSHD_IN_VM") == "1"
 
