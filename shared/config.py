@@ -11,6 +11,14 @@ Extensions (absent from ktls-utils, all optional):
   [authenticate.client|server] x509.ciphersuites = OpenSSL TLS 1.3 suite
       list restricting what this end offers or accepts.
 
+Namespaces (top-level file only; see tlshd.conf(5)):
+  [netns] default = configuration file for named namespaces (ip netns) that
+      have no /etc/tlshd/netns/<name>/config of their own; unset: such
+      namespaces are not served.
+  [netns] unnamed = configuration file for namespaces that have no name
+      (found through /proc/*/ns/net); unset: they are not served.
+  [sandbox] user = the unprivileged user workers run as (default tlshd).
+
 Parsing only: nothing here opens a certificate or a key.  The worker that
 serves a namespace loads the files its own configuration names.
 """
@@ -67,6 +75,17 @@ class Config:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     client: RoleConfig = RoleConfig()
     server: RoleConfig = RoleConfig()
+    netns_default: str | None = None
+    netns_unnamed: str | None = None
+    worker_user: str = "tlshd"
+
+    def netns_config(self, name: str) -> str | None:
+        """The configuration file for named namespace ``name``, if any."""
+        own = os.path.join(os.path.dirname(self.path), "netns", name,
+                           "config")
+        if os.path.exists(own):
+            return own
+        return self.netns_default
 
 
 def find_config(explicit: str | None) -> str:
@@ -136,8 +155,15 @@ def parse(text: str, path: str = "<string>") -> Config:
                           % (path, timeout)) from e
     if not 0.1 <= handshake_timeout <= 600:
         raise ConfigError("%s: handshake_timeout out of range" % path)
+    for key, _ in (parser.items("netns") if parser.has_section("netns")
+                   else []):
+        if key not in ("default", "unnamed"):
+            log.warning("%s: unknown key [netns] %s ignored", path, key)
     return Config(
         path=path,
+        netns_default=parser.get("netns", "default", fallback="") or None,
+        netns_unnamed=parser.get("netns", "unnamed", fallback="") or None,
+        worker_user=parser.get("sandbox", "user", fallback="") or "tlshd",
         loglevel=_int(parser, "debug", "loglevel", 0),
         keyrings=keyrings,
         handshake_timeout=handshake_timeout,

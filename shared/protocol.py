@@ -21,12 +21,13 @@ from typing import ClassVar
 from tlshd.shared.errors import ProtocolError
 
 MAGIC = 0x544C  # "TL"
-PROTOCOL_VERSION = 1  # bump on any change to MsgType or a body layout
+PROTOCOL_VERSION = 2  # bump on any change to MsgType or a body layout
 HEADER = struct.Struct("!HBBIQ")
 MAX_MSG = 64 * 1024
 MAX_FDS = 1
 MAX_STR = 4096
 MAX_LIST = 16
+MAX_REASON = 512
 
 
 class Msg(enum.IntEnum):
@@ -185,18 +186,21 @@ class HandshakeRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeAnswer:
-    """The outcome of one request: DONE's status and REMOTE_AUTH ids."""
+    """The outcome of one request: DONE's status and REMOTE_AUTH ids,
+    plus a one-line reason for a failure (for status reports)."""
 
     TYPE: ClassVar[Msg] = Msg.HANDSHAKE_ANS
     NFDS: ClassVar[int] = 0
 
     status: int
     remote_auth: tuple[int, ...]
+    reason: str = ""
 
     def encode(self) -> bytes:
         w = _Writer()
         w.u32(self.status)
         w.u32_list(self.remote_auth)
+        w.text(self.reason[:MAX_REASON])
         return w.data()
 
     @classmethod
@@ -204,11 +208,14 @@ class HandshakeAnswer:
         r = _Reader(body)
         status = r.u32()
         remote_auth = r.u32_list()
+        reason = r.text()
         r.end()
         # The kernel caps STATUS at MAX_ERRNO; anything larger is a lie.
         if status > 4095:
             raise ProtocolError("status %d is not an errno" % status)
-        return cls(status=status, remote_auth=remote_auth)
+        if reason is None or len(reason) > MAX_REASON:
+            raise ProtocolError("bad failure reason")
+        return cls(status=status, remote_auth=remote_auth, reason=reason)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import queue
 import socket
 import threading
@@ -110,11 +111,14 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
     peer = _peer_address(sock)
     name = job.request.peername or peer
     remote_auth: tuple[int, ...] = ()
+    reason = ""
     try:
         result = run_handshake(engine, job.request, sock)
         if isinstance(result, int):
             status = result
+            reason = "local failure: %s" % os.strerror(status)
         else:
+            reason = result.reason
             status, remote_auth = result.status, result.remote_auth
             if status == 0 and (result.tx is None or result.rx is None):
                 log.error("Handshake succeeded without traffic secrets")
@@ -125,6 +129,7 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
                 except OSError as e:
                     log.error("Failed to install kTLS keys: %s", e)
                     status, remote_auth = errno.EIO, ()
+                    reason = "kTLS install failed: %s" % e
             if status == 0:
                 log.info("Session description: %s", result.description)
             elif result.reason:
@@ -133,12 +138,15 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
     except Exception:
         log.exception("Handshake with '%s' (%s) crashed", name, peer)
         status, remote_auth = errno.EIO, ()
+        reason = "internal error"
     finally:
         sock.close()
     log.info("Handshake with '%s' (%s) %s", name, peer,
              "succeeded" if status == 0 else
              "failed: %s" % errno.errorcode.get(status, str(status)))
-    return protocol.HandshakeAnswer(status=status, remote_auth=remote_auth)
+    return protocol.HandshakeAnswer(
+        status=status, remote_auth=remote_auth,
+        reason="" if status == 0 else reason[:protocol.MAX_REASON])
 
 
 class Server:

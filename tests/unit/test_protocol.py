@@ -17,6 +17,8 @@ REQ = protocol.HandshakeRequest(
 @pytest.mark.parametrize("msg,nfds", [
     (REQ, 1),
     (protocol.HandshakeAnswer(status=13, remote_auth=(0xFFFFFFFF,)), 0),
+    (protocol.HandshakeAnswer(status=13, remote_auth=(),
+                              reason="certificate has expired"), 0),
     (protocol.Hello(pid=5, uid=998, gid=998, cap_eff=0, no_new_privs=1,
                     seccomp=2), 0),
     (protocol.LogRecord(level=40, text="Handshake with 'x' failed"), 0),
@@ -65,7 +67,7 @@ def test_unknown_type_version_magic_rejected():
     for magic, version, mtype, what in [
         (0x1234, 1, 5, "magic"),
         (protocol.MAGIC, 9, 5, "version"),
-        (protocol.MAGIC, 1, 99, "unknown"),
+        (protocol.MAGIC, protocol.PROTOCOL_VERSION, 99, "unknown"),
     ]:
         data = protocol.HEADER.pack(magic, version, mtype, 0, 0) + body
         with pytest.raises(ProtocolError, match=what):
@@ -73,8 +75,9 @@ def test_unknown_type_version_magic_rejected():
 
 
 def test_status_beyond_max_errno_rejected():
-    body = struct.pack("!IB", 5000, 0)
-    data = protocol.HEADER.pack(protocol.MAGIC, 1, protocol.Msg.HANDSHAKE_ANS,
+    body = struct.pack("!IBH", 5000, 0, 0)
+    data = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION,
+                                protocol.Msg.HANDSHAKE_ANS,
                                 len(body), 1) + body
     with pytest.raises(ProtocolError, match="errno"):
         protocol.decode(data, 0)
