@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tlshd.shared import config, protocol
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import genl, netns, upcall
 from tlshd.supervisor.backoff import Backoff
 from tlshd.supervisor.workers import Worker, spawn_worker
 
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 DEADLINE_GRACE = 1.0
 # How long a stopping supervisor lets in-flight handshakes finish.
 STOP_GRACE = 5.0
+# After a change in /run/netns, look again this much later: "ip netns add"
+# mounts the namespace onto its file after creating it, unseen by inotify.
+RESCAN_DELAYS = (0.05, 0.3, 1.0)
+# How often to look for unnamed namespaces, when they are served.
+UNNAMED_SCAN_INTERVAL = 2.0
 
 
 @dataclass(eq=False)
@@ -53,25 +58,39 @@ class Namespace:
     label: str
     config_path: str
     nlsock: genl.HandshakeSocket
+    cfg: config.Config
+    key: netns.Key | None = None
+    nsfd: int | None = None  # keeps the namespace open; workers enter it
     backoff: Backoff = field(default_factory=Backoff)
     worker: Worker | None = None
     retiring: list[Worker] = field(default_factory=list)
     restart_at: float | None = 0.0
     held: bool = False  # a configuration error: wait for SIGHUP
     pending: list[InFlight] = field(default_factory=list)
+    removed: bool = False
+    # For status reports.
+    succeeded: int = 0
+    failed: int = 0
+    last_failure: str = ""
 
 
 class Supervisor:
     def __init__(self, cfg: config.Config, family: genl.FamilyInfo,
-                 debug: bool = False) -> None:
+                 debug: bool = False,
+                 worker_ids: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
         self.family = family
         self.debug = debug
+        self.worker_ids = worker_ids
         self.sel = selectors.DefaultSelector()
         self.inflight: dict[int, InFlight] = {}
         self.next_id = 1
         self.stopping: float | None = None
         self.namespaces: list[Namespace] = []
+        self.home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.watcher: netns.Watcher | None = None
+        self.scans: list[float] = []
+        self._unserved: set[netns.Key] = set()  # logged once each
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -88,17 +107,117 @@ class Supervisor:
         self.sel.register(r, selectors.EVENT_READ, self.on_signal)
 
     def add_namespace(self, label: str, config_path: str,
-                      nlsock: genl.HandshakeSocket | None = None
-                      ) -> Namespace:
-        """Serve the current network namespace (the caller is inside it)."""
+                      nlsock: genl.HandshakeSocket | None = None,
+                      key: netns.Key | None = None,
+                      nsfd: int | None = None) -> Namespace:
+        """Serve a namespace: ``nsfd`` (owned from now on), or the current.
+
+        The netlink socket is created inside the namespace and joined to
+        the tlshd group before anything else: until then the kernel fails
+        that namespace's consumers with ESRCH.
+        """
         if nlsock is None:
-            nlsock = genl.HandshakeSocket(self.family)
-        ns = Namespace(label, config_path, nlsock)
+            if nsfd is None:
+                nlsock = genl.HandshakeSocket(self.family)
+            else:
+                with netns.inside(nsfd, self.home):
+                    nlsock = genl.HandshakeSocket(self.family)
+        try:
+            cfg = config.load(config_path)
+            held = False
+        except ConfigError as e:
+            log.error("netns %s: %s; its requests fail until a reload",
+                      label, e)
+            cfg, held = config.Config(path=config_path), True
+        ns = Namespace(label, config_path, nlsock, cfg, key, nsfd,
+                       held=held)
         self.namespaces.append(ns)
         self.sel.register(nlsock, selectors.EVENT_READ,
                           lambda: self.on_netlink(ns))
         log.info("Listening for handshake requests in netns %s", label)
         return ns
+
+    # ---- which namespaces -----------------------------------------------
+
+    def serve_namespaces(self) -> None:
+        """Serve the initial namespace and watch for the others."""
+        self.watcher = netns.Watcher()
+        self.sel.register(self.watcher, selectors.EVENT_READ, self.on_watch)
+        self.scan()
+
+    def on_watch(self) -> None:
+        assert self.watcher is not None
+        if self.watcher.drain():
+            now = time.monotonic()
+            self.scan()
+            self.scans.extend(now + d for d in RESCAN_DELAYS)
+
+    def _wanted(self) -> list[tuple[netns.Found, str]]:
+        found = netns.initial()
+        wanted = [(found, self.cfg.path)]
+        for f in netns.named():
+            path = self.cfg.netns_config(f.label)
+            if path is None:
+                if f.key not in self._unserved:
+                    log.info("netns %s has no configuration; not serving it",
+                             f.label)
+                self._unserved.add(f.key)
+                continue
+            wanted.append((f, path))
+        if self.cfg.netns_unnamed:
+            ours = {os.getpid()}
+            for ns in self.namespaces:
+                for w in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+                    ours.add(w.pid)
+            for f in netns.unnamed(ours):
+                wanted.append((f, self.cfg.netns_unnamed))
+        return wanted
+
+    def scan(self) -> None:
+        """Bring the served set in line with the namespaces that exist."""
+        if self.stopping is not None:
+            return
+        wanted: dict[netns.Key, tuple[netns.Found, str]] = {}
+        for f, path in self._wanted():
+            wanted.setdefault(f.key, (f, path))
+        for ns in list(self.namespaces):
+            if ns.key is not None and ns.key not in wanted:
+                self.remove_namespace(ns)
+        have = {ns.key for ns in self.namespaces}
+        for key, (f, path) in wanted.items():
+            if key in have:
+                continue
+            try:
+                nsfd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                if netns.key_of("/proc/self/fd/%d" % nsfd) != key:
+                    os.close(nsfd)
+                    continue  # replaced under us; the next scan sees it
+            except OSError as e:
+                log.debug("netns %s vanished before it was served: %s",
+                          f.label, e)
+                continue
+            try:
+                self.add_namespace(f.label, path, key=key, nsfd=nsfd)
+            except OSError as e:
+                os.close(nsfd)
+                log.error("Cannot serve netns %s: %s", f.label, e)
+
+    def remove_namespace(self, ns: Namespace) -> None:
+        """Stop serving a namespace that is gone: answer, kill, close."""
+        log.info("netns %s is gone; stopping its worker", ns.label)
+        ns.removed = True
+        self.sel.unregister(ns.nlsock)
+        for req in [r for r in self.inflight.values() if r.ns is ns]:
+            if req.worker is not None:
+                req.worker.inflight.discard(req.req_id)
+            self.complete(req, errno.EIO, (), "namespace removed")
+        ns.pending.clear()
+        for worker in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+            worker.kill()  # its exit is reaped through the pidfd
+        ns.nlsock.close()
+        if ns.nsfd is not None:
+            os.close(ns.nsfd)
+        self.namespaces.remove(ns)
 
     # ---- the loop -------------------------------------------------------
 
@@ -122,6 +241,11 @@ class Supervisor:
             callback()
         now = time.monotonic()
         self.expire(now)
+        if self.scans and now >= min(self.scans):
+            self.scans = [t for t in self.scans if t > now]
+            self.scan()
+        if self.cfg.netns_unnamed and not self.scans:
+            self.scans.append(now + UNNAMED_SCAN_INTERVAL)
         self.manage_workers(now)
 
     def _next_wakeup(self, now: float) -> float:
@@ -131,6 +255,7 @@ class Supervisor:
                   if ns.restart_at is not None and ns.worker is None]
         if self.stopping is not None:
             times.append(self.stopping)
+        times += self.scans
         return max(0.0, min(times) - now) if times else 60.0
 
     # ---- signals --------------------------------------------------------
@@ -174,12 +299,19 @@ class Supervisor:
             return
         log.info("Reloading configuration from %s", self.cfg.path)
         now = time.monotonic()
+        self._unserved.clear()
         for ns in self.namespaces:
-            ns.held = False
+            try:
+                ns.cfg = config.load(ns.config_path)
+                ns.held = False
+            except ConfigError as e:
+                log.error("netns %s: %s", ns.label, e)
+                ns.held = True
             ns.backoff.failures = 0
             if ns.worker is not None:
                 self.retire(ns, ns.worker)
             ns.restart_at = now
+        self.scan()
 
     def retire(self, ns: Namespace, worker: Worker) -> None:
         worker.retiring = True
@@ -208,7 +340,8 @@ class Supervisor:
     def start_worker(self, ns: Namespace, now: float) -> None:
         ns.restart_at = None
         try:
-            worker = spawn_worker(ns.label, ns.config_path, self.debug)
+            worker = spawn_worker(ns.label, ns.config_path, self.debug,
+                                  ns.nsfd, self.worker_ids)
         except OSError as e:
             log.error("Cannot start a worker for netns %s: %s", ns.label, e)
             ns.restart_at = ns.backoff.failed(now)
@@ -240,7 +373,7 @@ class Supervisor:
               and req_id in worker.inflight):
             worker.inflight.discard(req_id)
             self.complete(self.inflight[req_id], msg.status,
-                          msg.remote_auth)
+                          msg.remote_auth, msg.reason)
             self._close_if_idle(worker)
         else:
             log.error("Worker %d (netns %s) sent an unexpected %s (request "
@@ -272,7 +405,10 @@ class Supervisor:
         log.log(level, "Worker %d for netns %s %s; %d request(s) in flight",
                 worker.pid, ns.label, how, len(lost))
         for req_id in lost:
-            self.complete(self.inflight[req_id], errno.EIO, ())
+            self.complete(self.inflight[req_id], errno.EIO, (),
+                          "worker %s" % how)
+        if ns.removed:
+            return
         if worker in ns.retiring:
             ns.retiring.remove(worker)
             return
@@ -312,7 +448,7 @@ class Supervisor:
     def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
         now = time.monotonic()
         timeout = (req.timeout_ms / 1000.0 if req.timeout_ms
-                   else self.cfg.handshake_timeout)
+                   else ns.cfg.handshake_timeout)
         inflight = InFlight(self.next_id, ns, req.sockfd, req, now + timeout)
         self.next_id += 1
         self.inflight[inflight.req_id] = inflight
@@ -361,14 +497,21 @@ class Supervisor:
                 self._close_if_idle(req.worker)
             elif req in req.ns.pending:
                 req.ns.pending.remove(req)
-            self.complete(req, errno.ETIMEDOUT, ())
+            self.complete(req, errno.ETIMEDOUT, (), "deadline passed")
 
     def complete(self, req: InFlight, status: int,
-                 remote_auth: tuple[int, ...]) -> None:
+                 remote_auth: tuple[int, ...], reason: str = "") -> None:
         """Send the one DONE ``req`` is owed and forget it."""
         if self.inflight.pop(req.req_id, None) is None:
             raise AssertionError("request %d completed twice" % req.req_id)
-        self._done(req.ns, req.sockfd, status, remote_auth)
+        ns = req.ns
+        if status == 0:
+            ns.succeeded += 1
+        else:
+            ns.failed += 1
+            ns.last_failure = "%s: %s" % (
+                errno.errorcode.get(status, str(status)), reason or "?")
+        self._done(ns, req.sockfd, status, remote_auth)
 
     def _done(self, ns: Namespace, sockfd: int, status: int,
               remote_auth: tuple[int, ...]) -> None:
@@ -392,4 +535,6 @@ class Supervisor:
                 worker.kill()
                 worker.reap()
             ns.nlsock.close()
+            if ns.nsfd is not None:
+                os.close(ns.nsfd)
         log.info("Shut down")

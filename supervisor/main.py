@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import subprocess
 import sys
 from importlib import metadata
@@ -56,6 +57,23 @@ def preload_modules() -> None:
         log.warning("modprobe tls failed; kTLS may be unavailable")
 
 
+def worker_ids(user: str) -> tuple[int, int] | None:
+    """The uid and gid workers drop to; None when not started as root."""
+    if os.geteuid() != 0:
+        log.warning("Not running as root: workers keep uid %d",
+                    os.geteuid())
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            "Worker user %r does not exist; create it (see "
+            "packaging/sysusers.d/tlshd.conf)" % user) from None
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise ConfigError("Worker user %r must not be root" % user)
+    return pw.pw_uid, pw.pw_gid
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setproctitle.setproctitle("tlshd: supervisor")
@@ -76,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         return os.EX_UNAVAILABLE
     log.info("Kernel handshake family: %s", family.describe())
     log.info("Kernel capabilities: %s", family.capabilities())
-    supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0)
-    supervisor.add_namespace("init", path)
+    try:
+        ids = worker_ids(cfg.worker_user)
+    except ConfigError as e:
+        log.error("%s", e)
+        return os.EX_CONFIG
+    supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0,
+                            worker_ids=ids)
+    supervisor.serve_namespaces()
     return supervisor.run()

@@ -138,7 +138,7 @@ class Watcher:
 
     def __init__(self) -> None:
         os.makedirs(RUN_NETNS, mode=0o755, exist_ok=True)
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = int(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, "inotify_init1: %s" % os.strerror(err))

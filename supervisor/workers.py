@@ -55,16 +55,29 @@ class Worker:
         return code
 
 
-def spawn_worker(label: str, config_path: str, debug: bool) -> Worker:
+def spawn_worker(label: str, config_path: str, debug: bool,
+                 nsfd: int | None = None,
+                 ids: tuple[int, int] | None = None) -> Worker:
+    """Start a worker for one namespace.
+
+    It enters ``nsfd`` (a network namespace fd, passed to it) and, once its
+    credentials are loaded, drops to the ``ids`` (uid, gid).
+    """
     ours, theirs = socketpair()
     argv = [sys.executable, "-m", "tlshd.worker",
             "--channel-fd", str(theirs.fileno()),
             "--config", config_path, "--label", label]
+    pass_fds = [theirs.fileno()]
+    if nsfd is not None:
+        argv += ["--netns-fd", str(nsfd)]
+        pass_fds.append(nsfd)
+    if ids is not None:
+        argv += ["--uid", str(ids[0]), "--gid", str(ids[1])]
     if debug:
         argv.append("--debug")
     env = {k: os.environ[k] for k in _ENV_KEEP if k in os.environ}
     try:
-        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),),
+        proc = subprocess.Popen(argv, pass_fds=pass_fds,
                                 close_fds=True, env=env,
                                 stdin=subprocess.DEVNULL)
     finally:

@@ -22,7 +22,7 @@ import threading
 
 import setproctitle
 
-from tlshd.shared import config
+from tlshd.shared import config, linux
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
@@ -38,6 +38,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True)
     p.add_argument("--label", default="init",
                    help="namespace name or inode, for the process title")
+    p.add_argument("--netns-fd", type=int, default=None,
+                   help="network namespace to enter before anything else")
+    p.add_argument("--uid", type=int, default=None,
+                   help="unprivileged user to drop to once loaded")
+    p.add_argument("--gid", type=int, default=None)
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -66,13 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
 
+    if args.netns_fd is not None:
+        # First, while still root: every socket, DNS lookup and keyring
+        # search from now on happens in the namespace this worker serves.
+        linux.setns(args.netns_fd)
+        os.close(args.netns_fd)
     try:
         engine = load_engine(args.config)
     except (ConfigError, CredentialError) as e:
         log.error("%s", e)
         return os.EX_CONFIG
     server = Server(channel, lock, engine, args.threads)
-    hello = sandbox.lock_down()
+    hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)
     try:
         server.send(hello)
         server.serve()

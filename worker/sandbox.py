@@ -13,7 +13,12 @@ import os
 from tlshd.shared import linux, protocol
 
 
-def lock_down() -> protocol.Hello:
+def lock_down(uid: int | None, gid: int | None,
+              max_fds: int) -> protocol.Hello:
+    if uid is not None and gid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     linux.set_no_new_privs()
     return current_state()
 
