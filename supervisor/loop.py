@@ -400,8 +400,8 @@ class Supervisor:
         how = ("killed by %s" % signal.Signals(-code).name if code < 0
                else "exited with status %d" % code)
         lost = sorted(worker.inflight)
-        level = (logging.INFO if worker.retiring and code == 0
-                 else logging.ERROR)
+        level = (logging.INFO if ns.removed
+                 or (worker.retiring and code == 0) else logging.ERROR)
         log.log(level, "Worker %d for netns %s %s; %d request(s) in flight",
                 worker.pid, ns.label, how, len(lost))
         for req_id in lost:

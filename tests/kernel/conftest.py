@@ -233,6 +233,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # ---- the daemon ---------------------------------------------------------
 
 
+def ensure_worker_user() -> None:
+    """The packaging creates the worker's user; in the VM, the test does."""
+    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
+       "--shell /usr/sbin/nologin tlshd")
+
+
 class Tlshd:
     """Our tlshd, started as ``tlshd -s -c FILE`` as the admin would."""
 
@@ -243,6 +249,7 @@ class Tlshd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, config_text: str, timeout: float = 120) -> None:
+        ensure_worker_user()
         self.conf.write_text(config_text)
         self.log_offset = 0
         with open(self.logfile, "ab") as log:
