@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tlshd.shared import config, protocol
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
-from tlshd.supervisor import genl, netns, upcall
+from tlshd.supervisor import control, genl, netns, upcall
 from tlshd.supervisor.backoff import Backoff
 from tlshd.supervisor.workers import Worker, spawn_worker
 
@@ -71,6 +71,7 @@ class Namespace:
     # For status reports.
     succeeded: int = 0
     failed: int = 0
+    restarts: int = 0
     last_failure: str = ""
 
 
@@ -91,6 +92,7 @@ class Supervisor:
         self.watcher: netns.Watcher | None = None
         self.scans: list[float] = []
         self._unserved: set[netns.Key] = set()  # logged once each
+        self.control: control.ControlServer | None = None
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -131,11 +133,19 @@ class Supervisor:
             cfg, held = config.Config(path=config_path), True
         ns = Namespace(label, config_path, nlsock, cfg, key, nsfd,
                        held=held)
+        control.warn_expiring(label, cfg)
         self.namespaces.append(ns)
         self.sel.register(nlsock, selectors.EVENT_READ,
                           lambda: self.on_netlink(ns))
         log.info("Listening for handshake requests in netns %s", label)
         return ns
+
+    def serve_control(self, path: str) -> None:
+        """Answer tlshdctl on a root-only unix socket at ``path``."""
+        self.control = control.ControlServer(path)
+        server = self.control
+        self.sel.register(server, selectors.EVENT_READ,
+                          lambda: server.handle(self))
 
     # ---- which namespaces -----------------------------------------------
 
@@ -304,6 +314,7 @@ class Supervisor:
             try:
                 ns.cfg = config.load(ns.config_path)
                 ns.held = False
+                control.warn_expiring(ns.label, ns.cfg)
             except ConfigError as e:
                 log.error("netns %s: %s", ns.label, e)
                 ns.held = True
@@ -422,6 +433,7 @@ class Supervisor:
                 self.complete(req, errno.EIO, ())
             ns.pending.clear()
         else:
+            ns.restarts += 1
             ns.restart_at = ns.backoff.failed(now)
 
     # ---- requests -------------------------------------------------------
@@ -537,4 +549,6 @@ class Supervisor:
             ns.nlsock.close()
             if ns.nsfd is not None:
                 os.close(ns.nsfd)
+        if self.control is not None:
+            self.control.close()
         log.info("Shut down")

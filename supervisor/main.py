@@ -15,7 +15,7 @@ import setproctitle
 from tlshd.shared import config
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import genl
+from tlshd.supervisor import control, genl
 from tlshd.supervisor.loop import Supervisor
 
 log = logging.getLogger("tlshd")
@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         % config.DEFAULT_PATH)
     p.add_argument("-s", "--stderr", action="store_true",
                    help="log to stderr instead of syslog")
+    p.add_argument("--control-socket", metavar="PATH",
+                   default=control.DEFAULT_PATH,
+                   help="tlshdctl's socket (default %(default)s)")
     p.add_argument("-v", "--version", action="version",
                    version="tlshd, built from tlshd (Python) %s" % _version())
     return p.parse_args(argv)
@@ -101,5 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return os.EX_CONFIG
     supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0,
                             worker_ids=ids)
+    supervisor.serve_control(args.control_socket)
     supervisor.serve_namespaces()
     return supervisor.run()

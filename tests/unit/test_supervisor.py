@@ -237,3 +237,37 @@ def test_many_concurrent_requests_each_done_once(sup, listener):
     for p in peers[1::2]:
         p.close()
 
+
+
+def test_status_and_metrics_over_control_socket(sup, listener, tmp_path):
+    import threading
+
+    from tlshd.supervisor import ctl
+
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    fd, peer = connected_fd(listener)
+    peer.close()
+    nl.submit(fd)
+    run_until(s, lambda: nl.dones)
+    path = str(tmp_path / "ctl" / "control.sock")
+    s.serve_control(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+    out: dict[str, str] = {}
+
+    def ask(cmd):
+        out[cmd] = ctl.query(path, cmd)
+
+    for cmd in ("status", "metrics", "bogus"):
+        t = threading.Thread(target=ask, args=(cmd,))
+        t.start()
+        run_until(s, lambda cmd=cmd: cmd in out, timeout=10)
+        t.join()
+    assert "netns init" in out["status"]
+    assert "0 succeeded, 1 failed" in out["status"]
+    assert "last failure: ETIMEDOUT" in out["status"]
+    assert 'tlshd_handshakes_total{netns="init",result="failure"} 1' in (
+        out["metrics"])
+    assert 'tlshd_worker_up{netns="init"} 1' in out["metrics"]
+    assert out["bogus"].startswith("error:")
