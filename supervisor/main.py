@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         % config.DEFAULT_PATH)
     p.add_argument("-s", "--stderr", action="store_true",
                    help="log to stderr instead of syslog")
+    p.add_argument("--check-config", action="store_true",
+                   help="load every namespace's configuration and "
+                        "credentials, report problems, and exit")
     p.add_argument("--control-socket", metavar="PATH",
                    default=control.DEFAULT_PATH,
                    help="tlshdctl's socket (default %(default)s)")
@@ -77,6 +80,36 @@ def worker_ids(user: str) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
+def check_config(cfg: config.Config) -> int:
+    """Check every configuration file the daemon could use.
+
+    Credentials are loaded by a worker process in check mode, exactly as a
+    serving worker would load them; this process never opens a private key.
+    """
+    paths = [cfg.path]
+    netns_dir = os.path.join(os.path.dirname(cfg.path), "netns")
+    if os.path.isdir(netns_dir):
+        for name in sorted(os.listdir(netns_dir)):
+            candidate = os.path.join(netns_dir, name, "config")
+            if os.path.exists(candidate):
+                paths.append(candidate)
+    paths += [p for p in (cfg.netns_default, cfg.netns_unnamed) if p]
+    failures = 0
+    for path in paths:
+        result = subprocess.run(
+            [sys.executable, "-m", "tlshd.worker", "--check", "--config",
+             path], check=False, stdin=subprocess.DEVNULL)
+        failures += result.returncode != 0
+    try:
+        worker_ids(cfg.worker_user)
+    except ConfigError as e:
+        print(e)
+        failures += 1
+    print("%d configuration file(s) checked, %d with problems"
+          % (len(paths), failures))
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setproctitle.setproctitle("tlshd: supervisor")
@@ -87,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return os.EX_CONFIG
+    if args.check_config:
+        return check_config(cfg)
     tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
     log.info("Built from tlshd (Python) %s", _version())
     preload_modules()

@@ -34,7 +34,10 @@ log = logging.getLogger("tlshd.worker")
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tlshd-worker")
-    p.add_argument("--channel-fd", type=int, required=True)
+    p.add_argument("--channel-fd", type=int)
+    p.add_argument("--check", action="store_true",
+                   help="load the configuration and credentials, report, "
+                        "and exit (tlshd --check-config)")
     p.add_argument("--config", required=True)
     p.add_argument("--label", default="init",
                    help="namespace name or inode, for the process title")
@@ -60,8 +63,23 @@ def load_engine(path: str) -> Engine:
     return Engine(_settings(cfg.client), _settings(cfg.server))
 
 
+def check(path: str) -> int:
+    """Load ``path`` and every credential it names, as a worker would."""
+    try:
+        load_engine(path)
+    except (ConfigError, CredentialError) as e:
+        print("%s: %s" % (path, e))
+        return os.EX_CONFIG
+    print("%s: ok" % path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    if args.check:
+        return check(args.config)
+    if args.channel_fd is None:
+        raise SystemExit("tlshd-worker: --channel-fd is required")
     setproctitle.setproctitle("tlshd: worker [netns %s]" % args.label)
     channel = Channel(socket.socket(fileno=args.channel_fd))
     lock = threading.Lock()  # one sender at a time on the channel

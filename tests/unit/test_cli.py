@@ -1,0 +1,52 @@
+"""The command lines, as an administrator runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_version():
+    r = run("tlshd.supervisor", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("tlshd, built from")
+
+
+def test_check_config_accepts_packaged_sample(tmp_path):
+    conf = tmp_path / "config"
+    conf.write_text((REPO / "packaging" / "config").read_text()
+                    + "\n[sandbox]\nuser=nobody\n")
+    r = run("tlshd.supervisor", "--check-config", "-c", str(conf))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 configuration file(s) checked, 0 with problems" in r.stdout
+
+
+def test_check_config_reports_each_broken_namespace(tmp_path, pki):
+    conf = tmp_path / "config"
+    conf.write_text("[sandbox]\nuser=nobody\n")
+    good = tmp_path / "netns" / "a"
+    bad = tmp_path / "netns" / "b"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    (good / "config").write_text(
+        "[authenticate.server]\nx509.certificate=%s\nx509.private_key=%s\n"
+        % (pki.server.cert, pki.server.key))
+    (bad / "config").write_text(
+        "[authenticate.server]\nx509.certificate=%s/missing.pem\n"
+        "x509.private_key=%s\n" % (tmp_path, pki.server.key))
+    r = run("tlshd.supervisor", "--check-config", "-c", str(conf))
+    assert r.returncode == 1
+    assert "netns/a/config: ok" in r.stdout
+    assert "missing.pem" in r.stdout
+    assert "3 configuration file(s) checked, 1 with problems" in r.stdout
+
+
+def test_tlshdctl_without_daemon(tmp_path):
+    r = run("tlshd.supervisor.ctl", "-S", str(tmp_path / "nope"), "status")
+    assert r.returncode == 69
+    assert "cannot reach tlshd" in r.stderr
