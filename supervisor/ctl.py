@@ -44,3 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69  # EX_UNAVAILABLE
     sys.stdout.write(out)
     return 1 if out.startswith("error:") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
