@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from tlshd.shared import keys, protocol, uapi
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import PeerGone
-from tlshd.worker import ktls
+from tlshd.worker import ktls, pskkeys
 from tlshd.worker.tlsengine import Engine, Outcome
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
     except OSError as e:
         log.error("Failed to read certificate keys: %s", e)
         return errno.ENOKEY
+    if request.auth_mode == uapi.AuthMode.PSK:
+        return pskkeys.psk_handshake(engine, request, sock, deadline)
     if request.msg_type == uapi.MsgType.CLIENTHELLO:
         if request.auth_mode in (uapi.AuthMode.UNAUTH, uapi.AuthMode.X509):
             return engine.client_handshake(

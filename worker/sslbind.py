@@ -113,3 +113,107 @@ def verify_error_string(code: int) -> str:
     if text == _ffi.NULL:
         return f"verify error {code}"
     return str(_ffi.string(text).decode("ascii", "replace"))
+
+
+# -- TLS 1.3 external PSKs ------------------------------------------------
+
+TLS1_3_VERSION = int(_lib.TLS1_3_VERSION)
+
+# (ssl pointer) -> (identity, key, 2-byte suite id) of the PSK to offer,
+# or None to offer none.
+PskUseHandler = Callable[[int], tuple[bytes, bytes, bytes] | None]
+# (ssl pointer, offered identity) -> (key, 2-byte suite id) or None.
+PskFindHandler = Callable[[int, bytes], tuple[bytes, bytes] | None]
+
+
+class PskCallbacks:
+    """The TLS 1.3 psk_use_session / psk_find_session callbacks.
+
+    pyOpenSSL has no PSK API; these are cryptography's bindings for
+    ``SSL_CTX_set_psk_{use,find}_session_callback``. Unlike the legacy
+    PSK callbacks they take identities of any length (NVMe identities
+    exceed 255 bytes) and SHA-384 PSKs. A PSK is handed to OpenSSL as an
+    ``SSL_SESSION`` (key, TLS 1.3 suite whose hash the PSK uses) that
+    OpenSSL then owns. The cffi callbacks are created here, once.
+    """
+
+    def __init__(self, use: PskUseHandler, find: PskFindHandler) -> None:
+        self._use = use
+        self._find = find
+        # Identity buffers must outlive the callback: OpenSSL copies the
+        # identity only after it returns.
+        self._identities: dict[int, Any] = {}
+
+        def _use_cb(ssl: Any, md: Any, id_out: Any, idlen_out: Any,
+                    sess_out: Any) -> int:
+            del md  # a single suite is offered, so it always matches
+            key = int(_ffi.cast("uintptr_t", ssl))
+            sess_out[0] = _ffi.NULL
+            psk = self._use(key)
+            if psk is None:
+                return 1
+            identity, secret, suite = psk
+            sess = _new_session(ssl, secret, suite)
+            if sess is None:
+                return 0
+            buf = _ffi.new("unsigned char[]", identity)
+            self._identities[key] = buf
+            id_out[0] = buf
+            idlen_out[0] = len(identity)
+            sess_out[0] = sess
+            return 1
+
+        def _find_cb(ssl: Any, identity: Any, length: int,
+                     sess_out: Any) -> int:
+            sess_out[0] = _ffi.NULL
+            found = self._find(int(_ffi.cast("uintptr_t", ssl)),
+                               bytes(_ffi.buffer(identity, length)))
+            if found is None:
+                return 1  # unknown here: continue without this PSK
+            sess = _new_session(ssl, *found)
+            if sess is None:
+                return 0
+            sess_out[0] = sess
+            return 1
+
+        self._c_use: Any = _ffi.callback(
+            # As declared by the bindings (no const).
+            "int(SSL *, EVP_MD *, unsigned char **, size_t *,"
+            " SSL_SESSION **)",
+            _use_cb, error=0, onerror=_ignore_callback_error)
+        self._c_find: Any = _ffi.callback(
+            "int(SSL *, unsigned char *, size_t, SSL_SESSION **)",
+            _find_cb, error=0, onerror=_ignore_callback_error)
+
+    def install_client(self, ctx: SSL.Context) -> None:
+        _lib.SSL_CTX_set_psk_use_session_callback(ctx._context, self._c_use)
+
+    def install_server(self, ctx: SSL.Context) -> None:
+        _lib.SSL_CTX_set_psk_find_session_callback(
+            ctx._context, self._c_find)
+
+    def forget(self, ssl: int) -> None:
+        """Drop what was kept for connection ``ssl`` (after its handshake)."""
+        self._identities.pop(ssl, None)
+
+
+def _new_session(ssl: Any, secret: bytes, suite: bytes) -> Any:
+    """An SSL_SESSION carrying an external PSK, or None on failure."""
+    cipher = _lib.SSL_CIPHER_find(ssl, suite)
+    if cipher == _ffi.NULL:
+        return None
+    sess = _lib.Cryptography_SSL_SESSION_new()
+    if sess == _ffi.NULL:
+        return None
+    if (_lib.SSL_SESSION_set1_master_key(sess, secret, len(secret)) != 1
+            or _lib.SSL_SESSION_set_cipher(sess, cipher) != 1
+            or _lib.SSL_SESSION_set_protocol_version(
+                sess, TLS1_3_VERSION) != 1):
+        _lib.SSL_SESSION_free(sess)
+        return None
+    return sess
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """True if the handshake was authenticated by a PSK (TLS 1.3)."""
+    return bool(_lib.SSL_session_reused(conn._ssl))

@@ -26,13 +26,14 @@ import math
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
 
 from tlshd.worker import ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
+from tlshd.worker.psk import Psk, PskHandshakes, PskLookup
 from tlshd.worker.sslconf import openssl_conf_path
 from tlshd.worker.tlsoutcome import (
     REMOTE_AUTH_VERIFIED_CERT,
@@ -52,6 +53,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "Outcome",
+    "Psk",
     "RoleSettings",
     "TrafficKeys",
     "openssl_conf_path",
@@ -134,6 +136,7 @@ class Engine:
             if server_id is not None
             else None
         )
+        self._psk = PskHandshakes(self._base_context, self._handshake)
         self._check_no_tickets()
 
     # -- contexts ---------------------------------------------------------
@@ -318,6 +321,18 @@ class Engine:
                 per_conn.use_in_connection(conn)
 
         return self._handshake(sock, ctx, setup, deadline, server=True)
+
+    def client_psk_handshake(
+        self, sock: socket.socket, *, psks: Sequence[Psk], deadline: float
+    ) -> Outcome:
+        """ClientHello with external PSKs, tried in turn (see psk.py)."""
+        return self._psk.client(sock, psks, deadline)
+
+    def server_psk_handshake(
+        self, sock: socket.socket, *, lookup: PskLookup, deadline: float
+    ) -> Outcome:
+        """ServerHello for the offered PSK ``lookup`` knows (psk.py)."""
+        return self._psk.server(sock, lookup, deadline)
 
     def _handshake(
         self,

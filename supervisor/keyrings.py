@@ -1,0 +1,66 @@
+"""The daemon's session keyring, set up once at start-up.
+
+Workers run as an unprivileged user and can read a key only if they
+possess it, i.e. reach it from their own keyrings.  They inherit the
+supervisor's session keyring, so this module gives the daemon a session
+keyring of its own (links never touch the caller's) and links into it:
+
+- the supervisor's process keyring: at ACCEPT the kernel links the
+  consumer's keyring (NVMe: ``.nvme`` or the connect's ``keyring=``) into
+  the process keyring of the process sending ACCEPT.  Reachable from the
+  session keyring, every such keyring is possessed by the workers, also on
+  kernels whose ACCEPT reply does not name it (before 6.17) and even when
+  the nvme modules were loaded after tlshd started (vm-harness pitfall 13);
+- ``.nvme``, ``.nfs``, ``.nfsd`` when they exist, and the keyrings named in
+  ``[authenticate] keyrings=``, as ktls-utils does.
+
+What a worker *searches* (server PSK lookup) is a separate, explicit list:
+see tlshd.worker.pskkeys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from tlshd.shared import keys
+
+log = logging.getLogger(__name__)
+
+
+def setup_session_keyring(configured: Iterable[str]) -> None:
+    """Join a new session keyring and link the daemon's keyrings into it.
+
+    Failures are logged, never fatal: x.509 handshakes need no keyring.
+    """
+    try:
+        keys.join_session_keyring(None)
+        process = keys.keyring_id(keys.KEY_SPEC_PROCESS_KEYRING, create=True)
+        keys.link(process, keys.KEY_SPEC_SESSION_KEYRING)
+    except OSError as e:
+        log.error("Cannot set up the daemon's session keyring: %s", e)
+        return
+    for name in dict.fromkeys((*keys.WELL_KNOWN_KEYRINGS, *configured)):
+        link_keyring(name)
+
+
+def link_keyring(name: str) -> bool:
+    """Link every keyring named ``name`` into our session keyring."""
+    try:
+        serials = keys.find_keyrings(name)
+    except OSError as e:
+        log.error("Cannot read /proc/keys: %s", e)
+        return False
+    if not serials:
+        # .nfs/.nfsd do not exist on 6.12, .nvme only with nvme-keyring.
+        log.info("Keyring '%s' not found", name)
+        return False
+    for serial in serials:
+        try:
+            keys.link(serial, keys.KEY_SPEC_SESSION_KEYRING)
+        except OSError as e:
+            log.error("Cannot link keyring '%s' (%08x): %s", name, serial,
+                      e)
+            return False
+        log.info("Keyring '%s' linked into our session keyring.", name)
+    return True
