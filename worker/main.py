@@ -22,7 +22,7 @@ import threading
 
 import setproctitle
 
-from tlshd.shared import config, linux
+from tlshd.shared import config, linux, protocol
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
@@ -74,6 +74,25 @@ def check(path: str) -> int:
     return 0
 
 
+def boot(args: argparse.Namespace, channel: Channel,
+         lock: threading.Lock) -> tuple[Server, protocol.Hello]:
+    """Steps 2-4: enter the namespace, load, start the pool, lock down.
+
+    Raises ConfigError or CredentialError when the configuration or a
+    credential is unusable.  Shared with the kernel tests' sandbox probe,
+    which must boot exactly as a worker does.
+    """
+    if args.netns_fd is not None:
+        # First, while still root: every socket, DNS lookup and keyring
+        # search from now on happens in the namespace this worker serves.
+        linux.setns(args.netns_fd)
+        os.close(args.netns_fd)
+    engine = load_engine(args.config)
+    server = Server(channel, lock, engine, args.threads)
+    hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)
+    return server, hello
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.check:
@@ -89,18 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
 
-    if args.netns_fd is not None:
-        # First, while still root: every socket, DNS lookup and keyring
-        # search from now on happens in the namespace this worker serves.
-        linux.setns(args.netns_fd)
-        os.close(args.netns_fd)
     try:
-        engine = load_engine(args.config)
+        server, hello = boot(args, channel, lock)
     except (ConfigError, CredentialError) as e:
         log.error("%s", e)
         return os.EX_CONFIG
-    server = Server(channel, lock, engine, args.threads)
-    hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)
     try:
         server.send(hello)
         server.serve()
