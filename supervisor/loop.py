@@ -63,16 +63,26 @@ class Namespace:
     nsfd: int | None = None  # keeps the namespace open; workers enter it
     backoff: Backoff = field(default_factory=Backoff)
     worker: Worker | None = None
+    # After a reload: the worker with the new configuration, starting up.
+    # The current worker keeps serving until the successor is ready, so a
+    # burst of reloads cannot starve requests.
+    successor: Worker | None = None
     retiring: list[Worker] = field(default_factory=list)
     restart_at: float | None = 0.0
     held: bool = False  # a configuration error: wait for SIGHUP
     pending: list[InFlight] = field(default_factory=list)
     removed: bool = False
+
     # For status reports.
     succeeded: int = 0
     failed: int = 0
     restarts: int = 0
     last_failure: str = ""
+
+    def workers(self) -> list[Worker]:
+        """Every live worker of this namespace."""
+        current = [w for w in (self.worker, self.successor) if w is not None]
+        return current + self.retiring
 
 
 class Supervisor:
@@ -177,7 +187,7 @@ class Supervisor:
         if self.cfg.netns_unnamed:
             ours = {os.getpid()}
             for ns in self.namespaces:
-                for w in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+                for w in ns.workers():
                     ours.add(w.pid)
             for f in netns.unnamed(ours):
                 wanted.append((f, self.cfg.netns_unnamed))
@@ -222,7 +232,7 @@ class Supervisor:
                 req.worker.inflight.discard(req.req_id)
             self.complete(req, errno.EIO, (), "namespace removed")
         ns.pending.clear()
-        for worker in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+        for worker in ns.workers():
             worker.kill()  # its exit is reaped through the pidfd
         ns.nlsock.close()
         if ns.nsfd is not None:
@@ -299,8 +309,9 @@ class Supervisor:
     def reload(self) -> None:
         """Re-read the configuration; new workers take the new requests.
 
-        Old workers finish what they hold and then get their channel closed,
-        so handshakes in flight are not disturbed.
+        A successor worker starts with the new configuration while the
+        current one keeps serving; once the successor is ready it takes
+        over, and the old worker finishes what it holds, then exits.
         """
         try:
             self.cfg = config.load(self.cfg.path)
@@ -319,14 +330,20 @@ class Supervisor:
                 log.error("netns %s: %s", ns.label, e)
                 ns.held = True
             ns.backoff.failures = 0
-            if ns.worker is not None:
-                self.retire(ns, ns.worker)
-            ns.restart_at = now
+            if ns.successor is not None:  # superseded before it was ready
+                self.retire(ns, ns.successor)
+            if ns.worker is None:
+                ns.restart_at = now
+            elif not ns.held:
+                self.start_worker(ns, now, successor=True)
         self.scan()
 
     def retire(self, ns: Namespace, worker: Worker) -> None:
         worker.retiring = True
-        ns.worker = None
+        if ns.worker is worker:
+            ns.worker = None
+        if ns.successor is worker:
+            ns.successor = None
         ns.retiring.append(worker)
         self._close_if_idle(worker)
 
@@ -348,7 +365,8 @@ class Supervisor:
                     and ns.restart_at is not None and now >= ns.restart_at):
                 self.start_worker(ns, now)
 
-    def start_worker(self, ns: Namespace, now: float) -> None:
+    def start_worker(self, ns: Namespace, now: float,
+                     successor: bool = False) -> None:
         ns.restart_at = None
         try:
             worker = spawn_worker(ns.label, ns.config_path, self.debug,
@@ -358,7 +376,10 @@ class Supervisor:
             ns.restart_at = ns.backoff.failed(now)
             return
         ns.backoff.started(now)
-        ns.worker = worker
+        if successor:
+            ns.successor = worker
+        else:
+            ns.worker = worker
         self.sel.register(worker.channel, selectors.EVENT_READ,
                           lambda: self.on_channel(ns, worker))
         self.sel.register(worker.pidfd, selectors.EVENT_READ,
@@ -399,6 +420,13 @@ class Supervisor:
         log.info("Worker %d for netns %s ready: uid %d gid %d CapEff %016x "
                  "NoNewPrivs %d Seccomp %d", worker.pid, ns.label, hello.uid,
                  hello.gid, hello.cap_eff, hello.no_new_privs, hello.seccomp)
+        if worker is ns.successor:
+            old = ns.worker
+            ns.worker, ns.successor = worker, None
+            if old is not None:
+                self.retire(ns, old)
+        if worker is not ns.worker:
+            return  # retired before it was ready; it exits on EOF
         pending, ns.pending = ns.pending, []
         for req in pending:
             self.dispatch(req, worker)
@@ -422,6 +450,13 @@ class Supervisor:
             return
         if worker in ns.retiring:
             ns.retiring.remove(worker)
+            return
+        if worker is ns.successor:
+            # The new configuration does not work; the current worker goes
+            # on serving with the old one.
+            ns.successor = None
+            log.error("netns %s keeps its previous configuration: the "
+                      "reloaded one failed to start (%s)", ns.label, how)
             return
         ns.worker = None
         now = time.monotonic()
@@ -543,7 +578,7 @@ class Supervisor:
                 req.worker.inflight.discard(req.req_id)
             self.complete(req, errno.ETIMEDOUT, ())
         for ns in self.namespaces:
-            for worker in [*ns.retiring, *([ns.worker] if ns.worker else [])]:
+            for worker in ns.workers():
                 worker.kill()
                 worker.reap()
             ns.nlsock.close()

@@ -134,6 +134,8 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
                     reason = "kTLS install failed: %s" % e
             if status == 0:
                 log.info("Session description: %s", result.description)
+                if result.peer_subject:
+                    log.info("Peer certificate: %s", result.peer_subject)
             elif result.reason:
                 log.error("Handshake with '%s' (%s): %s", name, peer,
                           result.reason)

@@ -30,6 +30,7 @@ class FakeNl:
         self.r, self.w = socket.socketpair()
         self.queue: list[upcall.AcceptedRequest] = []
         self.dones: list[tuple[int, int, tuple[int, ...]]] = []
+        self.done_at: dict[int, float] = {}
         self.closed_fds: list[int] = []
 
     def fileno(self) -> int:
@@ -50,6 +51,7 @@ class FakeNl:
         # The fd must still be open (the supervisor closes it after DONE).
         os.fstat(sockfd)
         self.dones.append((sockfd, status, remote_auth))
+        self.done_at[sockfd] = time.monotonic()
         return 0
 
     def leave_group(self) -> None:
@@ -271,3 +273,30 @@ def test_status_and_metrics_over_control_socket(sup, listener, tmp_path):
         out["metrics"])
     assert 'tlshd_worker_up{netns="init"} 1' in out["metrics"]
     assert out["bogus"].startswith("error:")
+
+
+def test_reload_storm_does_not_starve_requests(sup, listener):
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    submitted = []
+    start = time.monotonic()
+    next_reload = start
+    while time.monotonic() - start < 4.0:
+        now = time.monotonic()
+        if now >= next_reload:
+            s.reload()  # what SIGHUP does
+            next_reload = now + 0.3  # faster than a worker can start
+        if len(submitted) < 10 and now - start > len(submitted) * 0.35:
+            fd, peer = connected_fd(listener)
+            peer.close()
+            nl.submit(fd, timeout_ms=10000)
+            submitted.append((fd, now))
+        s.step(0.05)
+    run_until(s, lambda: len(nl.dones) == len(submitted), timeout=15)
+    # Answered by a worker (the peer hung up: ETIMEDOUT from the TLS
+    # engine), never by the deadline or a worker's death.
+    assert len(nl.dones) == 10
+    assert all(status == errno.ETIMEDOUT for _, status, _ in nl.dones)
+    waits = [nl.done_at[fd] - t for fd, t in submitted]
+    assert max(waits) < 3.0, waits  # not the 10 s deadline
+    assert not s.inflight
