@@ -63,6 +63,7 @@ ALERT_DECODE_ERROR = 50
 ALERT_UNKNOWN_PSK_IDENTITY = 115
 MAX_RECORD = 1 << 14
 MAX_HELLO = 1 << 16  # far above any real ClientHello (PQ ones: ~2 KiB)
+PEEK_NAP = 0.005  # seconds between peeks at an incomplete ClientHello
 
 
 @dataclass(frozen=True)
@@ -175,31 +176,34 @@ def offered_identities(data: bytes) -> list[bytes]:
 def peek_identities(sock: socket.socket, deadline: float) -> list[bytes]:
     """Wait for the whole ClientHello without consuming it.
 
-    SO_RCVLOWAT makes poll() wait until the bytes still missing have
-    arrived; the consumer's value is restored afterwards.
+    Readable data that is still incomplete keeps poll() returning at
+    once, so while a ClientHello trickles in (rare: it usually fits one
+    segment) the loop naps briefly between peeks. No socket option is
+    changed: the socket belongs to the kernel consumer.
     """
-    saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-    needed = 5
-    try:
-        while True:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(math.ceil(remaining * 1e3)):
-                raise DeadlineExpired
-            data = sock.recv(MAX_HELLO + 5 * 8,
-                             socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if len(data) < needed:
+    seen = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        events = poller.poll(math.ceil(remaining * 1e3)) if remaining > 0 \
+            else []
+        if not events:
+            raise DeadlineExpired
+        data = sock.recv(MAX_HELLO + 5 * 8,
+                         socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        try:
+            return offered_identities(data)
+        except HelloIncomplete:
+            pass
+        if len(data) == seen:
+            if not data or events[0][1] & (select.POLLRDHUP | select.POLLHUP
+                                           | select.POLLERR):
                 raise ConnectionResetError(
                     errno.ECONNRESET, "peer closed before its ClientHello"
                 )
-            try:
-                return offered_identities(data)
-            except HelloIncomplete as more:
-                needed = more.needed
-    finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, saved)
+            time.sleep(PEEK_NAP)
+        seen = len(data)
 
 
 def send_alert(sock: socket.socket, description: int) -> None:
