@@ -35,6 +35,14 @@ def _prctl(option: int, arg: int, what: str) -> int:
                               ctypes.c_ulong(0)), what)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants are re-parented to us instead of init."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def set_no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
 

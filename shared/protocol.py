@@ -24,7 +24,7 @@ MAGIC = 0x544C  # "TL"
 PROTOCOL_VERSION = 2  # bump on any change to MsgType or a body layout
 HEADER = struct.Struct("!HBBIQ")
 MAX_MSG = 64 * 1024
-MAX_FDS = 1
+MAX_FDS = 2
 MAX_STR = 4096
 MAX_LIST = 16
 MAX_REASON = 512
@@ -35,6 +35,8 @@ class Msg(enum.IntEnum):
     HELLO = 3  # worker -> supervisor, once, after the sandbox is up
     HANDSHAKE_ANS = 5  # worker -> supervisor, 0 fds
     LOG = 7  # worker -> supervisor, one formatted log record
+    SPAWN_REQ = 8  # supervisor -> worker template, 2 fds: netns, channel
+    SPAWN_ANS = 9  # worker template -> supervisor: the new worker's pid
 
 
 class _Writer:
@@ -289,13 +291,75 @@ class LogRecord:
         return cls(level=level, text=text)
 
 
-Message = HandshakeRequest | HandshakeAnswer | Hello | LogRecord
+NO_ID = 0xFFFFFFFF  # SpawnRequest: keep the template's uid/gid
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnRequest:
+    """Fork a worker for one namespace (fds: namespace, its channel)."""
+
+    TYPE: ClassVar[Msg] = Msg.SPAWN_REQ
+    NFDS: ClassVar[int] = 2
+
+    label: str
+    config_path: str
+    uid: int
+    gid: int
+    debug: int
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.text(self.label)
+        w.text(self.config_path)
+        w.u32(self.uid)
+        w.u32(self.gid)
+        w.u8(self.debug)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> SpawnRequest:
+        r = _Reader(body)
+        label, config_path = r.text(), r.text()
+        uid, gid, debug = r.u32(), r.u32(), r.u8()
+        r.end()
+        if label is None or config_path is None or debug > 1:
+            raise ProtocolError("bad spawn request")
+        return cls(label=label, config_path=config_path, uid=uid, gid=gid,
+                   debug=debug)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpawnAnswer:
+    TYPE: ClassVar[Msg] = Msg.SPAWN_ANS
+    NFDS: ClassVar[int] = 0
+
+    pid: int
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.u32(self.pid)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> SpawnAnswer:
+        r = _Reader(body)
+        pid = r.u32()
+        r.end()
+        if pid == 0:
+            raise ProtocolError("spawn answer without a pid")
+        return cls(pid=pid)
+
+
+Message = (HandshakeRequest | HandshakeAnswer | Hello | LogRecord
+           | SpawnRequest | SpawnAnswer)
 
 _CLASSES: dict[int, type[Message]] = {
     Msg.HANDSHAKE_REQ: HandshakeRequest,
     Msg.HANDSHAKE_ANS: HandshakeAnswer,
     Msg.HELLO: Hello,
     Msg.LOG: LogRecord,
+    Msg.SPAWN_REQ: SpawnRequest,
+    Msg.SPAWN_ANS: SpawnAnswer,
 }
 
 

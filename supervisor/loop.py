@@ -23,7 +23,7 @@ from tlshd.shared import config, protocol
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
 from tlshd.supervisor import control, genl, netns, upcall
 from tlshd.supervisor.backoff import Backoff
-from tlshd.supervisor.workers import Worker, spawn_worker
+from tlshd.supervisor.workers import Template, Worker, spawn_worker
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Supervisor:
         self.scans: list[float] = []
         self._unserved: set[netns.Key] = set()  # logged once each
         self.control: control.ControlServer | None = None
+        self.template: Template | None = None
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -149,6 +150,28 @@ class Supervisor:
                           lambda: self.on_netlink(ns))
         log.info("Listening for handshake requests in netns %s", label)
         return ns
+
+    def use_template(self) -> None:
+        """Fork workers from a template that has imported the TLS stack
+        (cheap per namespace) instead of exec'ing each one."""
+        self.template = Template()
+
+    def _spawn(self, ns: Namespace) -> Worker:
+        if self.template is not None and ns.nsfd is not None:
+            if self.template.alive():
+                try:
+                    return self.template.spawn(ns.label, ns.config_path,
+                                               self.debug, ns.nsfd,
+                                               self.worker_ids)
+                except OSError as e:
+                    log.error("Worker template failed (%s); exec'ing "
+                              "workers from now on", e)
+            else:
+                log.error("Worker template died; exec'ing workers from now "
+                          "on")
+            self.template = None
+        return spawn_worker(ns.label, ns.config_path, self.debug, ns.nsfd,
+                            self.worker_ids)
 
     def serve_control(self, path: str) -> None:
         """Answer tlshdctl on a root-only unix socket at ``path``."""
@@ -369,8 +392,7 @@ class Supervisor:
                      successor: bool = False) -> None:
         ns.restart_at = None
         try:
-            worker = spawn_worker(ns.label, ns.config_path, self.debug,
-                                  ns.nsfd, self.worker_ids)
+            worker = self._spawn(ns)
         except OSError as e:
             log.error("Cannot start a worker for netns %s: %s", ns.label, e)
             ns.restart_at = ns.backoff.failed(now)
@@ -586,4 +608,6 @@ class Supervisor:
                 os.close(ns.nsfd)
         if self.control is not None:
             self.control.close()
+        if self.template is not None:
+            self.template.close()
         log.info("Shut down")

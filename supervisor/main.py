@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return os.EX_CONFIG
     supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0,
                             worker_ids=ids)
+    supervisor.use_template()
     supervisor.serve_control(args.control_socket)
     supervisor.serve_namespaces()
     return supervisor.run()

@@ -15,7 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from tlshd.shared import linux, protocol
 from tlshd.shared.channel import Channel, socketpair
+from tlshd.shared.errors import PeerGone
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +27,22 @@ _ENV_KEEP = ("LANG", "LC_ALL", "PATH")
 
 @dataclass(eq=False)
 class Worker:
-    """A running worker and the requests it holds."""
+    """A running worker and the requests it holds.
+
+    The worker is the supervisor's child: exec'd by it, or forked by the
+    worker template and re-parented to it (the supervisor is a child
+    subreaper), so ``reap`` can wait for exactly this pid.
+    """
 
     label: str
-    proc: subprocess.Popen[bytes]
+    pid: int
     channel: Channel
     pidfd: int
     started: float
     ready: bool = False
     retiring: bool = False
     inflight: set[int] = field(default_factory=set)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    returncode: int | None = None
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: immune to pid reuse."""
@@ -49,10 +53,11 @@ class Worker:
 
     def reap(self) -> int:
         """Collect the exit status; call once the pidfd is readable."""
-        code = self.proc.wait()
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
         os.close(self.pidfd)
         self.channel.close()
-        return code
+        return self.returncode
 
 
 def spawn_worker(label: str, config_path: str, debug: bool,
@@ -83,5 +88,69 @@ def spawn_worker(label: str, config_path: str, debug: bool,
     finally:
         theirs.close()
     pidfd = os.pidfd_open(proc.pid)
+    # The Popen object is dropped: the pid is reaped by Worker.reap.
+    proc.returncode = 0
     log.debug("Started worker %d for netns %s", proc.pid, label)
-    return Worker(label, proc, Channel(ours), pidfd, time.monotonic())
+    return Worker(label, proc.pid, Channel(ours), pidfd, time.monotonic())
+
+
+SPAWN_TIMEOUT = 10.0
+
+
+class Template:
+    """The worker template process, and forking workers through it."""
+
+    def __init__(self) -> None:
+        # Forked workers are re-parented to us; reap them like our own.
+        linux.set_child_subreaper()
+        ours, theirs = socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tlshd.worker.template",
+                 "--channel-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), close_fds=True,
+                env={k: os.environ[k] for k in _ENV_KEEP
+                     if k in os.environ},
+                stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.channel = Channel(ours)
+        self.channel.sock.settimeout(SPAWN_TIMEOUT)
+        self.next_id = 1
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, label: str, config_path: str, debug: bool, nsfd: int,
+              ids: tuple[int, int] | None) -> Worker:
+        ours, theirs = socketpair()
+        uid, gid = ids if ids is not None else (protocol.NO_ID,
+                                                protocol.NO_ID)
+        req = protocol.SpawnRequest(label=label, config_path=config_path,
+                                    uid=uid, gid=gid, debug=int(debug))
+        req_id, self.next_id = self.next_id, self.next_id + 1
+        try:
+            self.channel.send(req, req_id, (nsfd, theirs.fileno()))
+        finally:
+            theirs.close()
+        try:
+            msg, got_id, _ = self.channel.recv()
+        except (TimeoutError, PeerGone) as e:
+            ours.close()
+            self.proc.kill()
+            raise OSError("worker template did not answer: %s" % e) from e
+        if not isinstance(msg, protocol.SpawnAnswer) or got_id != req_id:
+            ours.close()
+            self.proc.kill()
+            raise OSError("worker template broke the protocol")
+        pidfd = os.pidfd_open(msg.pid)
+        log.debug("Forked worker %d for netns %s", msg.pid, label)
+        return Worker(label, msg.pid, Channel(ours), pidfd, time.monotonic())
+
+    def close(self) -> None:
+        self.channel.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -216,7 +216,7 @@ def test_malformed_worker_message_kills_worker(sup, listener, garbage):
     assert nl.dones == [(fd, errno.EIO, ())]
     assert took < 5.0
     run_until(s, lambda: ready(ns) and ns.worker is not worker)
-    assert worker.proc.returncode == -signal.SIGKILL
+    assert worker.returncode == -signal.SIGKILL
     peer.close()
 
 
@@ -300,3 +300,36 @@ def test_reload_storm_does_not_starve_requests(sup, listener):
     waits = [nl.done_at[fd] - t for fd, t in submitted]
     assert max(waits) < 3.0, waits  # not the 10 s deadline
     assert not s.inflight
+
+
+def test_workers_forked_from_template(tmp_path, listener):
+    conf = tmp_path / "tlshd.conf"
+    conf.write_text("[authenticate.client]\n[authenticate.server]\n")
+    s = Supervisor(config.load(str(conf)), genl.FamilyInfo(0x21, 5))
+    s.use_template()
+    nl = FakeNl()
+    nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    ns = s.add_namespace("init", str(conf), nlsock=nl, nsfd=nsfd)
+    try:
+        run_until(s, lambda: ready(ns))
+        pid = ns.worker.pid
+        with open("/proc/%d/stat" % pid) as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert ppid == os.getpid()  # re-parented to us, the subreaper
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            assert b"worker [netns init]" in f.read()
+        fd, peer = connected_fd(listener)
+        peer.close()
+        nl.submit(fd)
+        run_until(s, lambda: nl.dones)
+        assert nl.dones[0][0] == fd
+        os.kill(pid, signal.SIGKILL)
+        run_until(s, lambda: ready(ns) and ns.worker.pid != pid)
+        assert ns.restarts == 1
+    finally:
+        s.stop()
+        s.shutdown()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                    signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
