@@ -353,7 +353,10 @@ class Supervisor:
                 log.error("netns %s: %s", ns.label, e)
                 ns.held = True
             ns.backoff.failures = 0
-            if ns.successor is not None:  # superseded before it was ready
+            if ns.successor is not None:
+                # Superseded before it was ready: it holds no request, and
+                # finishing its start-up would only burn CPU.
+                ns.successor.kill()
                 self.retire(ns, ns.successor)
             if ns.worker is None:
                 ns.restart_at = now

@@ -20,7 +20,7 @@ def test_sighup_during_mount_loop_drops_nothing(pki, tlshd, trace, nfs):
     def hup_storm():
         while not stop.is_set():
             tlshd.proc.send_signal(signal.SIGHUP)
-            stop.wait(1.5)
+            stop.wait(3.0)
 
     storm = threading.Thread(target=hup_storm)
     storm.start()
@@ -42,7 +42,7 @@ def test_sighup_during_mount_loop_drops_nothing(pki, tlshd, trace, nfs):
               sorted({c.status for c in done}),
               max(c.seconds for c in done)))
     assert all(r.ok for r in results), [r.output for r in results]
-    assert reloads >= 3
+    assert reloads >= 2
     assert len(done) == 2 * len(results)
     assert all(c.status == 0 for c in done)
 
