@@ -1,0 +1,240 @@
+"""The Debian package, installed in the VM and run by a real systemd.
+
+The .deb is built on the host by tests/unit/test_packaging.py (tools/test
+runs the host tests before booting the VM) and must match the tree
+(``packaging/build-deb --check``).  The VM's root is a RAM overlay, so
+installing writes nothing to the host; the package is purged afterwards
+all the same, so that later tests see the VM as before.
+
+The last test runs ``tlshd.service`` as shipped, with all its hardening,
+under systemd 252 as PID 1 of a new PID namespace (own mount and UTS
+namespaces, private /run), and mounts NFS with mutual TLS through it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("TLSHD_CACHE") or REPO / ".cache")
+
+UNIT = "/lib/systemd/system/tlshd.service"
+TEST_TARGET = Path("/etc/systemd/system/tlshd-test.target")
+ETC = Path("/etc/tlshd")
+# CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7, CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21
+UNIT_CAPS = (1 << 5) | (1 << 6) | (1 << 7) | (1 << 12) | (1 << 21)
+
+
+def sh(cmd: str, check: bool = True,
+       timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError("%s: exit %d\n%s%s" % (cmd, r.returncode,
+                                                     r.stdout, r.stderr))
+    return r
+
+
+@pytest.fixture(scope="module")
+def deb() -> Iterator[Path]:
+    r = sh("%s --check %s" % (REPO / "packaging/build-deb", CACHE / "deb"),
+           check=False)
+    if r.returncode != 0:
+        pytest.fail("no .deb built from this tree in %s: run the host tests "
+                    "first (tests/unit/test_packaging.py builds it)\n%s"
+                    % (CACHE / "deb", r.stderr))
+    path = Path(r.stdout.strip())
+    r = sh("dpkg -i %s" % path, check=False, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield path
+    sh("dpkg --purge tlshd", check=False, timeout=600)
+    shutil.rmtree(ETC, ignore_errors=True)
+
+
+def test_files_installed(deb: Path) -> None:
+    for path in ("/usr/sbin/tlshd", "/usr/sbin/tlshdctl"):
+        assert os.access(path, os.X_OK), path
+    for path in (UNIT, "/etc/tlshd/config", "/usr/lib/sysusers.d/tlshd.conf",
+                 "/usr/lib/tmpfiles.d/tlshd.conf"):
+        assert os.path.isfile(path), path
+    conffiles = sh("dpkg-query -W -f='${Conffiles}' tlshd").stdout
+    assert "/etc/tlshd/config" in conffiles
+    # enabled by postinst (deb-systemd-helper), without a running systemd
+    assert os.path.islink("/etc/systemd/system/remote-fs.target.wants/"
+                          "tlshd.service")
+    # tmpfiles created the directory the supervisor watches
+    assert os.path.isdir("/run/netns")
+
+
+def test_man_pages(deb: Path) -> None:
+    found = sh("man -w tlshd tlshd.conf tlshdctl").stdout.split()
+    assert found == ["/usr/share/man/man8/tlshd.8.gz",
+                     "/usr/share/man/man5/tlshd.conf.5.gz",
+                     "/usr/share/man/man8/tlshdctl.8.gz"]
+    text = sh("MANWIDTH=80 man 5 tlshd.conf").stdout
+    assert "x509.truststore" in text
+
+
+def test_version_and_usage(deb: Path) -> None:
+    out = sh("/usr/sbin/tlshd --version").stdout
+    assert re.fullmatch(r"tlshd, built from tlshd \(Python\) \S+\n", out)
+    assert "--check-config" in sh("/usr/sbin/tlshd --help").stdout
+    # No daemon is running: tlshdctl says so with EX_UNAVAILABLE.
+    r = sh("/usr/sbin/tlshdctl status", check=False)
+    assert r.returncode == 69, r.stdout + r.stderr
+
+
+def test_worker_user(deb: Path) -> None:
+    pw = pwd.getpwnam("tlshd")
+    assert 0 < pw.pw_uid < 1000 and pw.pw_gid != 0
+    assert pw.pw_dir == "/nonexistent"
+    assert pw.pw_shell == "/usr/sbin/nologin"
+
+
+def test_systemd_analyze_verify(deb: Path) -> None:
+    r = sh("systemd-analyze verify %s" % UNIT, check=False)
+    assert r.returncode == 0 and r.stdout + r.stderr == "", (
+        r.stdout + r.stderr)
+
+
+class ServiceManager:
+    """systemd as PID 1 of a new PID namespace, booting only tlshd.
+
+    The VM's PID 1 is a shell, so systemd gets a PID namespace of its own,
+    plus mount and UTS namespaces and a private /run, which keep what it
+    sets up (cgroup mount, hostname, /run/systemd) from leaking into the
+    rest of the test session.  Commands reach it through nsenter.
+    """
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0  # systemd's PID in the VM's namespace
+
+    def start(self) -> None:
+        TEST_TARGET.write_text(
+            "[Unit]\nDescription=tlshd alone\nDefaultDependencies=no\n"
+            "Wants=tlshd.service systemd-journald.service\n")
+        # Not systemd-tmpfiles-setup.service: Debian's tmp.conf would empty
+        # the VM's /tmp under the running tests.  Only the package's entry
+        # (/run/netns) is applied.
+        boot = ("mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run && "
+                "systemd-tmpfiles --create /usr/lib/tmpfiles.d/tlshd.conf && "
+                "exec /lib/systemd/systemd --system "
+                "--unit=%s --log-target=kmsg --log-level=notice"
+                % TEST_TARGET.name)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--mount", "--uts", "--fork",
+                 "--mount-proc", "--propagation", "slave", "sh", "-c", boot],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        children = Path("/proc/%d/task/%d/children"
+                        % (self.proc.pid, self.proc.pid))
+        self.pid = int(wait_for(lambda: children.read_text().strip(), 30))
+
+    def run(self, cmd: str, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return sh("nsenter -t %d -m -p -- sh -c '%s'" % (self.pid, cmd),
+                  check=check, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # SIGKILL to the namespace's PID 1 ends every process in it.
+            if self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(30)
+            self.proc = None
+        TEST_TARGET.unlink(missing_ok=True)
+
+
+def wait_for(probe: Callable[[], Any], timeout: float,
+             what: str = "") -> str:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            got = probe()
+        except OSError:
+            got = None
+        if got:
+            return str(got)
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for %s" % (what or probe))
+        time.sleep(1)
+
+
+@pytest.fixture
+def systemd(deb: Path, tmp_path: Path) -> Iterator[ServiceManager]:
+    manager = ServiceManager(tmp_path / "systemd.log")
+    yield manager
+    manager.stop()
+
+
+def proc_status(manager: ServiceManager, pid: str) -> dict[str, str]:
+    text = manager.run("cat /proc/%s/status" % pid).stdout
+    return dict(line.split(":\t", 1) for line in text.splitlines()
+                if ":\t" in line)
+
+
+def test_service_under_systemd(systemd: ServiceManager, pki: Any,
+                               trace: Any, nfs: Any) -> None:
+    """tlshd.service as shipped serves both ends of an NFS mTLS mount."""
+    # The service cannot see /tmp (PrivateTmp): credentials go to /etc.
+    creds = ETC / "test"
+    shutil.rmtree(creds, ignore_errors=True)
+    shutil.copytree(pki.root, creds)
+    (ETC / "config").write_text(
+        pki.config().replace(str(pki.root), str(creds)))
+    systemd.start()
+    wait_for(lambda: systemd.run("systemctl is-active tlshd.service",
+                                 check=False).returncode == 0,
+             240, "tlshd.service to become active")
+    wait_for(lambda: "ready" in systemd.run("tlshdctl status",
+                                            check=False).stdout,
+             240, "the worker of netns init")
+
+    # The sandbox as the kernel sees it.
+    main = systemd.run("systemctl show -p MainPID --value tlshd.service")
+    sup = proc_status(systemd, main.stdout.strip())
+    assert int(sup["CapBnd"], 16) == UNIT_CAPS
+    assert int(sup["CapEff"], 16) == UNIT_CAPS
+    assert sup["NoNewPrivs"] == "1" and sup["Seccomp"] == "2"
+    worker_pid = systemd.run("pgrep -f \"^tlshd: worker\"").stdout.split()[0]
+    worker = proc_status(systemd, worker_pid)
+    uid = str(pwd.getpwnam("tlshd").pw_uid)
+    assert worker["Uid"].split() == [uid] * 4
+    assert int(worker["CapEff"], 16) == 0
+    assert worker["NoNewPrivs"] == "1"
+
+    # Both ends of an NFS mount with mutual TLS go through the service.
+    trace.clear()
+    r = nfs.mount("", "mtls")
+    assert r.ok, r.output + systemd.run(
+        "journalctl --no-pager -u tlshd.service", check=False).stdout
+    nfs.write_and_read_back()
+    nfs.umount()
+    done = trace.completions()
+    assert len(done) >= 2 and all(c.status == 0 for c in done), done
+    status = systemd.run("tlshdctl status").stdout
+    assert re.search(r"handshakes: [2-9]\d* succeeded, 0 failed", status), (
+        status)
+
+    # Reload (SIGHUP through ExecReload) and stop.
+    systemd.run("systemctl reload tlshd.service")
+    systemd.run("systemctl stop tlshd.service", timeout=120)
+    state = systemd.run("systemctl show -p ActiveState -p Result "
+                        "tlshd.service").stdout
+    assert "ActiveState=inactive" in state and "Result=success" in state, (
+        state)
