@@ -104,6 +104,8 @@ class Supervisor:
         self._unserved: set[netns.Key] = set()  # logged once each
         self.control: control.ControlServer | None = None
         self.template: Template | None = None
+        # Template spawn requests awaiting an answer: (namespace, successor)
+        self.spawning: dict[int, tuple[Namespace, bool]] = {}
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -155,23 +157,36 @@ class Supervisor:
         """Fork workers from a template that has imported the TLS stack
         (cheap per namespace) instead of exec'ing each one."""
         self.template = Template()
+        self.sel.register(self.template, selectors.EVENT_READ,
+                          self.on_template)
 
-    def _spawn(self, ns: Namespace) -> Worker:
-        if self.template is not None and ns.nsfd is not None:
-            if self.template.alive():
-                try:
-                    return self.template.spawn(ns.label, ns.config_path,
-                                               self.debug, ns.nsfd,
-                                               self.worker_ids)
-                except OSError as e:
-                    log.error("Worker template failed (%s); exec'ing "
-                              "workers from now on", e)
-            else:
-                log.error("Worker template died; exec'ing workers from now "
-                          "on")
-            self.template = None
-        return spawn_worker(ns.label, ns.config_path, self.debug, ns.nsfd,
-                            self.worker_ids)
+    def on_template(self) -> None:
+        assert self.template is not None
+        try:
+            req_id, worker = self.template.answer()
+        except (PeerGone, ProtocolError, OSError) as e:
+            log.error("Worker template failed (%s); exec'ing workers from "
+                      "now on", e)
+            self._drop_template()
+            return
+        ns, successor = self.spawning.pop(req_id)
+        if ns.removed or self.stopping is not None:
+            worker.kill()
+            worker.reap()
+            return
+        self._attach(ns, worker, successor)
+
+    def _drop_template(self) -> None:
+        assert self.template is not None
+        self.sel.unregister(self.template)
+        self.template.proc.kill()
+        self.template.close()
+        self.template = None
+        waiting, self.spawning = self.spawning, {}
+        now = time.monotonic()
+        for ns, successor in waiting.values():
+            if not ns.removed:
+                self.start_worker(ns, now, successor)
 
     def serve_control(self, path: str) -> None:
         """Answer tlshdctl on a root-only unix socket at ``path``."""
@@ -394,14 +409,28 @@ class Supervisor:
     def start_worker(self, ns: Namespace, now: float,
                      successor: bool = False) -> None:
         ns.restart_at = None
+        ns.backoff.started(now)
         try:
-            worker = self._spawn(ns)
-        except OSError as e:
+            if self.template is not None and ns.nsfd is not None:
+                req_id = self.template.request(
+                    ns.label, ns.config_path, self.debug, ns.nsfd,
+                    self.worker_ids)
+                self.spawning[req_id] = (ns, successor)
+                return
+            worker = spawn_worker(ns.label, ns.config_path, self.debug,
+                                  ns.nsfd, self.worker_ids)
+        except (OSError, PeerGone) as e:
             log.error("Cannot start a worker for netns %s: %s", ns.label, e)
             ns.restart_at = ns.backoff.failed(now)
             return
-        ns.backoff.started(now)
+        self._attach(ns, worker, successor)
+
+    def _attach(self, ns: Namespace, worker: Worker,
+                successor: bool) -> None:
         if successor:
+            if ns.successor is not None:  # an older one, not ready yet
+                ns.successor.kill()
+                self.retire(ns, ns.successor)
             ns.successor = worker
         else:
             ns.worker = worker

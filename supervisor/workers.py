@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tlshd.shared import linux, protocol
 from tlshd.shared.channel import Channel, socketpair
-from tlshd.shared.errors import PeerGone
+from tlshd.shared.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,15 @@ def spawn_worker(label: str, config_path: str, debug: bool,
     return Worker(label, proc.pid, Channel(ours), pidfd, time.monotonic())
 
 
-SPAWN_TIMEOUT = 10.0
-
-
 class Template:
-    """The worker template process, and forking workers through it."""
+    """The worker template process, which forks workers for us.
+
+    Spawning is asynchronous: ``request`` sends a SPAWN_REQ and returns at
+    once; the template's answer (the new worker's pid) arrives on the
+    channel, which the supervisor watches, and ``answer`` turns it into a
+    Worker.  Until the template has finished importing (seconds under
+    emulation), requests simply wait in the channel.
+    """
 
     def __init__(self) -> None:
         # Forked workers are re-parented to us; reap them like our own.
@@ -115,14 +119,15 @@ class Template:
         finally:
             theirs.close()
         self.channel = Channel(ours)
-        self.channel.sock.settimeout(SPAWN_TIMEOUT)
         self.next_id = 1
+        self.waiting: dict[int, tuple[str, Channel]] = {}
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+    def fileno(self) -> int:
+        return self.channel.fileno()
 
-    def spawn(self, label: str, config_path: str, debug: bool, nsfd: int,
-              ids: tuple[int, int] | None) -> Worker:
+    def request(self, label: str, config_path: str, debug: bool, nsfd: int,
+                ids: tuple[int, int] | None) -> int:
+        """Ask for a worker; return the request id its answer will carry."""
         ours, theirs = socketpair()
         uid, gid = ids if ids is not None else (protocol.NO_ID,
                                                 protocol.NO_ID)
@@ -131,23 +136,34 @@ class Template:
         req_id, self.next_id = self.next_id, self.next_id + 1
         try:
             self.channel.send(req, req_id, (nsfd, theirs.fileno()))
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        try:
-            msg, got_id, _ = self.channel.recv()
-        except (TimeoutError, PeerGone) as e:
-            ours.close()
-            self.proc.kill()
-            raise OSError("worker template did not answer: %s" % e) from e
-        if not isinstance(msg, protocol.SpawnAnswer) or got_id != req_id:
-            ours.close()
-            self.proc.kill()
-            raise OSError("worker template broke the protocol")
+        self.waiting[req_id] = (label, Channel(ours))
+        return req_id
+
+    def answer(self) -> tuple[int, Worker]:
+        """Read one answer: (request id, the new worker).
+
+        Raises PeerGone or ProtocolError if the template died or broke the
+        protocol; the caller then stops using it.
+        """
+        msg, req_id, _ = self.channel.recv()
+        if not isinstance(msg, protocol.SpawnAnswer) or (
+                req_id not in self.waiting):
+            raise ProtocolError("unexpected message from worker template")
+        label, channel = self.waiting.pop(req_id)
         pidfd = os.pidfd_open(msg.pid)
         log.debug("Forked worker %d for netns %s", msg.pid, label)
-        return Worker(label, msg.pid, Channel(ours), pidfd, time.monotonic())
+        return req_id, Worker(label, msg.pid, channel, pidfd,
+                              time.monotonic())
 
     def close(self) -> None:
+        for _, channel in self.waiting.values():
+            channel.close()
+        self.waiting.clear()
         self.channel.close()
         try:
             self.proc.wait(5)

@@ -289,16 +289,18 @@ def test_reload_storm_does_not_starve_requests(sup, listener):
         if len(submitted) < 10 and now - start > len(submitted) * 0.35:
             fd, peer = connected_fd(listener)
             peer.close()
-            nl.submit(fd, timeout_ms=10000)
+            nl.submit(fd, timeout_ms=20000)
             submitted.append((fd, now))
         s.step(0.05)
-    run_until(s, lambda: len(nl.dones) == len(submitted), timeout=15)
+    run_until(s, lambda: len(nl.dones) == len(submitted), timeout=30)
     # Answered by a worker (the peer hung up: ETIMEDOUT from the TLS
     # engine), never by the deadline or a worker's death.
     assert len(nl.dones) == 10
     assert all(status == errno.ETIMEDOUT for _, status, _ in nl.dones)
     waits = [nl.done_at[fd] - t for fd, t in submitted]
-    assert max(waits) < 3.0, waits  # not the 10 s deadline
+    # Starved requests would wait for their 20 s deadline; served ones
+    # take well under half of it even on a loaded machine.
+    assert max(waits) < 10.0, waits
     assert not s.inflight
 
 
