@@ -32,6 +32,16 @@ from tlshd.supervisor.loop import Supervisor
 from tlshd.worker.tlsengine import Engine, Outcome
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 @dataclass
 class Sandboxed:
     sup: Supervisor
@@ -44,15 +54,20 @@ class Sandboxed:
 def _ids(identity: str) -> tuple[int, int] | None:
     if identity == "as-is":
         return None
-    if os.geteuid() != 0:
-        pytest.skip("dropping to nobody needs root")
     pw = pwd.getpwnam("nobody")
     return pw.pw_uid, pw.pw_gid
 
 
-@pytest.fixture(params=["nobody", "as-is"])
+@pytest.fixture(params=[("nobody", "exec"), ("nobody", "template"),
+                        ("as-is", "exec")],
+                ids=["nobody-exec", "nobody-template", "as-is-exec"])
 def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
               ) -> Iterator[Sandboxed]:
+    """A Supervisor whose worker runs as ``nobody`` (or as we are), exec'd
+    or forked from the worker template (which needs a namespace fd)."""
+    identity, spawn = request.param
+    if identity == "nobody" and os.geteuid() != 0:
+        pytest.skip("dropping to nobody needs root")
     conf = tmp_path / "tlshd.conf"
     conf.write_text(
         "[authenticate]\nhandshake_timeout=5\n"
@@ -60,9 +75,13 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
         "[authenticate.server]\nx509.truststore=%s\n"
         "x509.certificate=%s\nx509.private_key=%s\n"
         % (pki.ca, pki.ca, pki.server.cert, pki.server.key))
-    ids = _ids(request.param)
+    ids = _ids(identity)
     s = Supervisor(config.load(str(conf)), genl.FamilyInfo(0x21, 5),
                    worker_ids=ids)
+    nsfd = None
+    if spawn == "template":
+        s.use_template()
+        nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     hellos: list[protocol.Hello] = []
     answer_hello = s.answer_hello
 
@@ -72,7 +91,7 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
 
     s.answer_hello = spy  # type: ignore[method-assign]
     nl = FakeNl()
-    ns = s.add_namespace("init", str(conf), nlsock=nl)
+    ns = s.add_namespace("init", str(conf), nlsock=nl, nsfd=nsfd)
     yield Sandboxed(s, nl, ns, hellos, ids)
     s.stop()
     deadline = time.monotonic() + 10
@@ -155,13 +174,14 @@ def test_sandboxed_worker_serves_every_path(
     assert srv[1][0].status == 0  # the worker was a proper TLS server
     assert "certificate verify failed" in caplog.text
     # Still the first worker, alive: nothing killed it along the way.
-    assert ns.worker is worker and worker.proc.poll() is None
+    assert ns.worker is worker and _running(worker.pid)
     assert "SIGSYS" not in caplog.text
     # The worker's own way out: the channel closes, it exits cleanly.
     # (The supervisor's shutdown would SIGKILL it instead.)
     s.sel.unregister(worker.channel)
     worker.channel.sock.shutdown(socket.SHUT_RDWR)
-    assert worker.proc.wait(timeout=15) == 0, caplog.text
+    run_until(s, lambda: worker.returncode is not None, timeout=15)
+    assert worker.returncode == 0, caplog.text
     for p in peers:
         p.close()
     listener.close()
@@ -188,5 +208,5 @@ def test_sandboxed_worker_concurrent_handshakes(
         assert out[0].status == 0, out[0].reason
         peer.close()
     assert {d[1] for d in nl.dones} <= {0, errno.EIO}
-    assert ns.worker is worker and worker.proc.poll() is None
+    assert ns.worker is worker and _running(worker.pid)
     listener.close()
