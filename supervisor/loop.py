@@ -305,6 +305,19 @@ class Supervisor:
         if self.cfg.netns_unnamed and not self.scans:
             self.scans.append(now + UNNAMED_SCAN_INTERVAL)
         self.manage_workers(now)
+        self.accept_noted()
+
+    def accept_noted(self) -> None:
+        """ACCEPT where a READY was read while waiting for an answer.
+
+        A READY that arrives while an ACCEPT or DONE waits for its reply
+        is consumed there (and noted); the socket is then no longer
+        readable and the selector would never report it: the consumer
+        would wait for its own timeout (NVMe: 10 s per queue).
+        """
+        for ns in list(self.namespaces):
+            if ns.nlsock.ready:
+                self.on_netlink(ns)
 
     def _next_wakeup(self, now: float) -> float:
         times = [r.deadline + (DEADLINE_GRACE if r.worker else 0)
@@ -314,6 +327,8 @@ class Supervisor:
         if self.stopping is not None:
             times.append(self.stopping)
         times += self.scans
+        if any(ns.nlsock.ready for ns in self.namespaces):
+            times.append(now)  # a noted READY: accept_noted() at once
         return max(0.0, min(times) - now) if times else 60.0
 
     # ---- signals --------------------------------------------------------

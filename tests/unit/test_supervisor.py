@@ -32,16 +32,21 @@ class FakeNl:
         self.dones: list[tuple[int, int, tuple[int, ...]]] = []
         self.done_at: dict[int, float] = {}
         self.closed_fds: list[int] = []
+        # READY seen (and consumed) while waiting for an ACCEPT or DONE
+        # answer, as genl.HandshakeSocket notes it.
+        self.ready = False
+        self.ready_during_done: list[upcall.AcceptedRequest] = []
 
     def fileno(self) -> int:
         return self.r.fileno()
 
     def drain(self) -> bool:
         self.r.setblocking(False)
+        noted, self.ready = self.ready, False
         try:
-            return bool(self.r.recv(4096))
+            return bool(self.r.recv(4096)) or noted
         except BlockingIOError:
-            return False
+            return noted
 
     def accept(self) -> upcall.AcceptedRequest | None:
         return self.queue.pop(0) if self.queue else None
@@ -52,6 +57,11 @@ class FakeNl:
         os.fstat(sockfd)
         self.dones.append((sockfd, status, remote_auth))
         self.done_at[sockfd] = time.monotonic()
+        if self.ready_during_done:
+            # The kernel queued a request and multicast READY while we
+            # waited for DONE's answer: the socket shows nothing.
+            self.queue.append(self.ready_during_done.pop(0))
+            self.ready = True
         return 0
 
     def leave_group(self) -> None:
@@ -335,3 +345,22 @@ def test_workers_forked_from_template(tmp_path, listener):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                     signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+
+
+def test_ready_consumed_while_waiting_for_done(sup, listener):
+    """A READY read while DONE waited for its answer still gets the next
+    request ACCEPTed at once, not at the consumer's timeout."""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    fd1, peer1 = connected_fd(listener)
+    fd2, peer2 = connected_fd(listener)
+    peer1.close()
+    peer2.close()
+    nl.ready_during_done.append(upcall.AcceptedRequest(
+        sockfd=fd2, msg_type=uapi.MsgType.CLIENTHELLO,
+        auth_mode=uapi.AuthMode.UNAUTH, timeout_ms=None, peerids=(),
+        certs=(), peername="127.0.0.1", keyring=None))
+    nl.submit(fd1)
+    took = run_until(s, lambda: len(nl.dones) == 2, timeout=10)
+    assert [d[0] for d in nl.dones] == [fd1, fd2]
+    assert took < 1.5, took  # well before the 2 s request deadline
