@@ -11,7 +11,11 @@ Server (NVMe target): the identity the client offers is looked up as a
    later: the nvmet port's keyring, ``.nvme`` by default), then
 2. each keyring the supervisor linked into the daemon's session keyring
    at start-up (``.nvme``, ``.nfs``, ``.nfsd``, ``[authenticate]
-   keyrings=``), i.e. what ktls-utils searches through its session keyring.
+   keyrings=``), i.e. what ktls-utils searches through its session keyring,
+3. ``.nvme``, ``.nfs``, ``.nfsd`` wherever we possess them: a module
+   loaded after tlshd started creates its keyring too late for step 2,
+   but the consumer's ACCEPT links it into the supervisor's process
+   keyring (also before 6.17, which does not name it in ACCEPT).
 
 Not searched: the supervisor's process keyring (``_pid``), which only
 makes the workers *possess* every request's keyring. Searching it would
@@ -70,6 +74,14 @@ def search_keyrings(request_keyring: int) -> list[int]:
             continue
         if (key_type == "keyring" and description != PROCESS_KEYRING_NAME
                 and serial not in rings):
+            rings.append(serial)
+    for name in keys.WELL_KNOWN_KEYRINGS:
+        try:
+            serial = keys.search(keys.KEY_SPEC_SESSION_KEYRING, "keyring",
+                                 name)
+        except OSError:
+            continue
+        if serial not in rings:
             rings.append(serial)
     return rings
 

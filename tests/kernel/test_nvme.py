@@ -73,41 +73,53 @@ def nvme_keyring() -> int:
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def target() -> Iterator[None]:
-    """nvmet: one subsystem, one file-backed namespace, one TLS port.
+class Target:
+    """nvmet: one subsystem, one file-backed namespace, one TLS port."""
 
-    The modules are loaded here, before any tlshd starts (ktls-utils links
-    .nvme only at start-up; ours also reaches it through the request).
-    """
-    sh("modprobe tls && modprobe nvmet-tcp && modprobe nvme-tcp")
-    sh(f"truncate -s 16M {BACKING}")
     sub = NVMET / "subsystems" / SUBNQN
     port = NVMET / "ports" / "1"
-    sub.mkdir()
-    (sub / "attr_allow_any_host").write_text("1")
     ns = sub / "namespaces" / "1"
-    ns.mkdir()
-    (ns / "device_path").write_text(str(BACKING))
-    (ns / "enable").write_text("1")
-    port.mkdir()
-    for attr, value in (("addr_trtype", "tcp"), ("addr_adrfam", "ipv4"),
-                        ("addr_traddr", "127.0.0.1"),
-                        ("addr_trsvcid", PORT), ("addr_treq", "required"),
-                        ("addr_tsas", "tls1.3")):
-        (port / attr).write_text(value)
-    print("port:", {a: (port / a).read_text().strip()
-                    for a in ("addr_treq", "addr_tsas")})
-    (port / "subsystems" / SUBNQN).symlink_to(sub)
-    yield
-    for ctrl in Path("/sys/class/nvme").glob("nvme*"):
-        (ctrl / "delete_controller").write_text("1")
-    (port / "subsystems" / SUBNQN).unlink()
-    port.rmdir()
-    (ns / "enable").write_text("0")
-    ns.rmdir()
-    sub.rmdir()
-    BACKING.unlink()
+
+    def setup(self) -> None:
+        sh("modprobe tls && modprobe nvmet-tcp && modprobe nvme-tcp")
+        sh(f"truncate -s 16M {BACKING}")
+        self.sub.mkdir()
+        (self.sub / "attr_allow_any_host").write_text("1")
+        self.ns.mkdir()
+        (self.ns / "device_path").write_text(str(BACKING))
+        (self.ns / "enable").write_text("1")
+        self.port.mkdir()
+        for attr, value in (("addr_trtype", "tcp"), ("addr_adrfam", "ipv4"),
+                            ("addr_traddr", "127.0.0.1"),
+                            ("addr_trsvcid", PORT),
+                            ("addr_treq", "required"),
+                            ("addr_tsas", "tls1.3")):
+            (self.port / attr).write_text(value)
+        print("port:", {a: (self.port / a).read_text().strip()
+                        for a in ("addr_treq", "addr_tsas")})
+        (self.port / "subsystems" / SUBNQN).symlink_to(self.sub)
+
+    def teardown(self) -> None:
+        for ctrl in Path("/sys/class/nvme").glob("nvme*"):
+            (ctrl / "delete_controller").write_text("1")
+        if not self.sub.exists():
+            return
+        (self.port / "subsystems" / SUBNQN).unlink()
+        self.port.rmdir()
+        (self.ns / "enable").write_text("0")
+        self.ns.rmdir()
+        self.sub.rmdir()
+        BACKING.unlink()
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    """The target, set up once; the modules are loaded before any tlshd
+    starts (ktls-utils links .nvme only at start-up)."""
+    t = Target()
+    t.setup()
+    yield t
+    t.teardown()
 
 
 class PskKeys:
@@ -182,6 +194,16 @@ def requests() -> list[Request]:
                                abs(int(st.group(1))) if st else -1,
                                stamp - submitted.get(req, stamp)))
     return out
+
+
+def diagnostics() -> str:
+    """Every handshake event and the kernel log's tail, for failures."""
+    events = [line.strip() for line in
+              (TRACING / "trace").read_text().splitlines()
+              if "handshake_" in line]
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True,
+                           check=False).stdout.splitlines()[-40:]
+    return "\n".join(["trace:", *events, "dmesg:", *dmesg])
 
 
 def show(label: str, reqs: list[Request]) -> None:
@@ -290,6 +312,8 @@ def good_connect(tlshd, psk_serial: int, queues: int, label: str) -> None:
     show(label, reqs)
     print(f"{label}: connect ok={c.ok} errno="
           f"{errno.errorcode.get(c.errno, c.errno)} {c.seconds:.2f} s")
+    if not c.ok:
+        print(diagnostics())
     assert c.ok, (errno.errorcode.get(c.errno), tlshd.since(mark)[-3000:])
     assert c.instance is not None
     try:
@@ -328,6 +352,10 @@ def test_connect_write_read(target, tlshd, nvme_trace, psk_keys, hash_name,
     hh, size = HASHES[hash_name]
     serial = psk_keys.add(identity(hh), os.urandom(size))
     tlshd.start(CONFIG)
+    # The worker reads the PSKs as an unprivileged user: by possession.
+    worker = re.search(r"ready: (uid \d+ gid \d+ CapEff \w+)", tlshd.log())
+    assert worker and not worker.group(1).startswith("uid 0 "), worker
+    print(f"{hash_name} x{queues}: worker {worker.group(1)}")
     good_connect(tlshd, serial, queues, f"{hash_name} x{queues}")
     suite = "SHA256" if hash_name == "sha256" else "SHA384"
     assert f"(PSK-{suite})" in tlshd.log()
@@ -381,3 +409,85 @@ def test_unknown_identity_then_good(target, tlshd, nvme_trace, psk_keys):
     assert by_side == {"host": errno.EKEYREJECTED,
                        "target": errno.ENOKEY}, reqs
     good_connect(tlshd, good, 1, "after unknown identity")
+
+
+# ---- real tooling, module ordering --------------------------------------
+
+TRIXIE = Path(__file__).resolve().parents[2] / ".cache" / "trixie-root"
+
+
+def nvme_cli(args: str) -> str:
+    """nvme-cli 2.13 from the trixie chroot (bookworm's 2.3 lacks TLS).
+
+    It runs in a session keyring of its own: libnvme links .nvme into the
+    caller's session keyring, which would otherwise keep ours holding it.
+    """
+    for sub in ("proc", "sys", "dev"):
+        sh(f"mountpoint -q {TRIXIE}/{sub} || "
+           f"mount --rbind /{sub} {TRIXIE}/{sub}")
+    r = subprocess.run(["chroot", str(TRIXIE), "nvme", *args.split()],
+                       capture_output=True, text=True, check=False,
+                       timeout=120,
+                       preexec_fn=lambda: keys.join_session_keyring(None))
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout
+
+
+@pytest.mark.parametrize("hmac", [1, 2], ids=["sha256", "sha384"])
+def test_nvme_cli_generated_key_and_connect(target, tlshd, nvme_trace,
+                                            psk_keys, hmac):
+    """A configured PSK in the NVMe interchange format (nvme gen-tls-key),
+    turned into the retained PSK and inserted into .nvme by nvme-cli
+    (check-tls-key --insert, which also sets its permissions), then
+    ``nvme connect --tls``."""
+    if not (TRIXIE / "usr/sbin/nvme").exists():
+        pytest.fail(f"trixie chroot with nvme-cli missing at {TRIXIE}")
+    configured = nvme_cli(f"gen-tls-key --hmac={hmac}").split()[-1]
+    out = nvme_cli(f"check-tls-key --hostnqn={HOSTNQN} "
+                   f"--subsysnqn={SUBNQN} --keydata={configured} --insert")
+    m = re.search(r"Inserted TLS key ([0-9a-f]+)", out)
+    assert m, out
+    serial = int(m.group(1), 16)
+    psk_keys.added.append((serial, nvme_keyring()))
+    print(f"nvme-cli hmac {hmac}: {configured[:16]}... -> key {serial:08x} "
+          f"{keys.describe(serial)}")
+    tlshd.start(CONFIG)
+    clear_trace()
+    start = time.monotonic()
+    out = nvme_cli(f"connect -t tcp -a 127.0.0.1 -s {PORT} -n {SUBNQN} "
+                   f"--hostnqn={HOSTNQN} --hostid={HOSTID} --tls "
+                   "--nr-io-queues=1 -o json")
+    print(f"nvme-cli hmac {hmac}: connect {time.monotonic() - start:.2f} s:"
+          f" {out.strip()}")
+    instance = int(re.search(r'"device"\s*:\s*"nvme(\d+)"', out).group(1))
+    try:
+        ctrl = Path(f"/sys/class/nvme/nvme{instance}")
+        assert (ctrl / "state").read_text().strip() == "live"
+        assert int((ctrl / "tls_key").read_text(), 16) == serial
+        write_read_back(block_device(instance))
+    finally:
+        disconnect(instance)
+    reqs = requests()
+    show(f"nvme-cli hmac {hmac}", reqs)
+    assert len(reqs) == 4 and all(r.status == 0 for r in reqs), reqs
+
+
+def test_modules_loaded_after_tlshd(target, tlshd, nvme_trace, psk_keys):
+    """vm-harness pitfall 13: with the nvme modules loaded after the
+    daemon, .nvme did not exist to be linked at start-up. The consumers'
+    ACCEPT links it into the supervisor's process keyring, which the
+    workers possess, so both ends still find their PSK."""
+    target.teardown()
+    psk_keys.remove()
+    # nvme_keyring goes with its last user (nvme_core on 7.x).
+    sh("modprobe -r nvme_tcp nvmet_tcp nvmet nvme_fabrics; "
+       "modprobe -r nvme_core nvme_auth nvme_keyring; true")
+    end = time.monotonic() + 30
+    while keys.find_keyrings(".nvme") and time.monotonic() < end:
+        time.sleep(0.5)  # the revoked keyring waits for the key GC
+    assert not keys.find_keyrings(".nvme"), sh("lsmod; cat /proc/keys")
+    tlshd.start(CONFIG)
+    assert "Keyring '.nvme' not found" in tlshd.log()
+    target.setup()
+    serial = psk_keys.add(identity("01"), os.urandom(32))
+    good_connect(tlshd, serial, 1, "modules after tlshd")
