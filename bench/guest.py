@@ -1,0 +1,854 @@
+#!/work/main/.venv/bin/python
+"""The benchmark's guest half: our tlshd against the reference, one VM.
+
+Runs as root inside the VM (bench/run boots it).  Everything is set up
+once: certificates, nfsd (exportfs/rpc.mountd from the trixie chroot),
+the nvmet target with a retained PSK, the worker user, tracing and two
+cgroups.  Then, for R rounds, each implementation is started, warmed up
+(one untimed tls mount, mtls mount and NVMe connect: the first handshake
+after a start is slow) and runs every scenario; the order alternates
+ABBA (ours, reference / reference, ours / ...) so that slow drift of the
+host hits both alike.  An NFS loop without TLS runs once per round.
+
+Latencies come from the kernel, not from our clock: the handshake:*
+tracepoints, paired by ``req=`` (submit -> complete: what the consumer
+waits for; cmd_accept -> cmd_done: the agent's own share).  The trace
+clock is ``mono``, the same clock as time.monotonic(), so events are
+assigned to the cycle that submitted them.
+
+Agent CPU is the cgroup's cpu.stat usage over a timed loop (the whole
+process tree, including the reference's per-handshake children that
+exit before anyone could read their /proc entries), divided by the
+handshakes of that loop.  Memory is Pss and Rss from smaps_rollup,
+summed over the cgroup's processes.
+
+Writes <out>/results.json and prints the table (bench/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import ipaddress
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import report  # noqa: E402
+
+VENV_BIN = REPO / ".venv" / "bin"
+CACHE = Path(os.environ.get("TLSHD_CACHE") or REPO / ".cache")
+TRIXIE = CACHE / "trixie-root"
+TRACING = Path("/sys/kernel/tracing")
+CGROUP = Path("/sys/fs/cgroup")
+WORK = Path("/tmp/tlshd-bench")  # bind-mounted into the chroot as /tmp
+EXPORT = "/srv/nfs"
+NVMET = Path("/sys/kernel/config/nvmet")
+HOSTID = "5b0c7d8e-2f41-4c1a-9e55-0d6f3a7b9c10"
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:" + HOSTID
+SUBNQN = "nqn.2014-08.org.example:tlshd-bench"
+NVME_PORT = "4420"
+BACKING = Path("/dev/shm/tlshd-bench-nvme")
+PAYLOAD = b"tlshd benchmark payload\n" * 64
+LOOPBACKS = ["127.0.0.%d" % i for i in range(1, 17)]
+
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print("[%7.1f] %s" % (time.monotonic() - T0, msg), flush=True)
+
+
+def sh(cmd: str, check: bool = True, timeout: float = 120
+       ) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
+                       timeout=timeout, check=False,
+                       stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise RuntimeError("%s: rc %d\n%s%s" % (cmd, r.returncode,
+                                                r.stdout, r.stderr))
+    return r
+
+
+# ---------------------------------------------------------------- setup
+
+
+def make_credentials(d: Path) -> None:
+    """A P-256 CA, a server and a client certificate (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("tlshd-bench-ca"))
+          .issuer_name(name("tlshd-bench-ca"))
+          .public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - day).not_valid_after(now + 7 * day)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=True, key_cert_sign=True, crl_sign=True,
+              content_commitment=False, key_encipherment=False,
+              data_encipherment=False, key_agreement=False,
+              encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    sans += [x509.IPAddress(ipaddress.ip_address(a))
+             for a in [*LOOPBACKS, "::1"]]
+    for leaf in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("localhost"))
+                .issuer_name(ca.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - day)
+                .not_valid_after(now + 7 * day)
+                .add_extension(x509.BasicConstraints(ca=False,
+                                                     path_length=None),
+                               critical=True)
+                .add_extension(x509.ExtendedKeyUsage([
+                    ExtendedKeyUsageOID.SERVER_AUTH,
+                    ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .add_extension(x509.SubjectAlternativeName(sans),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (d / ("%s.pem" % leaf)).write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM))
+        kf = d / ("%s.key" % leaf)
+        kf.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        kf.chmod(0o600)
+
+
+def write_config(d: Path) -> Path:
+    conf = d / "tlshd.conf"
+    lines = ["[debug]", "loglevel=0", "tls=0", "nl=0", "[authenticate]"]
+    for role in ("client", "server"):
+        lines += ["[authenticate.%s]" % role,
+                  "x509.truststore=%s/ca.pem" % d,
+                  "x509.certificate=%s/%s.pem" % (d, role),
+                  "x509.private_key=%s/%s.key" % (d, role)]
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def setup_tracing() -> None:
+    if not (TRACING / "trace").exists():
+        sh("mount -t tracefs nodev %s" % TRACING)
+    (TRACING / "trace_clock").write_text("mono")
+    (TRACING / "buffer_size_kb").write_text("16384")
+    (TRACING / "events/handshake/enable").write_text("1")
+    (TRACING / "trace").write_text("")
+
+
+def setup_cgroups() -> None:
+    if not (CGROUP / "cgroup.procs").exists():
+        sh("mount -t cgroup2 none %s" % CGROUP)
+
+
+def setup_nfs() -> None:
+    sh("modprobe tls && modprobe nfsd && modprobe nfsv4")
+    for sub in ("proc", "dev", "run", "sys"):
+        sh("mountpoint -q {t}/{s} || mount --rbind /{s} {t}/{s}"
+           .format(t=TRIXIE, s=sub))
+    sh("mountpoint -q {t}/tmp || mount --bind /tmp {t}/tmp".format(t=TRIXIE))
+    sh("mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd")
+    sh("mkdir -p {r} && mount -t tmpfs -o size=16m tmpfs {r} && "
+       "mkdir -p {t}{r} && mount --rbind {r} {t}{r}"
+       .format(r=EXPORT, t=TRIXIE))
+    Path(EXPORT, "hello").write_bytes(PAYLOAD)
+    opts = "rw,no_root_squash,insecure,no_subtree_check,fsid=0"
+    (TRIXIE / "etc/exports").write_text(
+        "%s 127.0.0.0/8(%s,xprtsec=none:tls:mtls)\n" % (EXPORT, opts))
+    Path("/proc/fs/nfsd/nfsv4gracetime").write_text("10")
+    Path("/proc/fs/nfsd/nfsv4leasetime").write_text("10")
+    sh("chroot %s /bin/sh -c 'mkdir -p /var/lib/nfs/rpc_pipefs /run/rpcbind;"
+       " rpcbind -w && exportfs -ra && rpc.mountd -N 3'" % TRIXIE)
+    # 32 nfsd threads: each server-side handshake holds a thread while it
+    # waits, and nconnect=16 must not queue behind a small pool.
+    sh("rpc.nfsd -N 3 32")
+    for i in range(1, 17):
+        os.makedirs("/mnt/b%d" % i, exist_ok=True)
+
+
+def setup_nvme() -> int:
+    """nvmet with one TLS port; a retained PSK in .nvme; its serial."""
+    from tlshd.shared import keys
+
+    sh("modprobe nvmet-tcp && modprobe nvme-tcp")
+    sh("truncate -s 16M %s" % BACKING)
+    sub = NVMET / "subsystems" / SUBNQN
+    sub.mkdir()
+    (sub / "attr_allow_any_host").write_text("1")
+    ns = sub / "namespaces" / "1"
+    ns.mkdir()
+    (ns / "device_path").write_text(str(BACKING))
+    (ns / "enable").write_text("1")
+    port = NVMET / "ports" / "1"
+    port.mkdir()
+    for attr, value in (("addr_trtype", "tcp"), ("addr_adrfam", "ipv4"),
+                        ("addr_traddr", "127.0.0.1"),
+                        ("addr_trsvcid", NVME_PORT),
+                        ("addr_treq", "required"),
+                        ("addr_tsas", "tls1.3")):
+        (port / attr).write_text(value)
+    (port / "subsystems" / SUBNQN).symlink_to(sub)
+    ring = keys.find_keyrings(".nvme")
+    if not ring:
+        raise RuntimeError("no .nvme keyring")
+    return keys.add(keys.PSK_KEY_TYPE, "NVMe0R01 %s %s" % (HOSTNQN, SUBNQN),
+                    os.urandom(32), ring[0])
+
+
+def ktls_throwaway() -> None:
+    """One kTLS install per AEAD, so that neither daemon's first
+    handshake pays for loading the kernel's crypto modules (6.12 loads
+    gcm/ghash on the first install: ~0.8 s).  BENCH_COLD=1 skips it."""
+    import struct
+
+    from tlshd.worker import ktls
+
+    for suite in ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256",
+                  "TLS_CHACHA20_POLY1305_SHA256"):
+        info = ktls.SUITES[suite]
+        srv = socket.create_server(("127.0.0.1", 0))
+        cli = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+        try:
+            cli.setsockopt(ktls.SOL_TCP, ktls.TCP_ULP, ktls.TLS_ULP_NAME)
+            blob = bytearray(info.layout.size)
+            struct.pack_into("=HH", blob, 0, ktls.TLS_1_3_VERSION,
+                             info.cipher_type)
+            cli.setsockopt(ktls.SOL_TLS, ktls.TLS_TX, bytes(blob))
+        finally:
+            for x in (cli, peer, srv):
+                x.close()
+
+
+def handshake_group_id() -> int:
+    from tlshd.supervisor import genl
+
+    return genl.probe_family().group_id
+
+
+# ---------------------------------------------------------------- daemons
+
+
+def group_listeners(group_id: int) -> int:
+    """NETLINK_GENERIC sockets joined to the tlshd group (vm-harness §6)."""
+    bit = 1 << (group_id - 1)
+    n = 0
+    for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and f[1] == "16" and int(f[3], 16) & bit:
+            n += 1
+    return n
+
+
+def cgroup_pids(cg: Path) -> list[int]:
+    return [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+
+
+def cpu_usec(cg: Path) -> dict[str, int]:
+    out = {}
+    for line in (cg / "cpu.stat").read_text().splitlines():
+        k, v = line.split()
+        out[k] = int(v)
+    return out
+
+
+def memory(cg: Path) -> dict[str, Any]:
+    """Pss and Rss (KiB) summed over the cgroup's processes."""
+    pss = rss = 0
+    procs = []
+    for pid in cgroup_pids(cg):
+        try:
+            text = Path("/proc/%d/smaps_rollup" % pid).read_text()
+            comm = Path("/proc/%d/cmdline" % pid).read_bytes()
+        except OSError:
+            continue
+        p = int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))
+        r = int(re.search(r"^Rss:\s+(\d+)", text, re.M).group(1))
+        pss += p
+        rss += r
+        title = comm.split(b"\0")[0].decode(errors="replace")
+        procs.append({"pid": pid, "title": title, "pss_kib": p,
+                      "rss_kib": r})
+    return {"pss_kib": pss, "rss_kib": rss, "processes": procs}
+
+
+class Daemon:
+    """One implementation, started in a cgroup of its own."""
+
+    def __init__(self, impl: str, conf: Path, group_id: int) -> None:
+        self.impl = impl
+        self.conf = conf
+        self.group_id = group_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cg = CGROUP
+        self.log = WORK / ("%s.log" % impl)
+        self.start_seconds = 0.0
+
+    def argv(self) -> list[str]:
+        if self.impl == "ours":
+            return [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)]
+        return ["chroot", str(TRIXIE), "/usr/sbin/tlshd", "-s", "-c",
+                str(self.conf)]
+
+    def start(self, label: str) -> None:
+        if group_listeners(self.group_id):
+            raise RuntimeError("a tlshd group listener is still there")
+        self.cg = CGROUP / ("bench-%s-%s" % (self.impl, label))
+        self.cg.mkdir()
+        procs = str(self.cg / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as f:
+                f.write("0")
+
+        mark = self.log.stat().st_size if self.log.exists() else 0
+        started = time.monotonic()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=enter)
+        end = started + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited (%s):\n%s" % (
+                    self.impl, self.proc.returncode, self.log_since(mark)))
+            if self.ready(mark):
+                break
+            if time.monotonic() > end:
+                raise RuntimeError("%s not ready:\n%s"
+                                   % (self.impl, self.log_since(mark)))
+            time.sleep(0.05)
+        self.start_seconds = time.monotonic() - started
+
+    def log_since(self, mark: int) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")[-4000:]
+
+    def ready(self, mark: int) -> bool:
+        if self.impl == "ours":
+            # The supervisor joins the group before its worker is up.
+            return bool(re.search(r"Worker \d+ for netns init ready",
+                                  self.log_since(mark)))
+        return group_listeners(self.group_id) > 0
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        (self.cg / "cgroup.kill").write_text("1")
+        end = time.monotonic() + 30
+        while cgroup_pids(self.cg) or group_listeners(self.group_id):
+            if time.monotonic() > end:
+                raise RuntimeError("%s left processes or listeners"
+                                   % self.impl)
+            time.sleep(0.05)
+        self.cg.rmdir()
+        self.proc = None
+
+
+# ---------------------------------------------------------------- tracing
+
+
+@dataclass
+class Req:
+    req: str
+    comm: str = ""
+    submit: float | None = None
+    accept: float | None = None
+    done: float | None = None
+    complete: float | None = None
+    status: int | None = None
+
+
+_EVENT = re.compile(r"^\s*(.+?)-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): "
+                    r"(handshake_\w+): .*?req=(\S+)(.*)$")
+
+
+def read_trace() -> list[Req]:
+    """Every request in the trace buffer, in submit order."""
+    reqs: dict[str, Req] = {}
+    out: list[Req] = []
+    for line in (TRACING / "trace").read_text().splitlines():
+        m = _EVENT.match(line)
+        if not m:
+            continue
+        comm, stamp, event, key = (m.group(1).strip(), float(m.group(3)),
+                                   m.group(4), m.group(5))
+        if event == "handshake_submit":
+            # A freed request's address is soon reused: a submit always
+            # starts a new request.
+            r = reqs[key] = Req(key, comm=comm, submit=stamp)
+            out.append(r)
+            continue
+        r = reqs.get(key)
+        if r is None:  # submitted before the trace was cleared
+            continue
+        elif event == "handshake_cmd_accept":
+            r.accept = stamp
+        elif event == "handshake_cmd_done":
+            r.done = stamp
+        elif event == "handshake_complete":
+            r.complete = stamp
+            st = re.search(r"status=(-?\d+)", m.group(6))
+            r.status = int(st.group(1)) if st else -1
+    return out
+
+
+def clear_trace() -> None:
+    (TRACING / "trace").write_text("")
+
+
+# ---------------------------------------------------------------- actions
+
+
+def nfs_mount(host: str, target: str, xprtsec: str | None,
+              extra: str = "") -> None:
+    opts = "vers=4.2" + (",xprtsec=%s" % xprtsec if xprtsec else "") + extra
+    r = subprocess.run(["mount", "-t", "nfs", "-o", opts, "%s:/" % host,
+                        target], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError("mount %s %s: %s" % (opts, host, r.stderr))
+
+
+def nfs_umount(target: str) -> None:
+    r = subprocess.run(["umount", target], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError("umount %s: %s" % (target, r.stderr))
+
+
+def nfs_cycle(xprtsec: str | None, mounts: int = 1, extra: str = "") -> None:
+    """Mount ``mounts`` servers at once (127.0.0.1.., each its own NFS
+    client and transport), read a file through each, unmount all."""
+    targets = ["/mnt/b%d" % (i + 1) for i in range(mounts)]
+    parallel([lambda i=i: nfs_mount(LOOPBACKS[i], targets[i], xprtsec,
+                                    extra) for i in range(mounts)])
+    for t in targets:
+        if Path(t, "hello").read_bytes() != PAYLOAD:
+            raise RuntimeError("wrong content through %s" % t)
+    parallel([lambda t=t: nfs_umount(t) for t in targets])
+
+
+def parallel(fns: list) -> None:
+    if len(fns) == 1:
+        fns[0]()
+        return
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def nvme_queue_split(queues: int, cpus: int) -> list[str]:
+    """Controllers whose I/O queues add up to ``queues``.
+
+    The host caps read (nr_io_queues) and write (nr_write_queues) queues
+    at the online CPUs each, so with few vCPUs 16 queues need several
+    controllers connecting at once (duplicate_connect)."""
+    per = 2 * cpus
+    out = []
+    left = queues
+    while left > 0:
+        n = min(left, per)
+        io = min(n, cpus)
+        opt = "nr_io_queues=%d" % io
+        if n > io:
+            opt += ",nr_write_queues=%d" % (n - io)
+        out.append(opt)
+        left -= n
+    return out
+
+
+def nvme_connect(queue_opt: str, duplicate: bool) -> int:
+    opts = ("transport=tcp,traddr=127.0.0.1,trsvcid=%s,nqn=%s,hostnqn=%s,"
+            "hostid=%s,%s,tls" % (NVME_PORT, SUBNQN, HOSTNQN, HOSTID,
+                                  queue_opt))
+    if duplicate:
+        opts += ",duplicate_connect"
+    fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
+    try:
+        os.write(fd, opts.encode())
+        reply = os.read(fd, 4096).decode()
+    except OSError as e:
+        raise RuntimeError("nvme connect %s: %s" % (
+            queue_opt, errno.errorcode.get(e.errno or 0, e))) from None
+    finally:
+        os.close(fd)
+    return int(re.search(r"instance=(\d+)", reply).group(1))
+
+
+def nvme_cycle(queues: int) -> None:
+    split = nvme_queue_split(queues, os.cpu_count() or 1)
+    instances: list[int] = []
+    lock = threading.Lock()
+
+    def one(opt: str) -> None:
+        inst = nvme_connect(opt, len(split) > 1)
+        with lock:
+            instances.append(inst)
+
+    try:
+        parallel([lambda o=o: one(o) for o in split])
+        for inst in instances:
+            state = Path("/sys/class/nvme/nvme%d/state" % inst).read_text()
+            if state.strip() != "live":
+                raise RuntimeError("nvme%d %s" % (inst, state.strip()))
+    finally:
+        for inst in instances:
+            Path("/sys/class/nvme/nvme%d/delete_controller" % inst
+                 ).write_text("1")
+        # Deletion is asynchronous; wait so the next cycle starts clean.
+        end = time.monotonic() + 60
+        while any(Path("/sys/class/nvme/nvme%d" % i).exists()
+                  for i in instances) and time.monotonic() < end:
+            time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str  # "nfs" or "nvme"
+    cycles: int
+    xprtsec: str | None = None
+    mounts: int = 1
+    extra: str = ""
+    queues: int = 1
+    needs_daemon: bool = True
+
+    def run_cycle(self) -> None:
+        if self.kind == "nfs":
+            nfs_cycle(self.xprtsec, self.mounts, self.extra)
+        else:
+            nvme_cycle(self.queues)
+
+    def describe(self) -> str:
+        if self.kind == "nvme":
+            split = nvme_queue_split(self.queues, os.cpu_count() or 1)
+            return "NVMe/TCP PSK connect, %d I/O queue(s) (%s)" % (
+                self.queues, " + ".join(split))
+        what = "NFS mount/read/umount, xprtsec=%s" % (self.xprtsec or "none")
+        if self.mounts > 1:
+            what += ", %d mounts in parallel" % self.mounts
+        if self.extra:
+            what += ", " + self.extra.strip(",")
+        return what
+
+
+@dataclass
+class Sample:
+    """One timed loop of one scenario under one implementation."""
+
+    impl: str
+    round: int
+    cycles: int = 0
+    failed: int = 0
+    error: str = ""
+    cycle_seconds: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)  # submit->complete
+    agent: list[float] = field(default_factory=list)  # accept->done
+    bursts: list[float] = field(default_factory=list)  # first submit ->
+    # last done, per cycle
+    burst_handshakes: list[int] = field(default_factory=list)
+    handshakes: int = 0
+    handshake_errors: int = 0
+    incomplete: int = 0
+    cpu_usec: int = 0
+    user_usec: int = 0
+    system_usec: int = 0
+    wall: float = 0.0
+
+
+def timed_loop(sc: Scenario, impl: str, rnd: int,
+               daemon: Daemon | None) -> Sample:
+    s = Sample(impl, rnd)
+    time.sleep(0.2)
+    clear_trace()
+    windows: list[tuple[float, float]] = []
+    cpu0 = cpu_usec(daemon.cg) if daemon else None
+    start = time.monotonic()
+    for _ in range(sc.cycles):
+        c0 = time.monotonic()
+        try:
+            sc.run_cycle()
+        except Exception as e:
+            s.failed += 1
+            s.error = str(e)[:500]
+            say("  cycle failed: %s" % s.error)
+        c1 = time.monotonic()
+        s.cycles += 1
+        s.cycle_seconds.append(c1 - c0)
+        windows.append((c0, c1))
+    s.wall = time.monotonic() - start
+    time.sleep(0.5)  # stragglers (the far end's DONE) land in the trace
+    if daemon and cpu0:
+        cpu1 = cpu_usec(daemon.cg)
+        s.cpu_usec = cpu1["usage_usec"] - cpu0["usage_usec"]
+        s.user_usec = cpu1["user_usec"] - cpu0["user_usec"]
+        s.system_usec = cpu1["system_usec"] - cpu0["system_usec"]
+    reqs = read_trace()
+    per_cycle: list[list[Req]] = [[] for _ in windows]
+    for r in reqs:
+        s.handshakes += 1
+        if r.complete is None:
+            s.incomplete += 1
+            continue
+        if r.status != 0:
+            s.handshake_errors += 1
+        s.latency.append(r.complete - r.submit)
+        if r.accept is not None and r.done is not None:
+            s.agent.append(r.done - r.accept)
+        for i, (a, b) in enumerate(windows):
+            if a <= r.submit <= b:
+                per_cycle[i].append(r)
+                break
+    for group in per_cycle:
+        if not group:
+            continue
+        first = min(r.submit for r in group)
+        last = max(r.done or r.complete for r in group)
+        s.bursts.append(last - first)
+        s.burst_handshakes.append(len(group))
+    return s
+
+
+def scenarios(a: argparse.Namespace) -> list[Scenario]:
+    out = [
+        Scenario("nfs-tls", "nfs", a.nfs_cycles, "tls"),
+        Scenario("nfs-mtls", "nfs", a.nfs_cycles, "mtls"),
+        Scenario("nfs-nconnect16", "nfs", a.burst_cycles, "tls",
+                 extra=",nconnect=16"),
+        Scenario("nfs-parallel%d" % a.parallel_mounts, "nfs",
+                 a.burst_cycles, "tls", mounts=a.parallel_mounts),
+        Scenario("nvme-q1", "nvme", a.nvme_cycles, queues=1),
+        Scenario("nvme-q16", "nvme", a.burst_cycles, queues=16),
+    ]
+    if a.only:
+        keep = set(a.only.split(","))
+        out = [s for s in out if s.name in keep]
+    return out
+
+
+BASELINE = "nfs-none"
+
+
+def warm_up(a: argparse.Namespace) -> None:
+    """The first handshakes after a start load and touch everything."""
+    nfs_cycle("tls")
+    nfs_cycle("mtls")
+    if not a.only or "nvme" in a.only:
+        nvme_cycle(1)
+
+
+# ---------------------------------------------------------------- crypto
+
+
+def crypto_cost(n: int) -> dict[str, float]:
+    """CPU ms of the handshake's public-key operations, in this guest,
+    through the same OpenSSL (the cryptography wheel's)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+    def cpu(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        t = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - t) / n * 1000
+
+    peer = x25519.X25519PrivateKey.generate().public_key()
+    key = ec.generate_private_key(ec.SECP256R1())
+    msg = os.urandom(130)
+    sig = key.sign(msg, ec.ECDSA(hashes.SHA256()))
+    pub = key.public_key()
+    out = {
+        "x25519_keygen_ms": cpu(x25519.X25519PrivateKey.generate),
+        "x25519_exchange_ms": cpu(
+            lambda: x25519.X25519PrivateKey.generate().exchange(peer)),
+        "p256_sign_ms": cpu(lambda: key.sign(msg, ec.ECDSA(hashes.SHA256()))),
+        "p256_verify_ms": cpu(
+            lambda: pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))),
+    }
+    # exchange_ms includes a keygen; one ECDHE = keygen + exchange.
+    out["x25519_ecdhe_ms"] = out["x25519_exchange_ms"]
+    out["reference_ms"] = (out["x25519_ecdhe_ms"] + out["p256_sign_ms"]
+                           + out["p256_verify_ms"])
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    ref = sh("chroot %s /usr/sbin/tlshd -v 2>&1; true" % TRIXIE,
+             check=False).stdout.strip()
+    ours = sh("%s/tlshd --version" % VENV_BIN, check=False).stdout.strip()
+    import cryptography
+    import OpenSSL
+
+    return {"guest_kernel": platform.release(),
+            "guest_cpus": os.cpu_count(), "guest_cpu_model": cpu,
+            "python": platform.python_version(),
+            "pyopenssl": OpenSSL.__version__,
+            "cryptography": cryptography.__version__,
+            "reference_version": ref, "ours_version": ours}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--rounds", type=int,
+                   default=int(os.environ.get("BENCH_ROUNDS", 3)))
+    p.add_argument("--nfs-cycles", type=int,
+                   default=int(os.environ.get("BENCH_NFS_CYCLES", 8)))
+    p.add_argument("--nvme-cycles", type=int,
+                   default=int(os.environ.get("BENCH_NVME_CYCLES", 8)))
+    p.add_argument("--burst-cycles", type=int,
+                   default=int(os.environ.get("BENCH_BURST_CYCLES", 2)))
+    p.add_argument("--parallel-mounts", type=int,
+                   default=int(os.environ.get("BENCH_PARALLEL_MOUNTS", 4)))
+    p.add_argument("--impls", default=os.environ.get("BENCH_IMPLS",
+                                                     "ours,reference"))
+    p.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
+                   help="comma-separated scenario names")
+    p.add_argument("--crypto-iterations", type=int, default=40)
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    say("setup: kernel %s, %d CPUs" % (platform.release(), os.cpu_count()))
+    WORK.mkdir(parents=True, exist_ok=True)
+    WORK.chmod(0o755)
+    make_credentials(WORK)
+    conf = write_config(WORK)
+    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
+       "--shell /usr/sbin/nologin tlshd")
+    setup_tracing()
+    setup_cgroups()
+    setup_nfs()
+    psk = setup_nvme()
+    if os.environ.get("BENCH_COLD") != "1":
+        t = time.monotonic()
+        ktls_throwaway()
+        say("throw-away kTLS installs: %.0f ms" % ((time.monotonic() - t)
+                                                   * 1000))
+    group = handshake_group_id()
+    say("setup done: PSK key %08x, tlshd group %d" % (psk, group))
+
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "params": {k: v for k, v in vars(a).items() if k != "out"},
+        "scenarios": {}, "memory": [], "starts": [],
+    }
+    scs = scenarios(a)
+    base = Scenario(BASELINE, "nfs", a.nfs_cycles, None,
+                    needs_daemon=False)
+    results["scenarios"][BASELINE] = {"describe": base.describe(),
+                                      "samples": []}
+    for sc in scs:
+        results["scenarios"][sc.name] = {"describe": sc.describe(),
+                                         "samples": []}
+    impls = a.impls.split(",")
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    # Warm the NFS client and server paths once, without TLS.
+    nfs_cycle(None)
+    for rnd in range(1, a.rounds + 1):
+        order = impls if rnd % 2 else list(reversed(impls))
+        say("round %d: baseline without TLS" % rnd)
+        s = timed_loop(base, "none", rnd, None)
+        results["scenarios"][BASELINE]["samples"].append(vars(s))
+        for impl in order:
+            d = Daemon(impl, conf, group)
+            d.start("r%d" % rnd)
+            say("round %d: %s ready after %.1f s" % (rnd, impl,
+                                                     d.start_seconds))
+            results["starts"].append({"impl": impl, "round": rnd,
+                                      "seconds": d.start_seconds})
+            idle = memory(d.cg)
+            try:
+                clear_trace()
+                t = time.monotonic()
+                warm_up(a)
+                first = read_trace()
+                results["starts"][-1].update({
+                    "warm_up_seconds": time.monotonic() - t,
+                    "first_handshake_seconds":
+                        first[0].complete - first[0].submit
+                        if first and first[0].complete else None})
+                for sc in scs:
+                    s = timed_loop(sc, impl, rnd, d)
+                    results["scenarios"][sc.name]["samples"].append(vars(s))
+                    say("round %d: %-8s %-15s %s" % (
+                        rnd, impl, sc.name, report.sample_line(vars(s))))
+                after = memory(d.cg)
+            finally:
+                d.stop()
+            results["memory"].append({"impl": impl, "round": rnd,
+                                      "idle": idle, "after": after})
+            save()
+    say("crypto cost")
+    results["crypto"] = crypto_cost(a.crypto_iterations)
+    save()
+    sh("cp %s/*.log %s/ 2>/dev/null; true" % (WORK, out))
+    print()
+    print(report.render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

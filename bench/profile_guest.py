@@ -1,0 +1,238 @@
+#!/work/main/.venv/bin/python
+"""Where our per-handshake time goes, inside the VM.
+
+    bench/run --profile            (boots the VM and runs this instead)
+
+Three views, written to <out>/profile/:
+
+1. ``engine``: the worker's TLS engine alone, both ends in this process
+   (two threads over a TCP loopback pair, kTLS installed at the end), for
+   tls and mtls; CPU per handshake pair against the crypto floor, and a
+   pyinstrument profile of the loop (engine-*.txt).
+2. ``daemon``: our tlshd serving NFS tls mounts and NVMe connects while
+   py-spy samples the supervisor and the worker (py-spy-*.txt: collapsed
+   stacks; summarised by bench/pyspy_summary.py), plus each process's own
+   utime+stime over the loop.
+3. ``start``: python -X importtime of the worker's and the supervisor's
+   imports (importtime-*.txt).
+
+py-spy and pyinstrument are profiling tools, not dependencies of tlshd:
+``.venv/bin/pip install py-spy pyinstrument``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tlshd.worker import sslconf
+
+sslconf.use_worker_config()
+
+import guest  # noqa: E402
+from guest import say, sh  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of one process, seconds."""
+    f = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / CLK
+
+
+def titles(pids: list[int]) -> dict[int, str]:
+    out = {}
+    for pid in pids:
+        try:
+            cmd = Path("/proc/%d/cmdline" % pid).read_bytes()
+        except OSError:
+            continue
+        out[pid] = cmd.split(b"\0")[0].decode(errors="replace")
+    return out
+
+
+# ---------------------------------------------------------------- engine
+
+
+def engine_loop(conf: Path, mode: str, n: int, out: Path) -> dict:
+    from pyinstrument import Profiler
+
+    from tlshd.worker import ktls
+    from tlshd.worker.main import load_engine
+
+    engine = load_engine(str(conf))
+    srv_listen = socket.create_server(("127.0.0.1", 0))
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        c = socket.create_connection(srv_listen.getsockname())
+        s, _ = srv_listen.accept()
+        return c, s
+
+    def one() -> None:
+        c, s = pair()
+        deadline = time.monotonic() + 30
+        res: dict[str, object] = {}
+
+        def server() -> None:
+            res["s"] = engine.server_handshake(s, deadline=deadline)
+
+        t = threading.Thread(target=server)
+        t.start()
+        rc = engine.client_handshake(
+            c, peername="127.0.0.1", use_certificate=mode == "mtls",
+            deadline=deadline)
+        t.join()
+        rs = res["s"]
+        assert rc.status == 0 and rs.status == 0, (rc, rs)  # type: ignore
+        ktls.install(c, rc.tx, rc.rx)
+        ktls.install(s, rs.tx, rs.rx)  # type: ignore[attr-defined]
+        c.close()
+        s.close()
+
+    one()  # warm
+    t0, c0 = time.monotonic(), time.process_time()
+    for _ in range(n):
+        one()
+    wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    prof = Profiler(interval=0.001)
+    prof.start()
+    for _ in range(n):
+        one()
+    prof.stop()
+    (out / ("engine-%s.txt" % mode)).write_text(
+        prof.output_text(unicode=False, color=False, show_all=False))
+    return {"mode": mode, "pairs": n, "cpu_ms_per_pair": cpu / n * 1000,
+            "wall_ms_per_pair": wall / n * 1000}
+
+
+# ---------------------------------------------------------------- daemon
+
+
+def daemon_profile(conf: Path, group: int, cycles: int, out: Path,
+                   native: bool) -> dict:
+    d = guest.Daemon("ours", conf, group)
+    d.start("profile")
+    say("ours ready after %.1f s" % d.start_seconds)
+    result: dict = {"start_seconds": d.start_seconds, "loops": {}}
+    try:
+        guest.nfs_cycle("tls")
+        guest.nvme_cycle(1)
+        pids = titles(guest.cgroup_pids(d.cg))
+        result["processes"] = {str(k): v for k, v in pids.items()}
+        for name, fn in (("nfs-tls", lambda: guest.nfs_cycle("tls")),
+                         ("nfs-mtls", lambda: guest.nfs_cycle("mtls")),
+                         ("nvme-q1", lambda: guest.nvme_cycle(1))):
+            # First without the profiler: per-process CPU.
+            before = {p: proc_cpu(p) for p in pids}
+            cg0 = guest.cpu_usec(d.cg)["usage_usec"]
+            guest.clear_trace()
+            for _ in range(cycles):
+                fn()
+            time.sleep(0.5)
+            reqs = guest.read_trace()
+            cg1 = guest.cpu_usec(d.cg)["usage_usec"]
+            after = {p: proc_cpu(p) for p in pids}
+            hs = len(reqs)
+            lat = sorted(r.complete - r.submit for r in reqs if r.complete)
+            agent = sorted(r.done - r.accept for r in reqs
+                           if r.done and r.accept)
+            result["loops"][name] = {
+                "handshakes": hs,
+                "cgroup_cpu_ms_per_hs": (cg1 - cg0) / 1000 / max(hs, 1),
+                "cpu_ms_per_hs_by_process": {
+                    pids[p]: (after[p] - before[p]) * 1000 / max(hs, 1)
+                    for p in pids},
+                "latency_p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+                "accept_done_p50_ms":
+                    agent[len(agent) // 2] * 1000 if agent else None,
+            }
+            say("%s: %s" % (name, json.dumps(result["loops"][name])))
+            # Then the same loop under py-spy.
+            spies = []
+            for pid, title in pids.items():
+                if "template" in title:
+                    continue
+                tag = "supervisor" if "supervisor" in title else "worker"
+                argv = [str(guest.VENV_BIN / "py-spy"), "record", "--pid",
+                        str(pid), "--rate", "250", "--format", "raw",
+                        "--output", str(out / ("py-spy-%s-%s.txt"
+                                               % (name, tag))),
+                        "--nonblocking"]
+                if native:
+                    argv.append("--native")
+                spies.append(subprocess.Popen(
+                    argv, stdout=subprocess.DEVNULL,
+                    stderr=open(out / ("py-spy-%s-%s.err" % (name, tag)),
+                                "w")))
+            time.sleep(3)  # py-spy attaches
+            for _ in range(cycles):
+                fn()
+            time.sleep(0.5)
+            for sp in spies:
+                sp.send_signal(2)  # SIGINT: py-spy writes its output
+            for sp in spies:
+                sp.wait(120)
+    finally:
+        d.stop()
+    return result
+
+
+def import_times(out: Path) -> None:
+    py = str(guest.VENV_BIN / "python")
+    for tag, mod in (("worker", "tlshd.worker.template"),
+                     ("supervisor", "tlshd.supervisor.main")):
+        env = dict(os.environ, OPENSSL_CONF=sslconf.openssl_conf_path())
+        t = time.monotonic()
+        r = subprocess.run([py, "-X", "importtime", "-c", "import " + mod],
+                           capture_output=True, text=True, env=env,
+                           check=False)
+        (out / ("importtime-%s.txt" % tag)).write_text(r.stderr)
+        say("import %s: %.1f s" % (mod, time.monotonic() - t))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--pairs", type=int, default=20)
+    p.add_argument("--cycles", type=int, default=8)
+    p.add_argument("--native", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out) / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    guest.WORK.mkdir(parents=True, exist_ok=True)
+    guest.WORK.chmod(0o755)
+    guest.make_credentials(guest.WORK)
+    conf = guest.write_config(guest.WORK)
+    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
+       "--shell /usr/sbin/nologin tlshd")
+    guest.setup_tracing()
+    guest.setup_cgroups()
+    guest.setup_nfs()
+    guest.setup_nvme()
+    guest.ktls_throwaway()
+    group = guest.handshake_group_id()
+    results: dict = {"crypto": guest.crypto_cost(40)}
+    say("crypto: %s" % results["crypto"])
+    results["engine"] = [engine_loop(conf, m, a.pairs, out)
+                         for m in ("tls", "mtls")]
+    say("engine: %s" % results["engine"])
+    import_times(out)
+    results["daemon"] = daemon_profile(conf, group, a.cycles, out,
+                                       a.native)
+    (out / "profile.json").write_text(json.dumps(results, indent=1))
+    sh("cp %s/ours.log %s/ 2>/dev/null; true" % (guest.WORK, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
