@@ -21,13 +21,16 @@ from typing import ClassVar
 from tlshd.shared.errors import ProtocolError
 
 MAGIC = 0x544C  # "TL"
-PROTOCOL_VERSION = 2  # bump on any change to MsgType or a body layout
+PROTOCOL_VERSION = 3  # bump on any change to MsgType or a body layout
 HEADER = struct.Struct("!HBBIQ")
 MAX_MSG = 64 * 1024
 MAX_FDS = 2
 MAX_STR = 4096
 MAX_LIST = 16
 MAX_REASON = 512
+# HandshakeRequest.flags
+REQ_KEEP_SECRETS = 0x1  # the kernel may ask to re-key: keep the secrets
+KEY_UPDATE_MAX = 3  # uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE
 
 
 class Msg(enum.IntEnum):
@@ -132,6 +135,11 @@ class HandshakeRequest:
     ``certs`` holds (certificate serial, private key serial) pairs of kernel
     keys; ``peerids`` the PSK serials to offer; ``timeout_ms`` what is left
     of the request's deadline when the supervisor sent it.
+
+    Re-keying: ``keep_secrets`` asks the worker to keep a handshake's
+    traffic secrets under a new session id (only when the kernel has the
+    re-key upcall); for a key update request, ``key_update`` is the
+    kernel's ``key-update-type`` and ``session_id`` names the session.
     """
 
     TYPE: ClassVar[Msg] = Msg.HANDSHAKE_REQ
@@ -144,6 +152,9 @@ class HandshakeRequest:
     peerids: tuple[int, ...]
     certs: tuple[tuple[int, int], ...]
     peername: str | None
+    keep_secrets: bool = False
+    key_update: int = 0
+    session_id: int = 0
 
     def encode(self) -> bytes:
         w = _Writer()
@@ -157,6 +168,9 @@ class HandshakeRequest:
             w.u32(cert)
             w.u32(key)
         w.text(self.peername)
+        w.u8(REQ_KEEP_SECRETS if self.keep_secrets else 0)
+        w.u32(self.key_update)
+        w.u32(self.session_id)
         return w.data()
 
     @classmethod
@@ -174,7 +188,14 @@ class HandshakeRequest:
             raise ProtocolError("too many certificates")
         certs = tuple((r.u32(), r.u32()) for _ in range(ncerts))
         peername = r.text()
+        flags, key_update, session_id = r.u8(), r.u32(), r.u32()
         r.end()
+        if flags & ~REQ_KEEP_SECRETS:
+            raise ProtocolError("unknown request flags 0x%x" % flags)
+        if key_update > KEY_UPDATE_MAX:
+            raise ProtocolError("key update type %d unknown" % key_update)
+        if key_update and not session_id:
+            raise ProtocolError("key update without a session id")
         return cls(
             msg_type=msg_type,
             auth_mode=auth_mode,
@@ -183,13 +204,17 @@ class HandshakeRequest:
             peerids=peerids,
             certs=certs,
             peername=peername,
+            keep_secrets=bool(flags & REQ_KEEP_SECRETS),
+            key_update=key_update,
+            session_id=session_id,
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeAnswer:
     """The outcome of one request: DONE's status and REMOTE_AUTH ids,
-    plus a one-line reason for a failure (for status reports)."""
+    plus a one-line reason for a failure (for status reports), and the
+    session id under which the worker keeps the secrets (0: none)."""
 
     TYPE: ClassVar[Msg] = Msg.HANDSHAKE_ANS
     NFDS: ClassVar[int] = 0
@@ -197,12 +222,14 @@ class HandshakeAnswer:
     status: int
     remote_auth: tuple[int, ...]
     reason: str = ""
+    session_id: int = 0
 
     def encode(self) -> bytes:
         w = _Writer()
         w.u32(self.status)
         w.u32_list(self.remote_auth)
         w.text(self.reason[:MAX_REASON])
+        w.u32(self.session_id)
         return w.data()
 
     @classmethod
@@ -211,13 +238,17 @@ class HandshakeAnswer:
         status = r.u32()
         remote_auth = r.u32_list()
         reason = r.text()
+        session_id = r.u32()
         r.end()
         # The kernel caps STATUS at MAX_ERRNO; anything larger is a lie.
         if status > 4095:
             raise ProtocolError("status %d is not an errno" % status)
         if reason is None or len(reason) > MAX_REASON:
             raise ProtocolError("bad failure reason")
-        return cls(status=status, remote_auth=remote_auth, reason=reason)
+        if session_id and status:
+            raise ProtocolError("session id in a failed answer")
+        return cls(status=status, remote_auth=remote_auth, reason=reason,
+                   session_id=session_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

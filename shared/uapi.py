@@ -25,6 +25,18 @@ class MsgType(enum.IntEnum):
     UNSPEC = 0
     CLIENTHELLO = 1
     SERVERHELLO = 2
+    # Proposed (KeyUpdate series, not merged): re-key an existing session.
+    CLIENTKEYUPDATE = 3
+    SERVERKEYUPDATE = 4
+
+
+class KeyUpdateType(enum.IntEnum):
+    """HANDSHAKE_KEY_UPDATE_TYPE_* (proposed): what a re-key asks for."""
+
+    UNSPEC = 0
+    SEND = 1  # initiate: send a KeyUpdate, move TX on
+    RECEIVED = 2  # the peer's KeyUpdate was read: move RX on
+    RECEIVED_REQUEST_UPDATE = 3  # as RECEIVED, and answer with our own
 
 
 class AuthMode(enum.IntEnum):
@@ -55,11 +67,20 @@ HANDSHAKE_A_ACCEPT_PEER_IDENTITY = 6
 HANDSHAKE_A_ACCEPT_CERTIFICATE = 7
 HANDSHAKE_A_ACCEPT_PEERNAME = 8
 HANDSHAKE_A_ACCEPT_KEYRING = 9
+# Proposed by the KeyUpdate series; decoded only when the kernel's DONE
+# policy shows the series is present (see supervisor/genl.py).
+HANDSHAKE_A_ACCEPT_KEY_UPDATE_REQUEST = 10
+HANDSHAKE_A_ACCEPT_SESSION_ID = 11
 
 # Attribute set "done".
 HANDSHAKE_A_DONE_STATUS = 1
 HANDSHAKE_A_DONE_SOCKFD = 2
 HANDSHAKE_A_DONE_REMOTE_AUTH = 3
+# DONE attribute 4 is "tag" (string) in the NFSD development tree and
+# "session-id" (u32) in the proposed KeyUpdate series: the policy's
+# attribute type tells which one a kernel has.
+HANDSHAKE_A_DONE_TAG = 4
+HANDSHAKE_A_DONE_SESSION_ID = 4
 
 # The kernel keeps at most this many peer identities / remote auth ids.
 HANDSHAKE_MAX_PEER_IDS = 5

@@ -29,6 +29,11 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_DROP_MEMBERSHIP = 2
 GENL_ADMIN_PERM = 0x1
+# enum netlink_attribute_type (<linux/netlink.h>): CTRL_CMD_GETPOLICY's
+# NL_POLICY_TYPE_ATTR_TYPE values.
+NL_ATTR_TYPE_U32 = 4
+NL_ATTR_TYPE_STRING = 11
+NL_ATTR_TYPE_NUL_STRING = 12
 # How long to wait for the kernel's answer to ACCEPT or DONE.  Both are
 # synchronous "do" operations, so the answer is normally queued before
 # sendmsg returns; the timeout only guards against a wedged kernel.
@@ -43,6 +48,37 @@ class FamilyInfo:
     group_id: int
     op_flags: dict[int, int] = field(default_factory=dict)
     done_attrs: frozenset[int] = frozenset()
+    # DONE's policy: attribute number -> NL_ATTR_TYPE_*, when known.
+    done_attr_types: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def done_session_id_attr(self) -> int | None:
+        """DONE's SESSION_ID attribute number, if this kernel has one.
+
+        The proposed KeyUpdate series numbers it 4, a u32; the NFSD tree
+        uses 4 for the string TAG.  Only a u32 at 4 counts.  ACCEPT's
+        reply attributes are not in any policy, so this is also the test
+        for the whole re-key upcall.
+        """
+        attr = uapi.HANDSHAKE_A_DONE_SESSION_ID
+        if self.done_attr_types.get(attr) == NL_ATTR_TYPE_U32:
+            return attr
+        return None
+
+    @property
+    def rekey_upcall(self) -> bool:
+        return self.done_session_id_attr is not None
+
+    def rekey_status(self, ktls_rekey: bool) -> str:
+        """The start-up line about the re-key upcall."""
+        upcall = ("DONE has a u32 SESSION_ID (attribute %d)"
+                  % uapi.HANDSHAKE_A_DONE_SESSION_ID if self.rekey_upcall
+                  else "DONE policy has no SESSION_ID")
+        tx = ("kTLS can re-key" if ktls_rekey
+              else "kTLS cannot re-key: no Tls*Rekey* counters")
+        ok = self.rekey_upcall and ktls_rekey
+        return "Kernel re-key upcall: %s (%s; %s)" % (
+            "supported" if ok else "not supported", upcall, tx)
 
     def describe(self) -> str:
         def perm(op: int) -> str:
@@ -63,19 +99,23 @@ class FamilyInfo:
         def has(attr: int) -> str:
             return "supported" if attr in self.done_attrs else "unsupported"
 
-        # DONE attribute 4 is "tag" in the NFSD development tree.
+        # DONE attribute 4 is "tag" in the NFSD development tree, but the
+        # u32 session id of the proposed KeyUpdate series.
+        tags = ("unsupported" if self.rekey_upcall
+                else has(uapi.HANDSHAKE_A_DONE_TAG))
         return ("session_tags=%s remote_peerids=%s"
-                % (has(4), has(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH)))
+                % (tags, has(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH)))
 
 
 def _get(msg: Any, name: str, default: Any = None) -> Any:
     return msg.get_attr(name, default)
 
 
-def _done_policy(replies: tuple[Any, ...]) -> frozenset[int]:
-    """Collect the attribute numbers of DONE's "do" policy."""
+def _done_policy(replies: tuple[Any, ...]) -> dict[int, int]:
+    """DONE's "do" policy: attribute number -> NL_ATTR_TYPE_* (0 if the
+    kernel did not say)."""
     done_policy_idx = None
-    policies: dict[int, set[int]] = {}
+    policies: dict[int, dict[int, int]] = {}
     for msg in replies:
         oppol = _get(msg, "CTRL_ATTR_OP_POLICY")
         if oppol is not None:
@@ -86,12 +126,13 @@ def _done_policy(replies: tuple[Any, ...]) -> frozenset[int]:
         if pol is not None:
             for pname, pvalue in pol["attrs"]:
                 idx = int(pname[len("POLICY("):-1])
-                for aname, _ in pvalue["attrs"]:
-                    policies.setdefault(idx, set()).add(
-                        int(aname[len("ATTR("):-1]))
+                for aname, avalue in pvalue["attrs"]:
+                    kind = avalue.get_attr("NL_POLICY_TYPE_ATTR_TYPE")
+                    policies.setdefault(idx, {})[
+                        int(aname[len("ATTR("):-1])] = int(kind or 0)
     if done_policy_idx is None:
-        return frozenset()
-    return frozenset(policies.get(done_policy_idx, ()))
+        return {}
+    return dict(policies.get(done_policy_idx, {}))
 
 
 def probe_family() -> FamilyInfo:
@@ -127,12 +168,12 @@ def probe_family() -> FamilyInfo:
             for op in _get(fam, "CTRL_ATTR_OPS", [])
         }
         try:
-            done_attrs = _done_policy(nl.policy(uapi.HANDSHAKE_FAMILY_NAME))
+            done_types = _done_policy(nl.policy(uapi.HANDSHAKE_FAMILY_NAME))
         except Exception as e:  # kernels before 5.10 have no GETPOLICY
             log.warning("Cannot read the handshake policy: %s", e)
-            done_attrs = frozenset()
+            done_types = {}
         return FamilyInfo(family_id, int(groups[uapi.HANDSHAKE_MCGRP_TLSHD]),
-                          op_flags, done_attrs)
+                          op_flags, frozenset(done_types), done_types)
     finally:
         nl.close()
 
@@ -169,6 +210,9 @@ class HandshakeSocket:
             raise
         self.seq = 0
         self.ready = False
+        # Decode and send the re-key upcall's attributes (the supervisor
+        # turns this on when both the policy and kTLS allow re-keying).
+        self.rekey = family.rekey_upcall
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -264,19 +308,24 @@ class HandshakeSocket:
             if msg.type == self.family.family_id:
                 _cmd, attrs = upcall.genl_payload(msg)
                 try:
-                    return upcall.decode_accept_attrs(attrs)
+                    return upcall.decode_accept_attrs(
+                        attrs, rekey=self.rekey)
                 except ProtocolError as e:
                     raise AcceptFailed(str(e),
                                        upcall.salvage_sockfd(attrs)) from e
         return None
 
     def done(self, sockfd: int, status: int,
-             remote_auth: tuple[int, ...]) -> int:
-        """Send DONE for ``sockfd``; return the kernel's errno (0 = ok)."""
+             remote_auth: tuple[int, ...], session_id: int = 0) -> int:
+        """Send DONE for ``sockfd``; return the kernel's errno (0 = ok).
+
+        ``session_id`` goes out only if the kernel's DONE policy has it.
+        """
         seq = self._next_seq()
+        attr = self.family.done_session_id_attr if self.rekey else None
         answers = self._transact(
             upcall.encode_done(self.family.family_id, seq, sockfd, status,
-                               remote_auth), seq)
+                               remote_auth, session_id, attr), seq)
         for msg in answers:
             if msg.type == upcall.NLMSG_ERROR:
                 return upcall.netlink_error(msg)

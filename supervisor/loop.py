@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tlshd.shared import config, protocol
+from tlshd.shared import config, protocol, tlsstat
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
 from tlshd.supervisor import control, genl, netns, upcall
 from tlshd.supervisor.backoff import Backoff
@@ -106,6 +106,10 @@ class Supervisor:
         self.template: Template | None = None
         # Template spawn requests awaiting an answer: (namespace, successor)
         self.spawning: dict[int, tuple[Namespace, bool]] = {}
+        # Workers keep each session's secrets for re-keying only when the
+        # kernel can ask for it (re-key upcall) and kTLS can do it.
+        self.keep_secrets = (family.rekey_upcall
+                             and tlsstat.rekey_supported())
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -474,7 +478,7 @@ class Supervisor:
               and req_id in worker.inflight):
             worker.inflight.discard(req_id)
             self.complete(self.inflight[req_id], msg.status,
-                          msg.remote_auth, msg.reason)
+                          msg.remote_auth, msg.reason, msg.session_id)
             self._close_if_idle(worker)
         else:
             log.error("Worker %d (netns %s) sent an unexpected %s (request "
@@ -590,6 +594,9 @@ class Supervisor:
             peerids=req.request.peerids,
             certs=req.request.certs,
             peername=req.request.peername,
+            keep_secrets=self.keep_secrets,
+            key_update=req.request.key_update,
+            session_id=req.request.session_id,
         )
         try:
             worker.channel.send(msg, req.req_id, (req.sockfd,))
@@ -616,7 +623,8 @@ class Supervisor:
             self.complete(req, errno.ETIMEDOUT, (), "deadline passed")
 
     def complete(self, req: InFlight, status: int,
-                 remote_auth: tuple[int, ...], reason: str = "") -> None:
+                 remote_auth: tuple[int, ...], reason: str = "",
+                 session_id: int = 0) -> None:
         """Send the one DONE ``req`` is owed and forget it."""
         if self.inflight.pop(req.req_id, None) is None:
             raise AssertionError("request %d completed twice" % req.req_id)
@@ -627,12 +635,16 @@ class Supervisor:
             ns.failed += 1
             ns.last_failure = "%s: %s" % (
                 errno.errorcode.get(status, str(status)), reason or "?")
-        self._done(ns, req.sockfd, status, remote_auth)
+        self._done(ns, req.sockfd, status, remote_auth, session_id)
 
     def _done(self, ns: Namespace, sockfd: int, status: int,
-              remote_auth: tuple[int, ...]) -> None:
+              remote_auth: tuple[int, ...], session_id: int = 0) -> None:
         try:
-            err = ns.nlsock.done(sockfd, status, remote_auth)
+            if session_id:
+                err = ns.nlsock.done(sockfd, status, remote_auth,
+                                     session_id=session_id)
+            else:
+                err = ns.nlsock.done(sockfd, status, remote_auth)
             if err:
                 log.error("DONE for fd %d refused by the kernel: %s", sockfd,
                           os.strerror(err))

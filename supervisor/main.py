@@ -12,7 +12,7 @@ from importlib import metadata
 
 import setproctitle
 
-from tlshd.shared import config
+from tlshd.shared import config, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import control, genl, keyrings
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return os.EX_UNAVAILABLE
     log.info("Kernel handshake family: %s", family.describe())
     log.info("Kernel capabilities: %s", family.capabilities())
+    log.info("%s", family.rekey_status(tlsstat.rekey_supported()))
     try:
         ids = worker_ids(cfg.worker_user)
     except ConfigError as e:

@@ -6,6 +6,10 @@ exactly its wire size, single-valued attributes may appear once, lists are
 bounded, the peer name must be NUL-terminated UTF-8 of sane length.
 Attributes this kernel interface does not know yet are skipped, because a
 newer kernel may add some (netlink's usual forward compatibility).
+
+The proposed re-key upcall (ACCEPT attributes KEY_UPDATE_REQUEST and
+SESSION_ID, DONE's SESSION_ID) is decoded and encoded only when the caller
+says the kernel has it: before that, the numbers may mean something else.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class AcceptedRequest:
     certs: tuple[tuple[int, int], ...]
     peername: str | None
     keyring: int | None
+    # Re-key upcall (proposed): uapi.KeyUpdateType and the session id the
+    # agent returned in the first handshake's DONE; 0 when absent.
+    key_update: int = 0
+    session_id: int = 0
 
 
 def _align(n: int) -> int:
@@ -141,17 +149,29 @@ _SINGLE = {
     uapi.HANDSHAKE_A_ACCEPT_KEYRING,
     uapi.HANDSHAKE_A_ACCEPT_HANDLER_CLASS,
 }
+_REKEY_SINGLE = {
+    uapi.HANDSHAKE_A_ACCEPT_KEY_UPDATE_REQUEST,
+    uapi.HANDSHAKE_A_ACCEPT_SESSION_ID,
+}
+_KEY_UPDATE_MSGS = (uapi.MsgType.CLIENTKEYUPDATE, uapi.MsgType.SERVERKEYUPDATE)
 
 
-def decode_accept_attrs(attrs: bytes) -> AcceptedRequest:
-    """Decode the attributes of an ACCEPT reply (after the genl header)."""
+def decode_accept_attrs(attrs: bytes, *,
+                        rekey: bool = False) -> AcceptedRequest:
+    """Decode the attributes of an ACCEPT reply (after the genl header).
+
+    ``rekey``: the kernel has the re-key upcall, so attributes 10 and 11
+    are KEY_UPDATE_REQUEST and SESSION_ID; otherwise they are skipped
+    like any attribute unknown here.
+    """
+    single = _SINGLE | _REKEY_SINGLE if rekey else _SINGLE
     seen: set[int] = set()
     fields: dict[int, int] = {}
     peerids: list[int] = []
     certs: list[tuple[int, int]] = []
     peername = None
     for atype, value in iter_attrs(attrs):
-        if atype in _SINGLE:
+        if atype in single:
             if atype in seen:
                 raise ProtocolError("attribute %d repeated" % atype)
             seen.add(atype)
@@ -167,7 +187,7 @@ def decode_accept_attrs(attrs: bytes) -> AcceptedRequest:
             if len(certs) >= MAX_CERTS:
                 raise ProtocolError("too many CERTIFICATE attributes")
             certs.append(_certificate(value))
-        elif atype in _SINGLE:
+        elif atype in single:
             fields[atype] = _u32(value, "attribute %d" % atype)
     for required in (uapi.HANDSHAKE_A_ACCEPT_SOCKFD,
                      uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE,
@@ -177,6 +197,7 @@ def decode_accept_attrs(attrs: bytes) -> AcceptedRequest:
     sockfd = fields[uapi.HANDSHAKE_A_ACCEPT_SOCKFD]
     if sockfd < 0:
         raise ProtocolError("negative SOCKFD")
+    key_update, session_id = _check_rekey(fields) if rekey else (0, 0)
     return AcceptedRequest(
         sockfd=sockfd,
         msg_type=fields[uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE],
@@ -186,7 +207,30 @@ def decode_accept_attrs(attrs: bytes) -> AcceptedRequest:
         certs=tuple(certs),
         peername=peername,
         keyring=fields.get(uapi.HANDSHAKE_A_ACCEPT_KEYRING),
+        key_update=key_update,
+        session_id=session_id,
     )
+
+
+def _check_rekey(fields: dict[int, int]) -> tuple[int, int]:
+    """(key update type, session id), consistent with the message type.
+
+    A KeyUpdate request must say what to do and for which session; a
+    hello must not ask for a key update.
+    """
+    key_update = fields.get(uapi.HANDSHAKE_A_ACCEPT_KEY_UPDATE_REQUEST, 0)
+    session_id = fields.get(uapi.HANDSHAKE_A_ACCEPT_SESSION_ID, 0)
+    if key_update not in set(uapi.KeyUpdateType):
+        raise ProtocolError("KEY_UPDATE_REQUEST %d unknown" % key_update)
+    if fields[uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE] in _KEY_UPDATE_MSGS:
+        if key_update == uapi.KeyUpdateType.UNSPEC:
+            raise ProtocolError("key update request without "
+                                "KEY_UPDATE_REQUEST")
+        if session_id == 0:
+            raise ProtocolError("key update request without SESSION_ID")
+    elif key_update != uapi.KeyUpdateType.UNSPEC:
+        raise ProtocolError("KEY_UPDATE_REQUEST in a handshake request")
+    return key_update, session_id
 
 
 def salvage_sockfd(attrs: bytes) -> int | None:
@@ -241,8 +285,14 @@ def encode_accept(family_id: int, seq: int) -> bytes:
 
 
 def encode_done(family_id: int, seq: int, sockfd: int, status: int,
-                remote_auth: tuple[int, ...]) -> bytes:
-    """DONE carries only attributes 1-3: what both Debian kernels accept."""
+                remote_auth: tuple[int, ...], session_id: int = 0,
+                session_id_attr: int | None = None) -> bytes:
+    """DONE with attributes 1-3: what both Debian kernels accept.
+
+    SESSION_ID is added only on success, for a non-zero id, and only when
+    the caller found its attribute number in the kernel's DONE policy
+    (``session_id_attr``).
+    """
     if not 0 <= status <= 4095:
         status = errno.EIO
     attrs = _attr(uapi.HANDSHAKE_A_DONE_STATUS, struct.pack("=I", status))
@@ -250,5 +300,7 @@ def encode_done(family_id: int, seq: int, sockfd: int, status: int,
     for peerid in remote_auth[: uapi.HANDSHAKE_MAX_PEER_IDS]:
         attrs += _attr(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH,
                        struct.pack("=I", peerid))
+    if status == 0 and session_id and session_id_attr is not None:
+        attrs += _attr(session_id_attr, struct.pack("=I", session_id))
     return encode_request(family_id, uapi.HANDSHAKE_CMD_DONE, attrs, seq,
                           NLM_F_REQUEST | NLM_F_ACK)

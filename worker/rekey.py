@@ -34,7 +34,10 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from tlshd.shared.tlsstat import rekey_supported
 from tlshd.worker import ktls
+
+__all__ = ["KtlsSession", "RekeyError", "Secrets", "rekey_supported"]
 
 CT_ALERT = 21
 CT_HANDSHAKE = 22
@@ -46,8 +49,6 @@ UPDATE_NOT_REQUESTED = 0
 UPDATE_REQUESTED = 1
 
 ALERT_CLOSE_NOTIFY = 0
-TLS_STAT = "/proc/net/tls_stat"
-REKEY_COUNTERS = ("TlsTxRekeyOk", "TlsRxRekeyOk")
 
 # A handshake message header: msg_type u8, length u24.
 _HS_HEADER = 4
@@ -60,20 +61,6 @@ _CMSG_SPACE = socket.CMSG_SPACE(1)
 class RekeyError(Exception):
     """The peer or the kernel broke the KeyUpdate protocol; the session
     cannot continue (the caller closes the connection)."""
-
-
-def rekey_supported(path: str = TLS_STAT) -> bool:
-    """True if the running kernel's kTLS can re-key (Linux 6.14+).
-
-    The re-key counters appeared together with the feature.  The file
-    exists only once the ``tls`` module is loaded; without it, False.
-    """
-    try:
-        with open(path) as f:
-            names = {line.split()[0] for line in f if line.strip()}
-    except OSError:
-        return False
-    return all(name in names for name in REKEY_COUNTERS)
 
 
 def key_update_message(request_update: bool) -> bytes:
@@ -298,15 +285,4 @@ class KtlsSession:
             parts.append(chunk)
             left -= len(chunk)
         return b"".join(parts)
-
-
-def tls_stat(path: str = TLS_STAT) -> dict[str, int]:
-    """The kTLS counters of the current network namespace."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) == 2:
-                out[fields[0]] = int(fields[1])
-    return out
 

@@ -26,12 +26,15 @@ from tlshd.shared import keys, protocol, uapi
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import PeerGone
 from tlshd.worker import ktls, pskkeys
+from tlshd.worker.rekey import KtlsSession, RekeyError, Secrets
+from tlshd.worker.sessions import SessionTable
 from tlshd.worker.tlsengine import Engine, Outcome
 
 log = logging.getLogger(__name__)
 
 # Python ignores SO_PROTOCOL on socket objects it wraps; ask the kernel.
 IPPROTO_QUIC = 261
+KEY_UPDATE_MSGS = (uapi.MsgType.CLIENTKEYUPDATE, uapi.MsgType.SERVERKEYUPDATE)
 
 
 @dataclass
@@ -107,13 +110,77 @@ def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
     return errno.EIO
 
 
-def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
-    """Run one job to its answer; always closes the job's fd."""
+def run_key_update(sessions: SessionTable | None,
+                   request: protocol.HandshakeRequest,
+                   sock: socket.socket) -> tuple[int, str]:
+    """Re-key a kTLS socket for the kernel: (status, failure reason).
+
+    SEND: send a KeyUpdate and move TX on.  RECEIVED: the consumer read
+    the peer's KeyUpdate; move RX on.  RECEIVED_REQUEST_UPDATE: both, RX
+    first (RFC 8446 4.6.3: answer before sending more data).
+    """
+    if sessions is None:
+        return errno.EOPNOTSUPP, "re-key upcall not enabled"
+    kind = request.key_update
+    try:
+        with sessions.use(request.session_id) as slot:
+            session = KtlsSession(sock, slot.secrets)
+            try:
+                if kind in (uapi.KeyUpdateType.RECEIVED,
+                            uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE):
+                    session.update_rx()
+                if kind in (uapi.KeyUpdateType.SEND,
+                            uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE):
+                    session.send_key_update(False)
+            finally:
+                slot.secrets = session.secrets()
+            log.info("Session %08x re-keyed (%s): TX generation %d, RX "
+                     "generation %d", request.session_id,
+                     uapi.KeyUpdateType(kind).name,
+                     session.tx_generation, session.rx_generation)
+    except KeyError:
+        return errno.ENOKEY, "session %08x unknown or expired" % (
+            request.session_id)
+    except (OSError, RekeyError) as e:
+        return errno.EIO, "re-key failed: %s" % e
+    return 0, ""
+
+
+def handle_key_update(sessions: SessionTable | None,
+                      job: Job) -> protocol.HandshakeAnswer:
+    """Run one key update job to its answer; always closes the fd."""
+    sock = socket.socket(fileno=job.fd)
+    try:
+        status, reason = run_key_update(sessions, job.request, sock)
+    except Exception:
+        log.exception("Key update crashed")
+        status, reason = errno.EIO, "internal error"
+    finally:
+        sock.close()
+    if status:
+        log.error("Key update for session %08x failed: %s",
+                  job.request.session_id, reason)
+    return protocol.HandshakeAnswer(
+        status=status, remote_auth=(), reason=reason[:protocol.MAX_REASON],
+        session_id=job.request.session_id if status == 0 else 0)
+
+
+def handle(engine: Engine, job: Job,
+           sessions: SessionTable | None = None) -> protocol.HandshakeAnswer:
+    """Run one job to its answer; always closes the job's fd.
+
+    With ``sessions`` and a request that asks for it, a successful
+    handshake's secrets are kept for later re-keys and the answer names
+    their session id.
+    """
+    if job.request.msg_type in KEY_UPDATE_MSGS:
+        return handle_key_update(sessions, job)
     sock = socket.socket(fileno=job.fd)
     peer = _peer_address(sock)
     name = job.request.peername or peer
     remote_auth: tuple[int, ...] = ()
     reason = ""
+    session_id = 0
     try:
         result = run_handshake(engine, job.request, sock)
         if isinstance(result, int):
@@ -132,6 +199,10 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
                     log.error("Failed to install kTLS keys: %s", e)
                     status, remote_auth = errno.EIO, ()
                     reason = "kTLS install failed: %s" % e
+            if (status == 0 and result.tx and result.rx and sessions
+                    is not None and job.request.keep_secrets):
+                session_id = sessions.add(Secrets(
+                    result.cipher, result.tx.secret, result.rx.secret))
             if status == 0:
                 log.info("Session description: %s", result.description)
                 if result.peer_subject:
@@ -150,7 +221,8 @@ def handle(engine: Engine, job: Job) -> protocol.HandshakeAnswer:
              "failed: %s" % errno.errorcode.get(status, str(status)))
     return protocol.HandshakeAnswer(
         status=status, remote_auth=remote_auth,
-        reason="" if status == 0 else reason[:protocol.MAX_REASON])
+        reason="" if status == 0 else reason[:protocol.MAX_REASON],
+        session_id=session_id if status == 0 else 0)
 
 
 class Server:
@@ -162,6 +234,9 @@ class Server:
         self.engine = engine
         self.lock = lock
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        # Secrets of sessions the kernel may ask to re-key; only this
+        # process ever holds them.
+        self.sessions = SessionTable()
         self.pool = [
             threading.Thread(target=self._work, name="handshake-%d" % i,
                              daemon=True)
@@ -179,7 +254,7 @@ class Server:
             job = self.jobs.get()
             if job is None:
                 return
-            answer = handle(self.engine, job)
+            answer = handle(self.engine, job, self.sessions)
             try:
                 self.send(answer, job.req_id)
             except PeerGone:

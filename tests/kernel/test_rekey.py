@@ -40,6 +40,8 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
+from tlshd.shared import tlsstat, uapi
+from tlshd.supervisor import genl
 from tlshd.worker import ktls, rekey
 from tlshd.worker.rekey import KtlsSession, Secrets
 from tlshd.worker.tlsengine import Engine, Outcome, RoleSettings
@@ -48,7 +50,9 @@ pytestmark = pytest.mark.kernel
 
 REKEY_SINCE = (6, 14)
 N_REKEYS = int(os.environ.get("TLSHD_REKEY_COUNT", "1000"))
-N_INTEROP = int(os.environ.get("TLSHD_REKEY_INTEROP", "200"))
+N_INTEROP = int(os.environ.get("TLSHD_REKEY_INTEROP", "100"))
+# No loop may hang the VM: every blocking read gives up after this long.
+IO_TIMEOUT = 60
 SUITES = [
     "TLS_AES_128_GCM_SHA256",
     "TLS_AES_256_GCM_SHA384",
@@ -81,7 +85,7 @@ def require_rekey(kernel_version: tuple[int, ...]) -> None:
 
 
 def tls_stat() -> dict[str, int]:
-    return rekey.tls_stat()
+    return tlsstat.read()
 
 
 def deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -146,6 +150,7 @@ def install(sock: socket.socket, out: Outcome) -> KtlsSession:
     assert out.status == 0, out.reason
     assert out.tx is not None and out.rx is not None
     ktls.install(sock, out.tx, out.rx)
+    sock.settimeout(IO_TIMEOUT)  # the engine hands it back blocking
     return KtlsSession(sock, Secrets(out.cipher, out.tx.secret,
                                      out.rx.secret))
 
@@ -265,6 +270,26 @@ def test_rekey_support_probe_matches_kernel(
     with pytest.raises(OSError) as exc:
         sock.setsockopt(ktls.SOL_TLS, ktls.TLS_TX, keys.crypto_info())
     assert exc.value.errno == errno.EBUSY
+
+
+def test_rekey_upcall_detection(tlshd: Any, pki: Any) -> None:
+    """No kernel we test has the proposed re-key upcall: the policy probe
+    must say so (DONE is STATUS, SOCKFD, REMOTE_AUTH), and tlshd must log
+    it at start-up together with what kTLS can do."""
+    fam = genl.probe_family()
+    types = fam.done_attr_types
+    print("DONE policy attribute types: %s" % types)
+    assert {uapi.HANDSHAKE_A_DONE_STATUS, uapi.HANDSHAKE_A_DONE_SOCKFD,
+            uapi.HANDSHAKE_A_DONE_REMOTE_AUTH} <= set(types)
+    assert types[uapi.HANDSHAKE_A_DONE_STATUS] == genl.NL_ATTR_TYPE_U32
+    assert not fam.rekey_upcall
+    tlshd.start(pki.config())
+    line = tlshd.wait_for(r"Kernel re-key upcall: [^\n]*", 30)
+    print(line)
+    ktls_part = ("kTLS can re-key" if rekey.rekey_supported()
+                 else "kTLS cannot re-key")
+    assert line.startswith("Kernel re-key upcall: not supported (DONE "
+                           "policy has no SESSION_ID; %s" % ktls_part)
 
 
 @pytest.mark.not_applicable
@@ -426,7 +451,11 @@ def test_rekey_interop_with_openssl(
     csock, ssock = tcp_pair
     ours_sock, peer_sock = (csock, ssock) if role == "client" else (
         ssock, csock)
-    peer_sock.settimeout(None)  # pyOpenSSL wants a blocking socket
+    # pyOpenSSL wants a blocking socket; a kernel receive timeout still
+    # turns a hang into an error.
+    peer_sock.settimeout(None)
+    peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                         struct.pack("=qq", IO_TIMEOUT, 0))
     peer = SSL.Connection(openssl_context(pki, server=role == "client"),
                           peer_sock)
     if role == "client":
