@@ -37,6 +37,12 @@ STOP_GRACE = 5.0
 RESCAN_DELAYS = (0.05, 0.3, 1.0)
 # How often to look for unnamed namespaces, when they are served.
 UNNAMED_SCAN_INTERVAL = 2.0
+# While a /run/netns entry is not (yet) a namespace, look again this often;
+# once it is older than PENDING_FAST_FOR (most likely a file a failed
+# "ip netns add" left behind), only every PENDING_SLOW seconds.
+PENDING_RESCAN = 0.25
+PENDING_FAST_FOR = 30.0
+PENDING_SLOW = 5.0
 
 
 @dataclass(eq=False)
@@ -263,6 +269,19 @@ class Supervisor:
             except OSError as e:
                 os.close(nsfd)
                 log.error("Cannot serve netns %s: %s", f.label, e)
+        self._rescan_placeholders(time.monotonic())
+
+    def _rescan_placeholders(self, now: float) -> None:
+        """Look again while a /run/netns entry is not a namespace yet: the
+        mount that makes it one comes unseen by inotify, and may come
+        later than the last of RESCAN_DELAYS."""
+        ages = netns.placeholder_ages()
+        if not ages:
+            return
+        delay = (PENDING_RESCAN if min(ages) < PENDING_FAST_FOR
+                 else PENDING_SLOW)
+        if not any(t <= now + delay for t in self.scans):
+            self.scans.append(now + delay)
 
     def remove_namespace(self, ns: Namespace) -> None:
         """Stop serving a namespace that is gone: answer, kill, close."""

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +94,28 @@ def named() -> list[Found]:
             continue
         out.append(Found((st.st_dev, st.st_ino), path, name, name))
     return out
+
+
+def placeholder_ages() -> list[float]:
+    """Seconds since each /run/netns entry that is not (yet) a namespace
+    appeared.  "ip netns add" creates the file, then sets the namespace up
+    and mounts it there, which inotify does not report; setting a
+    namespace up can take more than a second on a busy machine."""
+    dev = nsfs_device()
+    now = time.time()
+    ages = []
+    try:
+        names = os.listdir(RUN_NETNS)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(RUN_NETNS, name))
+        except OSError:
+            continue
+        if st.st_dev != dev:
+            ages.append(max(0.0, now - st.st_ctime))
+    return ages
 
 
 def unnamed(exclude_pids: set[int]) -> list[Found]:
