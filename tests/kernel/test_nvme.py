@@ -13,7 +13,9 @@ each request from the task that submitted it (the host submits from the
 connecting process, nvmet from a kworker). Statuses and timings are
 printed (run pytest with -rA to see them).
 
-8 I/O queues need 8 vCPUs (the host caps queues at the online CPUs):
+8 I/O queues need 8 vCPUs, or 4 with read and write queues (the host
+caps each queue type at the online CPUs); with fewer the x8 cases skip
+(marked not_applicable):
 tools/vm-run --smp 8 --kernel 6.12 -- .venv/bin/python -m pytest \
 tests/kernel/test_nvme.py -rA
 """
@@ -242,8 +244,10 @@ def queue_options(n: int) -> str:
         return f"nr_io_queues={n}"
     if n <= 2 * cpus:
         return f"nr_io_queues={cpus},nr_write_queues={n - cpus}"
-    pytest.fail(f"{n} I/O queues need at least {(n + 1) // 2} vCPUs "
-                "(tools/vm-run --smp 8)")
+    # Only the x8 cases are marked not_applicable: the default VM has one
+    # vCPU, and 8 queues cannot exist there.
+    pytest.skip(f"{n} I/O queues need at least {(n + 1) // 2} vCPUs; this "
+                f"VM has {cpus} (tools/vm-run --smp 8, TLSHD_VM_SMP=8)")
 
 
 def connect(queues: int, extra: str = "") -> Connect:
@@ -345,7 +349,8 @@ def good_connect(tlshd, psk_serial: int, queues: int, label: str) -> None:
 # ---- tests --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("queues", [1, 8])
+@pytest.mark.parametrize(
+    "queues", [1, pytest.param(8, marks=pytest.mark.not_applicable)])
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
 def test_connect_write_read(target, tlshd, nvme_trace, psk_keys, hash_name,
                             queues):
