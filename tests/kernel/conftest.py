@@ -17,8 +17,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -471,3 +473,514 @@ def nfs(nfs_server: str) -> Iterator[Nfs]:
     client = Nfs(nfs_server)
     yield client
     client.umount()
+
+
+# ==== network namespaces (tests/kernel/test_netns.py) ====================
+#
+# One tlshd serving the initial namespace and named namespaces a and b,
+# each with its own CA, credentials, nfsd and export.  Servers run inside
+# their namespace (``ip netns exec``: a private mount namespace with its
+# own /run, nfsd filesystem and chroot state); client mounts are made with
+# ``nsenter --net`` so that they stay visible in the initial mount
+# namespace.  Test traffic stays on loopback inside each namespace and on
+# a veth pair between a and b (10.99.0.0/24, which exists only there).
+
+NETNS_RUN = Path("/run/netns")
+VETH_NET = "10.99.0"  # a: .1, b: .2
+CONTROL_SOCKET = "/run/tlshd/control.sock"
+WORKER_PROBE = Path(__file__).with_name("worker_probe.py")
+
+
+def netns_exec(name: str, cmd: str, check: bool = True,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``cmd`` in netns ``name`` and the initial mount namespace."""
+    return sh("nsenter --net=%s/%s bash -c %s"
+              % (NETNS_RUN, name, _quote(cmd)), check=check,
+              timeout=timeout)
+
+
+class NsCreds:
+    """A namespace's own CA, server and client certificates, and config."""
+
+    def __init__(self, root: Path, name: str, ips: list[str]) -> None:
+        self.name = name
+        self.dir = root / "creds" / name
+        self.dir.mkdir(parents=True)
+        self.dir.chmod(0o755)
+        self.ca = make_ca("ca-%s" % name)
+        (self.dir / "ca.pem").write_bytes(
+            self.ca.cert.public_bytes(serialization.Encoding.PEM))
+        for leaf in ("server", "client"):
+            cert, key = make_leaf(self.ca, "%s-%s" % (leaf, name),
+                                  ["localhost"],
+                                  ["127.0.0.1", "::1", *ips])
+            (self.dir / ("%s.pem" % leaf)).write_bytes(
+                cert.public_bytes(serialization.Encoding.PEM))
+            keyfile = self.dir / ("%s.key" % leaf)
+            keyfile.write_bytes(key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            keyfile.chmod(0o600)
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def config(self, extra: str = "") -> str:
+        lines = ["[debug]", "loglevel=1", "[authenticate]"]
+        for role in ("client", "server"):
+            lines += [
+                "[authenticate.%s]" % role,
+                "x509.truststore=%s" % self.path("ca.pem"),
+                "x509.certificate=%s" % self.path(role + ".pem"),
+                "x509.private_key=%s" % self.path(role + ".key"),
+            ]
+        return "\n".join(lines) + "\n" + extra
+
+
+_NS_NFS_SERVER = """
+set -e
+T={trixie}
+mount -t tmpfs -o size=1m,mode=0755 tmpfs /run
+mkdir -p /run/rpcbind
+mount -t proc proc $T/proc
+mount --rbind /dev $T/dev
+mount --bind /run $T/run
+umount /proc/fs/nfsd 2>/dev/null || true
+mount -t nfsd nfsd /proc/fs/nfsd
+mount -t nfsd nfsd $T/proc/fs/nfsd
+mount -t tmpfs -o size=4m tmpfs $T/var/lib/nfs
+mkdir -p $T/var/lib/nfs/rpc_pipefs $T/var/lib/nfs/v4recovery
+mount --bind {exports} $T/etc/exports
+echo 10 > /proc/fs/nfsd/nfsv4gracetime
+echo 10 > /proc/fs/nfsd/nfsv4leasetime
+chroot $T /bin/sh -c 'rpcbind -w && exportfs -ra && rpc.mountd -N 3'
+rpc.nfsd -N 3 4
+"""
+
+
+class NetnsSite:
+    """A named network namespace, optionally with an nfsd of its own.
+
+    Its export root is /srv/nfs-<name> (a tmpfs, bind-mounted at the same
+    path inside the trixie chroot) holding ``whoami`` = the name, so a
+    client can tell which server answered.
+    """
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.export = "/srv/nfs-%s" % name
+        self.target = "/mnt/netns-%s" % name
+        self.nfs_running = False
+        self.created = False
+
+    @property
+    def path(self) -> str:
+        return str(NETNS_RUN / self.name)
+
+    def create(self) -> None:
+        sh("ip netns add %s && ip -n %s link set lo up"
+           % (self.name, self.name))
+        self.created = True
+
+    def start_nfs(self, clients: list[str]) -> None:
+        opts = _OPTS + ",fsid=0,xprtsec=tls:mtls"
+        exports = self.workdir / ("exports-%s" % self.name)
+        exports.write_text("%s %s\n" % (
+            self.export, " ".join("%s(%s)" % (c, opts) for c in clients)))
+        sh("mkdir -p {e} {t}{e} && mount -t tmpfs -o size=16m tmpfs {e} "
+           "&& mount --rbind {e} {t}{e}".format(e=self.export, t=TRIXIE))
+        Path(self.export, "whoami").write_text(self.name + "\n")
+        Path(self.export).chmod(0o1777)
+        sh("touch %s/etc/exports" % TRIXIE)
+        r = sh("ip netns exec %s bash -c %s" % (
+            self.name, _quote(_NS_NFS_SERVER.format(
+                trixie=TRIXIE, exports=exports))), check=False)
+        assert r.returncode == 0, "nfsd in netns %s: %s%s" % (
+            self.name, r.stdout, r.stderr)
+        self.nfs_running = True
+
+    def pids(self) -> list[int]:
+        out = sh("ip netns pids %s" % self.name, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def mount(self, host: str = "127.0.0.1", xprtsec: str = "tls",
+              extra: str = "", timeout: float = 90) -> MountResult:
+        """Mount ``host:/`` from inside this namespace (its NFS client)."""
+        os.makedirs(self.target, exist_ok=True)
+        start = time.monotonic()
+        r = netns_exec(
+            self.name, "timeout %d mount -t nfs -o vers=4.2,xprtsec=%s%s "
+            "%s:/ %s" % (timeout, xprtsec, extra, host, self.target),
+            check=False, timeout=timeout + 10)
+        return MountResult(r.returncode == 0, (r.stdout + r.stderr).strip(),
+                           time.monotonic() - start)
+
+    def umount(self) -> None:
+        sh("umount %s" % self.target, check=False)
+
+    def whoami(self) -> str:
+        return Path(self.target, "whoami").read_text().strip()
+
+    def destroy(self) -> None:
+        self.umount()
+        self.stop_nfs()
+        self.delete()
+
+    def stop_nfs(self) -> None:
+        if self.nfs_running:
+            pids = self.pids()
+            if pids:
+                # nfsd's own filesystem is mounted in the daemons' mount
+                # namespace: stop its threads from there.
+                sh("nsenter -t %d -m -n rpc.nfsd 0" % pids[0], check=False)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            sh("umount -l {t}{e}; umount -l {e}".format(
+                e=self.export, t=TRIXIE), check=False)
+            self.nfs_running = False
+
+    def delete(self) -> None:
+        if self.created:
+            sh("ip netns del %s" % self.name, check=False)
+            self.created = False
+
+
+@contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """The calling thread inside netns ``name`` for the block."""
+    from tlshd.supervisor import netns as nsmod
+
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(str(NETNS_RUN / name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with nsmod.inside(fd, home):
+                yield
+        finally:
+            os.close(fd)
+    finally:
+        os.close(home)
+
+
+def tlshd_group_joined(name: str, group_id: int) -> bool:
+    """Does some NETLINK_GENERIC socket in netns ``name`` listen to the
+    tlshd group (vm-harness §6 step 5)?  Call from the main thread:
+    /proc/self/net follows the thread-group leader's namespace."""
+    try:
+        with in_netns(name):
+            text = Path("/proc/self/net/netlink").read_text()
+    except FileNotFoundError:
+        return False
+    bit = 1 << (group_id - 1)
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and f[1] == "16" and int(f[3], 16) & bit:
+            return True
+    return False
+
+
+@dataclass
+class TraceEvent:
+    comm: str
+    pid: int
+    stamp: float
+    event: str
+    req: str
+    status: int | None
+
+
+def trace_events() -> list[TraceEvent]:
+    """Every handshake:* event in the trace buffer, with who emitted it."""
+    out = []
+    for line in (TRACING / "trace").read_text().splitlines():
+        m = re.match(r"\s*(.+)-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): "
+                     r"(handshake_\w+): .*?req=(\S+)(.*)", line)
+        if not m:
+            continue
+        st = re.search(r"status=(-?\d+)", m.group(6))
+        out.append(TraceEvent(m.group(1).strip(), int(m.group(2)),
+                              float(m.group(3)), m.group(4), m.group(5),
+                              int(st.group(1)) if st else None))
+    return out
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def rss_kib(pid: int) -> int:
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+class SilentRpcTlsPeer:
+    """An NFS "server" that answers RPC with STARTTLS (RFC 9289), reads
+    the ClientHello and then never answers: a handshake that hangs."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", port),
+                                         reuse_port=True)
+        self.sock.settimeout(0.2)
+        self.hellos = 0
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._talk, args=(conn,),
+                             daemon=True).start()
+
+    def _talk(self, conn: Any) -> None:
+        import socket
+        import struct
+
+        conn.settimeout(60)
+        try:
+            while True:
+                head = conn.recv(4, socket.MSG_PEEK)
+                if not head:
+                    return
+                if head[0] == 0x16:  # TLS handshake record
+                    conn.recv(16384)
+                    self.hellos += 1
+                    self.held.append(conn)
+                    return
+                (marker,) = struct.unpack("!I", conn.recv(4))
+                size = marker & 0x7FFFFFFF
+                call = b""
+                while len(call) < size:
+                    chunk = conn.recv(size - len(call))
+                    if not chunk:
+                        return
+                    call += chunk
+                # REPLY, MSG_ACCEPTED, verifier AUTH_NONE "STARTTLS",
+                # SUCCESS.
+                body = (call[:4] + struct.pack("!III", 1, 0, 0)
+                        + struct.pack("!I", 8) + b"STARTTLS"
+                        + struct.pack("!I", 0))
+                conn.sendall(struct.pack("!I", 0x80000000 | len(body))
+                             + body)
+        except OSError:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+class NetnsLab:
+    """tlshd serving init, a and b; see the section comment above."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.creds = {
+            "init": NsCreds(workdir, "init", []),
+            "a": NsCreds(workdir, "a", ["%s.1" % VETH_NET]),
+            "b": NsCreds(workdir, "b", ["%s.2" % VETH_NET]),
+            "default": NsCreds(workdir, "default", []),
+        }
+        self.sites: dict[str, NetnsSite] = {}
+        self.daemon = Tlshd(workdir)
+        self.default_config = workdir / "default.conf"
+        self.default_config.write_text(self.creds["default"].config())
+        self._group = 0
+
+    # -- configuration and sites --
+
+    def netns_config(self, name: str, creds: NsCreds) -> Path:
+        path = self.workdir / "netns" / name / "config"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(creds.config())
+        return path
+
+    def main_config(self) -> str:
+        return self.creds["init"].config(
+            "[netns]\ndefault=%s\n" % self.default_config)
+
+    def new_creds(self, name: str, ips: list[str] | None = None
+                  ) -> NsCreds:
+        self.creds[name] = NsCreds(self.workdir, name, ips or [])
+        return self.creds[name]
+
+    def new_site(self, name: str) -> NetnsSite:
+        """A site to create() later; destroyed with the lab."""
+        site = NetnsSite(name, self.workdir)
+        self.sites[name] = site
+        return site
+
+    def add_site(self, name: str, clients: list[str] | None = None,
+                 nfs: bool = True) -> NetnsSite:
+        """Write netns/<name>/config (own CA unless one exists), create
+        the namespace, and start its nfsd."""
+        if name not in self.creds:
+            self.new_creds(name)
+        self.netns_config(name, self.creds[name])
+        site = self.new_site(name)
+        site.create()
+        if nfs:
+            site.start_nfs(clients or ["127.0.0.1"])
+        return site
+
+    def remove_site(self, name: str) -> None:
+        self.sites.pop(name).destroy()
+
+    # -- the daemon --
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon.proc is not None
+        return self.daemon.proc.pid
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        import json
+
+        from tlshd.supervisor.ctl import query
+
+        rows = json.loads(query(CONTROL_SOCKET, "status-json"))
+        return {row["netns"]: row for row in rows}
+
+    def wait_ready(self, labels: list[str], timeout: float = 180,
+                   not_pid: dict[str, int] | None = None) -> dict[str, int]:
+        """Wait until each label has a ready worker (other than
+        ``not_pid[label]``); return label -> worker pid."""
+        end = time.monotonic() + timeout
+        while True:
+            rows = self.status()
+            pids = {
+                label: rows[label]["worker_pid"]
+                for label in labels
+                if label in rows and rows[label]["worker_ready"]
+                and rows[label]["worker_pid"] != (not_pid or {}).get(label)
+            }
+            if len(pids) == len(labels):
+                return pids
+            if time.monotonic() > end:
+                raise AssertionError("workers not ready within %s s: %r"
+                                     % (timeout, rows))
+            time.sleep(0.2)
+
+    def group_id(self) -> int:
+        """The tlshd multicast group's id, as the supervisor logged it."""
+        if not self._group:
+            m = re.search(r"group tlshd id (\d+)", self.daemon.log())
+            assert m, "no group id in tlshd's log"
+            self._group = int(m.group(1))
+        return self._group
+
+    def tree(self) -> dict[int, tuple[int, str]]:
+        """Every process whose title is tlshd's: pid -> (ppid, title)."""
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+                ppid = int(proc_status(int(entry.name))["PPid"])
+            except (OSError, KeyError, ValueError):
+                continue
+            title = cmd.split(b"\0")[0].decode(errors="replace")
+            if title.startswith("tlshd:"):
+                out[int(entry.name)] = (ppid, title)
+        return out
+
+    # -- helpers the test module reaches through the fixture --
+
+    in_netns = staticmethod(in_netns)
+    trace_events = staticmethod(trace_events)
+    proc_status = staticmethod(proc_status)
+    fd_count = staticmethod(fd_count)
+    rss_kib = staticmethod(rss_kib)
+
+    def group_joined(self, name: str) -> bool:
+        return tlshd_group_joined(name, self.group_id())
+
+    def silent_peer(self, ns: str, port: int) -> SilentRpcTlsPeer:
+        """A hanging NFS-over-TLS peer listening inside netns ``ns``."""
+        with in_netns(ns):
+            return SilentRpcTlsPeer(port)
+
+    @staticmethod
+    def drop_caches() -> None:
+        sh("sync")
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+
+    # -- a process booted exactly as a worker of one namespace --
+
+    def probe(self, ns: str, action: str, target: str
+              ) -> subprocess.CompletedProcess[str]:
+        import pwd
+
+        pw = pwd.getpwnam("tlshd")
+        config = self.workdir / "netns" / ns / "config"
+        return subprocess.run(
+            [str(VENV_BIN / "python"), str(WORKER_PROBE),
+             "--netns", str(NETNS_RUN / ns), "--config", str(config),
+             "--daemon-config", str(self.daemon.conf),
+             "--uid", str(pw.pw_uid), "--gid", str(pw.pw_gid),
+             action, target],
+            capture_output=True, text=True, timeout=300, check=False)
+
+    def close(self) -> None:
+        self.daemon.stop()
+        for name in list(self.sites):
+            self.remove_site(name)
+
+
+@pytest.fixture(scope="module")
+def netns_lab(nfs_server: str) -> Iterator[NetnsLab]:
+    """Namespaces a and b with their nfsd, then tlshd serving all three.
+
+    tlshd starts after a and b exist (test_netns adds "c" while it runs).
+    The veth pair joins a (10.99.0.1) and b (10.99.0.2); a's export admits
+    both a's own loopback and b over the veth.
+    """
+    import shutil
+    import tempfile
+
+    ensure_worker_user()
+    workdir = Path(tempfile.mkdtemp(prefix="tlshd-netns-"))
+    workdir.chmod(0o755)
+    lab = NetnsLab(workdir)
+    try:
+        lab.add_site("a", clients=["127.0.0.1", "%s.0/24" % VETH_NET])
+        lab.add_site("b")
+        sh("ip link add va netns a type veth peer name vb netns b && "
+           "ip -n a addr add {n}.1/24 dev va && ip -n a link set va up && "
+           "ip -n b addr add {n}.2/24 dev vb && ip -n b link set vb up"
+           .format(n=VETH_NET))
+        started = time.monotonic()
+        Path(nfs_server, "whoami").write_text("init\n")
+        lab.daemon.start(lab.main_config())
+        lab.wait_ready(["init", "a", "b"])
+        print("tlshd up, workers for init, a, b ready after %.1f s"
+              % (time.monotonic() - started))
+        yield lab
+    finally:
+        lab.close()
+        shutil.rmtree(workdir, ignore_errors=True)

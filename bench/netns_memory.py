@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Memory of one tlshd serving 1, 10 and 100 network namespaces.
+
+Runs as root inside the VM (it creates namespaces and starts tlshd):
+
+    tools/vm-run --kernel 6.12 --smp 2 --mem 8192 --timeout 3600 -- \\
+        /work/main/.venv/bin/python bench/netns_memory.py
+
+For each count N: N-1 named namespaces (``ip netns add``) plus the initial
+one, all served through ``[netns] default=`` with one set of throwaway
+credentials; tlshd is started fresh, and once every namespace has a ready
+(idle, sandboxed) worker, Rss and Pss are read from
+/proc/<pid>/smaps_rollup of the supervisor, the worker template (when
+there is one) and every worker.  Pss splits each shared page between the
+processes mapping it, so the Pss column of a row adds up to the tree's
+real footprint; Rss counts shared pages once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TLSHD = REPO / ".venv" / "bin" / "tlshd"
+CONTROL = "/run/tlshd/control.sock"
+PREFIX = "bench"
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+
+
+def credentials(root: Path) -> str:
+    """A CA, a server and a client certificate; return the config text."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+        path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("bench-ca"))
+          .issuer_name(name("bench-ca")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - day).not_valid_after(now + 30 * day)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                         critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (root / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for leaf in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(leaf))
+                .issuer_name(name("bench-ca")).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - day)
+                .not_valid_after(now + 30 * day)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"),
+                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                    critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (root / ("%s.pem" % leaf)).write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM))
+        write_key(root / ("%s.key" % leaf), key)
+    lines = ["[authenticate]"]
+    for role in ("client", "server"):
+        lines += ["[authenticate.%s]" % role,
+                  "x509.truststore=%s" % (root / "ca.pem"),
+                  "x509.certificate=%s" % (root / ("%s.pem" % role)),
+                  "x509.private_key=%s" % (root / ("%s.key" % role))]
+    return "\n".join(lines) + "\n"
+
+
+def status() -> list[dict[str, object]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(CONTROL)
+        s.sendall(b"status-json\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    rows: list[dict[str, object]] = json.loads(data)
+    return rows
+
+
+def rollup(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in KiB from /proc/<pid>/smaps_rollup."""
+    rss = pss = 0
+    for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Rss":
+            rss = int(value.split()[0])
+        elif key == "Pss":
+            pss = int(value.split()[0])
+    return rss, pss
+
+
+def children(pid: int) -> dict[int, str]:
+    """pid -> process title of every child of ``pid``."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "status").read_text()
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        ppid = next(int(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("PPid:"))
+        if ppid == pid:
+            out[int(entry.name)] = title.decode(errors="replace")
+    return out
+
+
+def measure(count: int, workdir: Path, timeout: float) -> dict[str, float]:
+    names = ["%s%03d" % (PREFIX, i) for i in range(1, count)]
+    for n in names:
+        sh("ip", "netns", "add", n)
+    log = open(workdir / ("tlshd-%d.log" % count), "wb")
+    start = time.monotonic()
+    proc = subprocess.Popen([str(TLSHD), "-s", "-c",
+                             str(workdir / "tlshd.conf")],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit("tlshd exited with %s; see %s"
+                                 % (proc.returncode, log.name))
+            try:
+                rows = status()
+            except OSError:
+                rows = []
+            ready = sum(1 for r in rows if r["worker_ready"])
+            if len(rows) == count and ready == count:
+                break
+            if time.monotonic() - start > timeout:
+                raise SystemExit("only %d of %d workers ready after %d s"
+                                 % (ready, count, timeout))
+            time.sleep(1.0)
+        ready_after = time.monotonic() - start
+        time.sleep(3.0)  # let start-up garbage settle
+        sup_rss, sup_pss = rollup(proc.pid)
+        kids = children(proc.pid)
+        tmpl_rss = tmpl_pss = w_rss = w_pss = 0
+        workers = 0
+        for pid, title in kids.items():
+            rss, pss = rollup(pid)
+            if title == "tlshd: worker template":
+                tmpl_rss += rss
+                tmpl_pss += pss
+            elif title.startswith("tlshd: worker [netns"):
+                w_rss += rss
+                w_pss += pss
+                workers += 1
+        if workers != count:
+            raise SystemExit("%d workers for %d namespaces: %r"
+                             % (workers, count, kids))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], check=False)
+    return {
+        "namespaces": count, "ready_s": ready_after,
+        "sup_rss": sup_rss, "sup_pss": sup_pss,
+        "tmpl_rss": tmpl_rss, "tmpl_pss": tmpl_pss,
+        "w_rss": w_rss, "w_pss": w_pss, "w_pss_each": w_pss / workers,
+        "total_pss": sup_pss + tmpl_pss + w_pss,
+    }
+
+
+def mib(kib: float) -> str:
+    return "%.1f" % (kib / 1024)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--counts", default="1,10,100",
+                   help="served namespaces per run, initial one included")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds to wait for every worker to be ready")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root in the VM (see the docstring)")
+    counts = [int(c) for c in args.counts.split(",")]
+    try:
+        pwd.getpwnam("tlshd")
+    except KeyError:
+        sh("useradd", "--system", "--no-create-home", "--shell",
+           "/usr/sbin/nologin", "tlshd")
+    sh("modprobe", "tls")
+    workdir = Path(tempfile.mkdtemp(prefix="tlshd-bench-"))
+    workdir.chmod(0o755)
+    try:
+        creds = workdir / "creds"
+        creds.mkdir(mode=0o755)
+        text = credentials(creds)
+        (workdir / "default.conf").write_text(text)
+        (workdir / "tlshd.conf").write_text(
+            text + "[netns]\ndefault=%s\n" % (workdir / "default.conf"))
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False).stdout.strip()
+        print("netns-memory: kernel %s, %d CPU, python %s, commit %s; idle "
+              "workers; MiB from /proc/<pid>/smaps_rollup"
+              % (platform.release(), os.cpu_count() or 0,
+                 platform.python_version(), commit or "?"))
+        header = ("namespaces", "ready_s", "sup_RSS", "sup_PSS",
+                  "template_RSS", "template_PSS", "workers_RSS",
+                  "workers_PSS", "PSS/worker", "total_PSS")
+        print(" ".join("%12s" % h for h in header))
+        sys.stdout.flush()
+        for count in counts:
+            m = measure(count, workdir, args.timeout)
+            print(" ".join("%12s" % v for v in (
+                m["namespaces"], "%.1f" % m["ready_s"], mib(m["sup_rss"]),
+                mib(m["sup_pss"]), mib(m["tmpl_rss"]), mib(m["tmpl_pss"]),
+                mib(m["w_rss"]), mib(m["w_pss"]), mib(m["w_pss_each"]),
+                mib(m["total_pss"]))))
+            sys.stdout.flush()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
