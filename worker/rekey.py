@@ -131,10 +131,19 @@ class KtlsSession:
     any sequence number).  The caller owns the socket; this object never
     closes it.  Thread use: one reader (``recv``) and any number of
     writers; TX and RX state each have their own lock.
+
+    The socket must be in blocking mode (bound waits with SO_RCVTIMEO if
+    needed): once the kernel has decrypted a KeyUpdate record that has not
+    been read yet, ``poll()`` reports no input (the re-key is pending), so
+    a Python socket timeout, which polls before each read, would wait
+    out its timeout although the record is there (seen on 7.3).
     """
 
     def __init__(self, sock: socket.socket, secrets: Secrets) -> None:
         ktls.hash_name(secrets.cipher)  # ValueError for unknown suites
+        if sock.gettimeout() is not None:
+            raise ValueError("KtlsSession needs a blocking socket (poll "
+                             "hides a received KeyUpdate)")
         self.sock = sock
         self.cipher = secrets.cipher
         self._tx = secrets.tx

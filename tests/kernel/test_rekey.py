@@ -40,10 +40,11 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
-from tlshd.shared import tlsstat, uapi
+from tlshd.shared import protocol, tlsstat, uapi
 from tlshd.supervisor import genl
-from tlshd.worker import ktls, rekey
+from tlshd.worker import ktls, rekey, serve
 from tlshd.worker.rekey import KtlsSession, Secrets
+from tlshd.worker.sessions import SessionTable
 from tlshd.worker.tlsengine import Engine, Outcome, RoleSettings
 
 pytestmark = pytest.mark.kernel
@@ -145,12 +146,23 @@ def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
     return join
 
 
+def bound_reads(sock: socket.socket) -> None:
+    """Blocking mode with a kernel receive timeout.
+
+    Not ``settimeout``: Python then polls before each read, and poll
+    reports no input while a decrypted KeyUpdate waits to be read.
+    """
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("=qq", IO_TIMEOUT, 0))
+
+
 def install(sock: socket.socket, out: Outcome) -> KtlsSession:
     """What the worker does after a handshake, then a session on top."""
     assert out.status == 0, out.reason
     assert out.tx is not None and out.rx is not None
     ktls.install(sock, out.tx, out.rx)
-    sock.settimeout(IO_TIMEOUT)  # the engine hands it back blocking
+    bound_reads(sock)
     return KtlsSession(sock, Secrets(out.cipher, out.tx.secret,
                                      out.rx.secret))
 
@@ -346,6 +358,110 @@ def test_rekey_every_suite(
                                       t, request=i % 3 == 0), 50)
 
 
+# ------------------------------------- the worker's re-key upcall service
+
+
+def kernel_request(msg_type: int, **kw: Any) -> protocol.HandshakeRequest:
+    return protocol.HandshakeRequest(
+        msg_type=msg_type, auth_mode=uapi.AuthMode.UNAUTH,
+        timeout_ms=60000, keyring=0, peerids=(), certs=(),
+        peername="127.0.0.1", **kw)
+
+
+def consumer_read(sock: socket.socket, n: int) -> tuple[int, bytes]:
+    """Read like a kernel consumer: (record type, data) of one read."""
+    data, anc, _, _ = sock.recvmsg(n, socket.CMSG_SPACE(1))
+    return rekey.record_type(anc), data
+
+
+@pytest.mark.not_applicable
+def test_worker_services_key_update_requests(
+    kernel_version: tuple[int, ...],
+    engine_settings: tuple[RoleSettings, RoleSettings],
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """What the worker does for the proposed re-key upcall, on real kTLS.
+
+    No kernel has the upcall yet, so the test plays the kernel consumer:
+    it owns the client socket and hands the worker's ``serve.handle`` a
+    dup of it, as the supervisor passes ACCEPT's fd: first a ClientHello
+    with keep_secrets (the answer names a session id), then key update
+    requests for that session.  The server end is our KtlsSession.
+    """
+    require_rekey(kernel_version)
+    engine = make_engine(engine_settings)
+    csock, ssock = tcp_pair
+    deadline = time.monotonic() + 60
+    server = in_thread(lambda: engine.server_handshake(
+        ssock, deadline=deadline))
+    table = SessionTable()
+    answer = serve.handle(engine, serve.Job(
+        1, kernel_request(uapi.MsgType.CLIENTHELLO, keep_secrets=True),
+        os.dup(csock.fileno())), table)
+    peer = install(ssock, server())
+    assert answer.status == 0, answer.reason
+    sid = answer.session_id
+    assert sid != 0 and sid in table and len(table) == 1
+    bound_reads(csock)
+
+    def upcall(kind: int) -> None:
+        ans = serve.handle(engine, serve.Job(
+            2, kernel_request(uapi.MsgType.CLIENTKEYUPDATE,
+                              key_update=kind, session_id=sid),
+            os.dup(csock.fileno())), table)
+        assert (ans.status, ans.session_id) == (0, sid), ans.reason
+
+    rng = random.Random(11)
+    before = tls_stat()
+    start = time.monotonic()
+    rounds = 50
+    for i in range(rounds):
+        # The consumer initiates: SEND.
+        upcall(uapi.KeyUpdateType.SEND)
+        data = payload(rng)
+        csock.sendall(data)
+        assert peer.recv_exact(len(data)) == data
+        # The peer re-keys, asking for an update every other round.
+        request = i % 2 == 0
+        peer.send_key_update(request)
+        data = payload(rng)
+        peer.sendall(data)
+        kind, body = consumer_read(csock, 64)
+        assert (kind, body) == (rekey.CT_HANDSHAKE,
+                                rekey.key_update_message(request))
+        with pytest.raises(OSError) as exc:
+            csock.recv(64)
+        assert exc.value.errno == errno.EKEYEXPIRED
+        upcall(uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE if request
+               else uapi.KeyUpdateType.RECEIVED)
+        got = b""
+        while len(got) < len(data):
+            kind, chunk = consumer_read(csock, len(data) - len(got))
+            assert kind == rekey.CT_APPLICATION_DATA
+            got += chunk
+        assert got == data
+        # Our answer (if asked) reaches the peer before this data.
+        data = payload(rng)
+        csock.sendall(data)
+        assert peer.recv_exact(len(data)) == data
+    d = deltas(before, tls_stat())
+    answered = (rounds + 1) // 2
+    print("worker upcall service: %d rounds, %.2f s; tls_stat %s"
+          % (rounds, time.monotonic() - start, d))
+    with table.use(sid) as slot:
+        assert slot.secrets.tx_generation == rounds + answered
+        assert slot.secrets.rx_generation == rounds
+    assert peer.rx_generation == rounds + answered
+    assert peer.tx_generation == rounds
+    check_counters(d, 2 * rounds + answered)
+    # A session the worker does not know: ENOKEY, nothing sent.
+    ans = serve.handle(engine, serve.Job(
+        3, kernel_request(uapi.MsgType.CLIENTKEYUPDATE,
+                          key_update=uapi.KeyUpdateType.SEND,
+                          session_id=sid ^ 1), os.dup(csock.fileno())), table)
+    assert ans.status == errno.ENOKEY
+
+
 # ------------------------------------------------- OpenSSL in user space
 
 
@@ -451,11 +567,7 @@ def test_rekey_interop_with_openssl(
     csock, ssock = tcp_pair
     ours_sock, peer_sock = (csock, ssock) if role == "client" else (
         ssock, csock)
-    # pyOpenSSL wants a blocking socket; a kernel receive timeout still
-    # turns a hang into an error.
-    peer_sock.settimeout(None)
-    peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                         struct.pack("=qq", IO_TIMEOUT, 0))
+    bound_reads(peer_sock)  # pyOpenSSL wants a blocking socket too
     peer = SSL.Connection(openssl_context(pki, server=role == "client"),
                           peer_sock)
     if role == "client":

@@ -65,6 +65,9 @@ class FakeKtls:
     def fileno(self) -> int:
         return 99
 
+    def gettimeout(self) -> float | None:
+        return None
+
     def setsockopt(self, level: int, opt: int, value: bytes) -> None:
         self.opts.append((level, opt, value))
 
@@ -192,6 +195,16 @@ def test_recv_protocol_errors(records: list[Any]) -> None:
 def test_close_notify_is_eof() -> None:
     s, _, _ = session(records=[(21, bytes([1, 0]))])
     assert s.recv(100) == b""
+
+
+def test_socket_with_timeout_refused() -> None:
+    # Python polls before a timed read; the kernel's poll hides a received
+    # KeyUpdate that waits to be read.
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        with pytest.raises(ValueError, match="blocking"):
+            KtlsSession(sock, Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32,
+                                      b"b" * 32))
 
 
 def test_unknown_cipher_refused() -> None:
