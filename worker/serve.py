@@ -199,8 +199,8 @@ def handle(engine: Engine, job: Job,
                     log.error("Failed to install kTLS keys: %s", e)
                     status, remote_auth = errno.EIO, ()
                     reason = "kTLS install failed: %s" % e
-            if (status == 0 and result.tx and result.rx and sessions
-                    is not None and job.request.keep_secrets):
+            if (status == 0 and sessions is not None
+                    and job.request.keep_secrets and result.tx and result.rx):
                 session_id = sessions.add(Secrets(
                     result.cipher, result.tx.secret, result.rx.secret))
             if status == 0:
