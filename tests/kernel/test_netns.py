@@ -259,6 +259,13 @@ def test_worker_of_a_cannot_read_b_user_key(netns_lab):
         keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
 
 
+# A known, open isolation hole (issue 5): every worker inherits the
+# supervisor's session keyring, which links .nvme, so it possesses every
+# namespace's PSKs; and the psk key type's search does not compare the
+# namespace tag.  Closing it needs the supervisor to pass PSK material on
+# the channel and workers to run with an empty session keyring.  strict:
+# the day this passes, the marker must go.
+@pytest.mark.xfail(strict=True, reason="known hole: workers possess .nvme")
 def test_worker_of_a_cannot_read_b_nvme_psk(netns_lab):
     """b's NVMe/TCP PSK where NVMe keeps it: in .nvme, created in b.
 
