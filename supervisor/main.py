@@ -15,7 +15,7 @@ import setproctitle
 from tlshd.shared import config, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import control, genl, keyrings
+from tlshd.supervisor import control, genl, keyrings, ktlswarm
 from tlshd.supervisor.loop import Supervisor
 
 log = logging.getLogger("tlshd")
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
     log.info("Built from tlshd (Python) %s", _version())
     preload_modules()
+    ktlswarm.warm_aeads()
     keyrings.setup_session_keyring(cfg.keyrings)
     try:
         family = genl.probe_family()
