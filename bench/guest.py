@@ -313,6 +313,13 @@ class Daemon:
         self.start_seconds = 0.0
 
     def argv(self) -> list[str]:
+        if self.impl == "ours" and os.environ.get("BENCH_OURS_NO_WARM_AEADS"):
+            # Before/after runs of the start-up kTLS warm-up only.
+            code = ("import sys; from tlshd.supervisor import ktlswarm, main;"
+                    " ktlswarm.warm_aeads = lambda: None;"
+                    " sys.exit(main.main())")
+            return [str(VENV_BIN / "python"), "-c", code, "-s", "-c",
+                    str(self.conf)]
         if self.impl == "ours":
             return [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)]
         return ["chroot", str(TRIXIE), "/usr/sbin/tlshd", "-s", "-c",
@@ -599,6 +606,7 @@ class Sample:
     burst_handshakes: list[int] = field(default_factory=list)
     handshakes: int = 0
     handshake_errors: int = 0
+    error_statuses: dict[str, int] = field(default_factory=dict)
     incomplete: int = 0
     cpu_usec: int = 0
     user_usec: int = 0
@@ -642,6 +650,8 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
             continue
         if r.status != 0:
             s.handshake_errors += 1
+            name = errno.errorcode.get(abs(r.status or 0), str(r.status))
+            s.error_statuses[name] = s.error_statuses.get(name, 0) + 1
         s.latency.append(r.complete - r.submit)
         if r.accept is not None and r.done is not None:
             s.agent.append(r.done - r.accept)
@@ -720,6 +730,31 @@ def crypto_cost(n: int) -> dict[str, float]:
     out["x25519_ecdhe_ms"] = out["x25519_exchange_ms"]
     out["reference_ms"] = (out["x25519_ecdhe_ms"] + out["p256_sign_ms"]
                            + out["p256_verify_ms"])
+    return out
+
+
+def describe_sessions(conf: Path, group: int, a: argparse.Namespace
+                      ) -> dict[str, dict[str, int]]:
+    """Session descriptions per implementation.  Ours logs them at
+    loglevel 0; the reference only at loglevel 1, so it gets one short
+    untimed pass with that setting."""
+    verbose = WORK / "tlshd-describe.conf"
+    verbose.write_text(conf.read_text().replace("loglevel=0", "loglevel=1"))
+    d = Daemon("reference", verbose, group)
+    d.log = WORK / "reference-describe.log"
+    d.start("describe")
+    try:
+        warm_up(a)
+    finally:
+        d.stop()
+    out: dict[str, dict[str, int]] = {}
+    for impl, log in (("ours", WORK / "ours.log"), ("reference", d.log)):
+        counts: dict[str, int] = {}
+        if log.exists():
+            for m in re.finditer(r"Session description: (\S+)",
+                                 log.read_text(errors="replace")):
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        out[impl] = counts
     return out
 
 
@@ -841,6 +876,9 @@ def main() -> int:
             results["memory"].append({"impl": impl, "round": rnd,
                                       "idle": idle, "after": after})
             save()
+    if "reference" in impls:
+        say("what the reference negotiates (loglevel=1, untimed)")
+        results["sessions"] = describe_sessions(conf, group, a)
     say("crypto cost")
     results["crypto"] = crypto_cost(a.crypto_iterations)
     save()

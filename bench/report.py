@@ -47,8 +47,9 @@ def sample_line(s: dict[str, Any]) -> str:
     lat = s["latency"]
     parts = ["hs=%d" % s["handshakes"]]
     if s["failed"] or s["handshake_errors"] or s["incomplete"]:
-        parts.append("FAILED=%d errors=%d incomplete=%d" % (
-            s["failed"], s["handshake_errors"], s["incomplete"]))
+        parts.append("FAILED=%d errors=%d %s incomplete=%d" % (
+            s["failed"], s["handshake_errors"],
+            s.get("error_statuses", ""), s["incomplete"]))
     parts.append("cycle=%.0fms" % (mean(s["cycle_seconds"]) * 1000))
     if lat:
         parts.append("p50=%.1f p99=%.1f ms" % (ms(pct(lat, 50)),
@@ -212,6 +213,14 @@ def render(results: dict[str, Any]) -> str:
             "X25519 + sign + verify = %.2f ms." % (
                 crypto["x25519_ecdhe_ms"], crypto["p256_sign_ms"],
                 crypto["p256_verify_ms"], crypto["reference_ms"]))
+    sessions = results.get("sessions")
+    if sessions:
+        lines.append("")
+        lines.append("Negotiated (session descriptions, count):")
+        for impl in IMPLS:
+            lines.append("- %s: %s" % (impl, "; ".join(
+                "%s x%d" % (k, v) for k, v in sorted(
+                    sessions.get(impl, {}).items()))))
     lines.append("")
     lines.extend(goals(results, summ))
     return "\n".join(lines)
