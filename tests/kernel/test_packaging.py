@@ -34,6 +34,7 @@ CACHE = Path(os.environ.get("TLSHD_CACHE") or REPO / ".cache")
 UNIT = "/lib/systemd/system/tlshd.service"
 TEST_TARGET = Path("/etc/systemd/system/tlshd-test.target")
 ETC = Path("/etc/tlshd")
+NETNS = "tlshd-pkg-test"
 # CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7, CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21
 UNIT_CAPS = (1 << 5) | (1 << 6) | (1 << 7) | (1 << 12) | (1 << 21)
 
@@ -79,6 +80,7 @@ def deb() -> Iterator[Path]:
     assert r.returncode == 0, r.stdout + r.stderr
     yield path
     shutil.rmtree(ETC / "test", ignore_errors=True)
+    shutil.rmtree(ETC / "netns", ignore_errors=True)
     sh("dpkg --purge tlshd", timeout=600)
     # Nothing left behind: no byte code written at run time, no conffile.
     assert not os.path.exists("/usr/lib/tlshd")
@@ -118,11 +120,23 @@ def test_version_and_usage(deb: Path) -> None:
     assert r.returncode == 69, r.stdout + r.stderr
 
 
-def test_worker_user(deb: Path) -> None:
+def test_worker_user(deb: Path, tmp_path: Path) -> None:
+    # postinst ran systemd-sysusers (a no-op if earlier tests of this
+    # session already created the user with useradd).
     pw = pwd.getpwnam("tlshd")
     assert 0 < pw.pw_uid < 1000 and pw.pw_gid != 0
-    assert pw.pw_dir == "/nonexistent"
-    assert pw.pw_shell == "/usr/sbin/nologin"
+    # What the sysusers entry creates, applied to an empty root.
+    (tmp_path / "etc").mkdir()
+    sh("systemd-sysusers --root=%s - </usr/lib/sysusers.d/tlshd.conf"
+       % tmp_path)
+    entry = [line.split(":") for line in
+             (tmp_path / "etc/passwd").read_text().splitlines()
+             if line.startswith("tlshd:")]
+    assert len(entry) == 1
+    _, _, uid, gid, _, home, shell = entry[0]
+    assert 0 < int(uid) < 1000 and int(gid) != 0
+    assert (home, shell) == ("/nonexistent", "/usr/sbin/nologin")
+    assert "tlshd:" in (tmp_path / "etc/group").read_text()
 
 
 def test_systemd_analyze_verify(deb: Path) -> None:
@@ -152,7 +166,11 @@ class ServiceManager:
         # Not systemd-tmpfiles-setup.service: Debian's tmp.conf would empty
         # the VM's /tmp under the running tests.  Only the package's entry
         # (/run/netns) is applied.
+        # Shared propagation, as systemd sets up on a real boot (it skips
+        # that here, believing itself in a container): mounts made later,
+        # such as "ip netns add", then reach the services' namespaces.
         boot = ("mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run && "
+                "mount --make-rshared / && "
                 "systemd-tmpfiles --create /usr/lib/tmpfiles.d/tlshd.conf && "
                 "exec /lib/systemd/systemd --system "
                 "--unit=%s --log-target=kmsg --log-level=notice"
@@ -216,8 +234,10 @@ def test_service_under_systemd(systemd: ServiceManager, pki: Any,
     creds = ETC / "test"
     shutil.rmtree(creds, ignore_errors=True)
     shutil.copytree(pki.root, creds)
-    (ETC / "config").write_text(
-        pki.config().replace(str(pki.root), str(creds)))
+    config = pki.config().replace(str(pki.root), str(creds))
+    (ETC / "config").write_text(config)
+    (ETC / "netns" / NETNS).mkdir(parents=True, exist_ok=True)
+    (ETC / "netns" / NETNS / "config").write_text(config)
     systemd.start()
     wait_for(lambda: systemd.run("systemctl is-active tlshd.service",
                                  check=False).returncode == 0,
@@ -253,6 +273,22 @@ def test_service_under_systemd(systemd: ServiceManager, pki: Any,
     status = systemd.run("tlshdctl status").stdout
     assert re.search(r"handshakes: [2-9]\d* succeeded, 0 failed", status), (
         status)
+
+    # A namespace added while the service runs is found and served: its
+    # mount propagates into the service, which enters it (setns, allowed
+    # by RestrictNamespaces=net and CAP_SYS_ADMIN).
+    systemd.run("ip netns add %s" % NETNS)
+    try:
+        wait_for(lambda: re.search(
+            r"netns %s .*\n.*\n\s*worker:\s+pid \d+, ready" % NETNS,
+            systemd.run("tlshdctl status", check=False).stdout),
+            240, "the worker of netns %s" % NETNS)
+    except AssertionError as e:
+        raise AssertionError("%s\n%s\n%s" % (
+            e, systemd.run("tlshdctl status", check=False).stdout,
+            systemd.run("journalctl --no-pager -o cat -u tlshd.service",
+                        check=False).stdout)) from None
+    systemd.run("ip netns del %s" % NETNS)
 
     # Reload (SIGHUP through ExecReload) and stop.
     systemd.run("systemctl reload tlshd.service")
