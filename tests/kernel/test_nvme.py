@@ -418,7 +418,9 @@ def test_unknown_identity_then_good(target, tlshd, nvme_trace, psk_keys):
 
 # ---- real tooling, module ordering --------------------------------------
 
-TRIXIE = Path(__file__).resolve().parents[2] / ".cache" / "trixie-root"
+TRIXIE = Path(os.environ.get("TLSHD_CACHE")
+              or Path(__file__).resolve().parents[2] / ".cache"
+              ) / "trixie-root"
 
 
 def nvme_cli(args: str) -> str:
