@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from tlshd.worker import ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
@@ -91,6 +91,30 @@ class Outcome:
     reason: str = ""
     tx: TrafficKeys | None = None
     rx: TrafficKeys | None = None
+
+
+# The log texts of a certificate (its key description and subject) are
+# built through a cryptography object, which costs a conversion per
+# certificate per handshake (about 25 ms each under emulation); our own
+# certificate and a recurring peer's are the same every time, so keep the
+# texts by DER.  0 switches the cache off (bench/engine_ab.py compares).
+CERT_TEXT_CACHE_SIZE = 64
+_cert_texts: dict[bytes, tuple[str, str | None]] = {}
+
+
+def cert_texts(cert: crypto.X509 | None) -> tuple[str, str | None]:
+    """Return (key description, subject) of ``cert`` for the logs."""
+    if cert is None:
+        return tlscreds.key_description(None), None
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    texts = _cert_texts.get(der)
+    if texts is None:
+        texts = (tlscreds.key_description(cert), verify.subject_text(cert))
+        if CERT_TEXT_CACHE_SIZE:
+            if len(_cert_texts) >= CERT_TEXT_CACHE_SIZE:
+                _cert_texts.clear()
+            _cert_texts[der] = texts
+    return texts
 
 
 def failed(status: int, reason: str) -> Outcome:
@@ -178,7 +202,7 @@ def success(conn: SSL.Connection, s: Session, *, server: bool) -> Outcome:
     if server and peer is not None and s.verify_failure is None:
         remote_auth = (REMOTE_AUTH_VERIFIED_CERT,)
     description = (
-        f"(TLS1.3)-({group})-({tlscreds.key_description(server_cert)})"
+        f"(TLS1.3)-({group})-({cert_texts(server_cert)[0]})"
         f"-({_CIPHER_SHORT.get(cipher, cipher)})"
     )
     return Outcome(
@@ -187,7 +211,7 @@ def success(conn: SSL.Connection, s: Session, *, server: bool) -> Outcome:
         cipher=cipher,
         group=group,
         description=description,
-        peer_subject=verify.subject_text(peer),
+        peer_subject=cert_texts(peer)[1],
         tx=TrafficKeys(cipher, mine, s.tx_records),
         rx=TrafficKeys(cipher, theirs, s.rx_records),
     )
