@@ -569,6 +569,10 @@ class Scenario:
     extra: str = ""
     queues: int = 1
     needs_daemon: bool = True
+    # Before each cycle, one untimed-for-latency cycle without TLS, so
+    # that the TLS overhead per cycle compares cycles minutes apart at
+    # most (the host's load drifts).
+    paired_baseline: bool = False
 
     def run_cycle(self) -> None:
         if self.kind == "nfs":
@@ -599,6 +603,7 @@ class Sample:
     failed: int = 0
     error: str = ""
     cycle_seconds: list[float] = field(default_factory=list)
+    base_cycle_seconds: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)  # submit->complete
     agent: list[float] = field(default_factory=list)  # accept->done
     bursts: list[float] = field(default_factory=list)  # first submit ->
@@ -623,6 +628,13 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
     cpu0 = cpu_usec(daemon.cg) if daemon else None
     start = time.monotonic()
     for _ in range(sc.cycles):
+        if sc.paired_baseline:
+            b0 = time.monotonic()
+            try:
+                nfs_cycle(None, sc.mounts)
+                s.base_cycle_seconds.append(time.monotonic() - b0)
+            except Exception as e:
+                say("  baseline cycle failed: %s" % e)
         c0 = time.monotonic()
         try:
             sc.run_cycle()
@@ -671,8 +683,10 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
 
 def scenarios(a: argparse.Namespace) -> list[Scenario]:
     out = [
-        Scenario("nfs-tls", "nfs", a.nfs_cycles, "tls"),
-        Scenario("nfs-mtls", "nfs", a.nfs_cycles, "mtls"),
+        Scenario("nfs-tls", "nfs", a.nfs_cycles, "tls",
+                 paired_baseline=True),
+        Scenario("nfs-mtls", "nfs", a.nfs_cycles, "mtls",
+                 paired_baseline=True),
         Scenario("nfs-nconnect16", "nfs", a.burst_cycles, "tls",
                  extra=",nconnect=16"),
         Scenario("nfs-parallel%d" % a.parallel_mounts, "nfs",
@@ -787,7 +801,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int,
                    default=int(os.environ.get("BENCH_ROUNDS", 3)))
     p.add_argument("--nfs-cycles", type=int,
-                   default=int(os.environ.get("BENCH_NFS_CYCLES", 8)))
+                   default=int(os.environ.get("BENCH_NFS_CYCLES", 6)))
+    p.add_argument("--base-cycles", type=int,
+                   default=int(os.environ.get("BENCH_BASE_CYCLES", 0)),
+                   help="cycles of a separate NFS loop without TLS and "
+                        "without a daemon per round (the tls and mtls "
+                        "loops pair each cycle with one without TLS)")
     p.add_argument("--nvme-cycles", type=int,
                    default=int(os.environ.get("BENCH_NVME_CYCLES", 8)))
     p.add_argument("--burst-cycles", type=int,
@@ -828,10 +847,11 @@ def main() -> int:
         "scenarios": {}, "memory": [], "starts": [],
     }
     scs = scenarios(a)
-    base = Scenario(BASELINE, "nfs", a.nfs_cycles, None,
+    base = Scenario(BASELINE, "nfs", a.base_cycles, None,
                     needs_daemon=False)
-    results["scenarios"][BASELINE] = {"describe": base.describe(),
-                                      "samples": []}
+    if a.base_cycles:
+        results["scenarios"][BASELINE] = {"describe": base.describe(),
+                                          "samples": []}
     for sc in scs:
         results["scenarios"][sc.name] = {"describe": sc.describe(),
                                          "samples": []}
@@ -844,9 +864,10 @@ def main() -> int:
     nfs_cycle(None)
     for rnd in range(1, a.rounds + 1):
         order = impls if rnd % 2 else list(reversed(impls))
-        say("round %d: baseline without TLS" % rnd)
-        s = timed_loop(base, "none", rnd, None)
-        results["scenarios"][BASELINE]["samples"].append(vars(s))
+        if a.base_cycles:
+            say("round %d: baseline without TLS" % rnd)
+            s = timed_loop(base, "none", rnd, None)
+            results["scenarios"][BASELINE]["samples"].append(vars(s))
         for impl in order:
             d = Daemon(impl, conf, group)
             d.start("r%d" % rnd)
