@@ -243,8 +243,12 @@ def test_worker_of_a_cannot_read_b_key_file(netns_lab):
 def test_worker_of_a_cannot_read_b_user_key(netns_lab):
     """A root-owned key of b's (possessor all, user view: 0x3f010000)."""
     lab = netns_lab
+    # In the test process's own process keyring, which it surely
+    # possesses: the user keyring is possessed only while the session
+    # keyring links it, and the NVMe tests' add_key to the session keyring
+    # made the kernel give this process a fresh anonymous one.
     ring = keys.add("keyring", "tlshd-test-b", b"",
-                    keys.KEY_SPEC_USER_KEYRING)
+                    keys.KEY_SPEC_PROCESS_KEYRING)
     serial = keys.add("user", "b-secret", b"secret of namespace b", ring)
     keys.setperm(serial, 0x3F010000)
     try:
@@ -256,7 +260,7 @@ def test_worker_of_a_cannot_read_b_user_key(netns_lab):
         assert r.returncode == 0, r.stderr[-2000:]
         assert re.search(r"DENIED (EACCES|ENOKEY)", r.stdout), r.stdout
     finally:
-        keys.unlink(ring, keys.KEY_SPEC_USER_KEYRING)
+        keys.unlink(ring, keys.KEY_SPEC_PROCESS_KEYRING)
 
 
 # A known, open isolation hole (issue 5): every worker inherits the
