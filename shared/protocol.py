@@ -21,13 +21,17 @@ from typing import ClassVar
 from tlshd.shared.errors import ProtocolError
 
 MAGIC = 0x544C  # "TL"
-PROTOCOL_VERSION = 3  # bump on any change to MsgType or a body layout
+PROTOCOL_VERSION = 4  # bump on any change to MsgType or a body layout
 HEADER = struct.Struct("!HBBIQ")
 MAX_MSG = 64 * 1024
 MAX_FDS = 2
 MAX_STR = 4096
 MAX_LIST = 16
 MAX_REASON = 512
+MAX_SECRET = 64  # a PSK: 32 (SHA-256) or 48 (SHA-384) bytes
+# Offered identities a worker may look up per request: a hostile
+# ClientHello may list hundreds; NVMe hosts offer one or two.
+MAX_LOOKUPS = 8
 # HandshakeRequest.flags
 REQ_KEEP_SECRETS = 0x1  # the kernel may ask to re-key: keep the secrets
 KEY_UPDATE_MAX = 3  # uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE
@@ -40,6 +44,8 @@ class Msg(enum.IntEnum):
     LOG = 7  # worker -> supervisor, one formatted log record
     SPAWN_REQ = 8  # supervisor -> worker template, 2 fds: netns, channel
     SPAWN_ANS = 9  # worker template -> supervisor: the new worker's pid
+    PSK_FOUND = 10  # supervisor -> worker: the answer to a PSK_LOOKUP
+    PSK_LOOKUP = 11  # worker -> supervisor: a server PSK identity to find
 
 
 class _Writer:
@@ -67,6 +73,12 @@ class _Writer:
         if len(raw) > MAX_STR:
             raise ValueError("string too long for the channel")
         self.parts.append(struct.pack("!H", len(raw)) + raw)
+
+    def blob(self, v: bytes, limit: int) -> None:
+        """Write length-prefixed bytes (u32 length), at most ``limit``."""
+        if len(v) > limit:
+            raise ValueError("%d bytes, at most %d fit" % (len(v), limit))
+        self.parts.append(struct.pack("!I", len(v)) + v)
 
     def u32_list(self, values: tuple[int, ...]) -> None:
         if len(values) > MAX_LIST:
@@ -117,6 +129,12 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise ProtocolError("string is not UTF-8") from e
 
+    def blob(self, limit: int) -> bytes:
+        (n,) = struct.unpack("!I", self._take(4))
+        if n > limit:
+            raise ProtocolError("%d bytes, at most %d allowed" % (n, limit))
+        return self._take(n)
+
     def u32_list(self) -> tuple[int, ...]:
         n = self.u8()
         if n > MAX_LIST:
@@ -129,12 +147,39 @@ class _Reader:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PskMaterial:
+    """A PSK read from a kernel key by the supervisor: its serial (for
+    REMOTE_AUTH), its identity (the key's description) and its secret."""
+
+    serial: int
+    identity: bytes
+    secret: bytes
+
+    def write(self, w: _Writer) -> None:
+        w.u32(self.serial)
+        w.blob(self.identity, MAX_STR)
+        w.blob(self.secret, MAX_SECRET)
+
+    @classmethod
+    def read(cls, r: _Reader) -> PskMaterial:
+        serial = r.u32()
+        identity, secret = r.blob(MAX_STR), r.blob(MAX_SECRET)
+        if not serial or not identity or not secret:
+            raise ProtocolError("empty PSK serial, identity or secret")
+        return cls(serial=serial, identity=identity, secret=secret)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeRequest:
     """One ACCEPTed kernel request, handed to the namespace's worker.
 
-    ``certs`` holds (certificate serial, private key serial) pairs of kernel
-    keys; ``peerids`` the PSK serials to offer; ``timeout_ms`` what is left
-    of the request's deadline when the supervisor sent it.
+    Workers possess no kernel keys: the supervisor reads what the request
+    names and passes the material itself.  ``x509_cert``/``x509_key``: the
+    DER certificate and private key the consumer passed by key serial
+    (empty: none); ``psks``: the PSKs a client offers (PEER_IDENTITY).  A
+    server looks up the identities its client offers with PSK_LOOKUP.
+    ``timeout_ms`` is what is left of the request's deadline when the
+    supervisor sent it.
 
     Re-keying: ``keep_secrets`` asks the worker to keep a handshake's
     traffic secrets under a new session id (only when the kernel has the
@@ -148,10 +193,10 @@ class HandshakeRequest:
     msg_type: int
     auth_mode: int
     timeout_ms: int
-    keyring: int
-    peerids: tuple[int, ...]
-    certs: tuple[tuple[int, int], ...]
     peername: str | None
+    psks: tuple[PskMaterial, ...] = ()
+    x509_cert: bytes = b""
+    x509_key: bytes = b""
     keep_secrets: bool = False
     key_update: int = 0
     session_id: int = 0
@@ -161,13 +206,14 @@ class HandshakeRequest:
         w.u32(self.msg_type)
         w.u32(self.auth_mode)
         w.u32(self.timeout_ms)
-        w.u32(self.keyring)
-        w.u32_list(self.peerids)
-        w.u8(len(self.certs))
-        for cert, key in self.certs:
-            w.u32(cert)
-            w.u32(key)
         w.text(self.peername)
+        if len(self.psks) > MAX_LIST:
+            raise ValueError("too many PSKs for the channel")
+        w.u8(len(self.psks))
+        for psk in self.psks:
+            psk.write(w)
+        w.blob(self.x509_cert, MAX_MSG)
+        w.blob(self.x509_key, MAX_MSG)
         w.u8(REQ_KEEP_SECRETS if self.keep_secrets else 0)
         w.u32(self.key_update)
         w.u32(self.session_id)
@@ -176,20 +222,18 @@ class HandshakeRequest:
     @classmethod
     def decode(cls, body: bytes) -> HandshakeRequest:
         r = _Reader(body)
-        msg_type, auth_mode, timeout_ms, keyring = (
-            r.u32(),
-            r.u32(),
-            r.u32(),
-            r.u32(),
-        )
-        peerids = r.u32_list()
-        ncerts = r.u8()
-        if ncerts > MAX_LIST:
-            raise ProtocolError("too many certificates")
-        certs = tuple((r.u32(), r.u32()) for _ in range(ncerts))
+        msg_type, auth_mode, timeout_ms = r.u32(), r.u32(), r.u32()
         peername = r.text()
+        npsks = r.u8()
+        if npsks > MAX_LIST:
+            raise ProtocolError("too many PSKs")
+        psks = tuple(PskMaterial.read(r) for _ in range(npsks))
+        x509_cert, x509_key = r.blob(MAX_MSG), r.blob(MAX_MSG)
         flags, key_update, session_id = r.u8(), r.u32(), r.u32()
         r.end()
+        if bool(x509_cert) != bool(x509_key):
+            raise ProtocolError("a certificate without its key or the "
+                                "other way round")
         if flags & ~REQ_KEEP_SECRETS:
             raise ProtocolError("unknown request flags 0x%x" % flags)
         if key_update > KEY_UPDATE_MAX:
@@ -200,14 +244,70 @@ class HandshakeRequest:
             msg_type=msg_type,
             auth_mode=auth_mode,
             timeout_ms=timeout_ms,
-            keyring=keyring,
-            peerids=peerids,
-            certs=certs,
             peername=peername,
+            psks=psks,
+            x509_cert=x509_cert,
+            x509_key=x509_key,
             keep_secrets=bool(flags & REQ_KEEP_SECRETS),
             key_update=key_update,
             session_id=session_id,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PskLookup:
+    """A server worker asks for the PSK of an identity its client offered
+    (request id: the handshake's).  The supervisor searches the request's
+    keyring and the daemon's keyrings from inside the worker's namespace,
+    so a worker sees only the one key it needs, and only its namespace's.
+    """
+
+    TYPE: ClassVar[Msg] = Msg.PSK_LOOKUP
+    NFDS: ClassVar[int] = 0
+
+    identity: bytes
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.blob(self.identity, MAX_STR)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> PskLookup:
+        r = _Reader(body)
+        identity = r.blob(MAX_STR)
+        r.end()
+        # keyctl descriptions are C strings.
+        if not identity or b"\0" in identity:
+            raise ProtocolError("PSK identity empty or with a NUL byte")
+        return cls(identity=identity)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PskFound:
+    """The answer to a PskLookup: the key, or ``psk`` None (not found)."""
+
+    TYPE: ClassVar[Msg] = Msg.PSK_FOUND
+    NFDS: ClassVar[int] = 0
+
+    psk: PskMaterial | None
+
+    def encode(self) -> bytes:
+        w = _Writer()
+        w.u8(0 if self.psk is None else 1)
+        if self.psk is not None:
+            self.psk.write(w)
+        return w.data()
+
+    @classmethod
+    def decode(cls, body: bytes) -> PskFound:
+        r = _Reader(body)
+        found = r.u8()
+        if found > 1:
+            raise ProtocolError("bad PSK_FOUND flag %d" % found)
+        psk = PskMaterial.read(r) if found else None
+        r.end()
+        return cls(psk=psk)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,7 +482,7 @@ class SpawnAnswer:
 
 
 Message = (HandshakeRequest | HandshakeAnswer | Hello | LogRecord
-           | SpawnRequest | SpawnAnswer)
+           | SpawnRequest | SpawnAnswer | PskLookup | PskFound)
 
 _CLASSES: dict[int, type[Message]] = {
     Msg.HANDSHAKE_REQ: HandshakeRequest,
@@ -391,6 +491,8 @@ _CLASSES: dict[int, type[Message]] = {
     Msg.LOG: LogRecord,
     Msg.SPAWN_REQ: SpawnRequest,
     Msg.SPAWN_ANS: SpawnAnswer,
+    Msg.PSK_LOOKUP: PskLookup,
+    Msg.PSK_FOUND: PskFound,
 }
 
 

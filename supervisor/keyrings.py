@@ -1,21 +1,22 @@
 """The daemon's session keyring, set up once at start-up.
 
-Workers run as an unprivileged user and can read a key only if they
-possess it, i.e. reach it from their own keyrings.  They inherit the
-supervisor's session keyring, so this module gives the daemon a session
-keyring of its own (links never touch the caller's) and links into it:
+The supervisor reads every kernel key its workers need (they possess
+none: see tlshd.supervisor.keymaterial), and can read a key only if it
+possesses it, i.e. reaches it from its own keyrings.  So this module gives
+the daemon a session keyring of its own (links never touch the caller's)
+and links into it:
 
 - the supervisor's process keyring: at ACCEPT the kernel links the
   consumer's keyring (NVMe: ``.nvme`` or the connect's ``keyring=``) into
   the process keyring of the process sending ACCEPT.  Reachable from the
-  session keyring, every such keyring is possessed by the workers, also on
-  kernels whose ACCEPT reply does not name it (before 6.17) and even when
-  the nvme modules were loaded after tlshd started (vm-harness pitfall 13);
+  session keyring, also on kernels whose ACCEPT reply does not name it
+  (before 6.17) and even when the nvme modules were loaded after tlshd
+  started (vm-harness pitfall 13);
 - ``.nvme``, ``.nfs``, ``.nfsd`` when they exist, and the keyrings named in
   ``[authenticate] keyrings=``, as ktls-utils does.
 
-What a worker *searches* (server PSK lookup) is a separate, explicit list:
-see tlshd.worker.pskkeys.
+What a server PSK lookup *searches* is a separate, explicit list: see
+tlshd.supervisor.keymaterial.search_keyrings.
 """
 
 from __future__ import annotations

@@ -19,13 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tlshd.shared import config, protocol, tlsstat
+from tlshd.shared import config, protocol, tlsstat, uapi
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
-from tlshd.supervisor import control, genl, netns, upcall
+from tlshd.supervisor import control, genl, keymaterial, netns, upcall
 from tlshd.supervisor.backoff import Backoff
 from tlshd.supervisor.workers import Template, Worker, spawn_worker
 
 log = logging.getLogger(__name__)
+
+# What the supervisor reads from kernel keys for one request: the x.509
+# certificate and key (DER, empty: none) and a client's PSKs.
+KeyMaterial = tuple[bytes, bytes, tuple[protocol.PskMaterial, ...]]
 
 # The worker enforces each deadline itself and answers ETIMEDOUT; this much
 # later the supervisor stops waiting for a worker that is stuck.
@@ -55,6 +59,7 @@ class InFlight:
     request: upcall.AcceptedRequest
     deadline: float
     worker: Worker | None = None
+    lookups: int = 0  # PSK_LOOKUPs answered for it (MAX_LOOKUPS at most)
 
 
 @dataclass(eq=False)
@@ -499,12 +504,42 @@ class Supervisor:
             self.complete(self.inflight[req_id], msg.status,
                           msg.remote_auth, msg.reason, msg.session_id)
             self._close_if_idle(worker)
+        elif (isinstance(msg, protocol.PskLookup)
+              and req_id in worker.inflight
+              and self._may_look_up(self.inflight[req_id])):
+            self.answer_lookup(worker, self.inflight[req_id], msg.identity)
         else:
             log.error("Worker %d (netns %s) sent an unexpected %s (request "
                       "%d); killing it", worker.pid, ns.label,
                       type(msg).__name__, req_id)
             worker.kill()
             self.sel.unregister(worker.channel)
+
+    @staticmethod
+    def _may_look_up(req: InFlight) -> bool:
+        """Only a server PSK handshake looks up keys, a bounded number of
+        times; any other lookup is a worker gone wrong."""
+        return (req.request.auth_mode == uapi.AuthMode.PSK
+                and req.request.msg_type == uapi.MsgType.SERVERHELLO
+                and req.lookups < protocol.MAX_LOOKUPS)
+
+    def answer_lookup(self, worker: Worker, req: InFlight,
+                      identity: bytes) -> None:
+        """Find the PSK a server worker's client offered, in the keyrings
+        its namespace may use, and send it (or "not found") back."""
+        req.lookups += 1
+        psk = keymaterial.find_psk(
+            identity, req.request.keyring or 0,
+            initial=req.ns.nsfd is None, named=req.ns.cfg.keyrings)
+        log.debug("PSK lookup for request %d in netns %s: %s", req.req_id,
+                  req.ns.label, "key %08x" % psk.serial if psk else
+                  "not found")
+        try:
+            worker.channel.send(protocol.PskFound(psk=psk), req.req_id)
+        except (PeerGone, OSError) as e:
+            # Its exit (pidfd) answers the request.
+            log.error("Cannot answer worker %d's PSK lookup: %s",
+                      worker.pid, e)
 
     def answer_hello(self, ns: Namespace, worker: Worker,
                      hello: protocol.Hello) -> None:
@@ -603,22 +638,49 @@ class Supervisor:
         else:
             ns.pending.append(inflight)
 
-    def dispatch(self, req: InFlight, worker: Worker) -> None:
-        remaining = max(1, int((req.deadline - time.monotonic()) * 1000))
-        msg = protocol.HandshakeRequest(
-            msg_type=req.request.msg_type,
-            auth_mode=req.request.auth_mode,
-            timeout_ms=remaining,
-            keyring=req.request.keyring or 0,
-            peerids=req.request.peerids,
-            certs=req.request.certs,
-            peername=req.request.peername,
-            keep_secrets=self.keep_secrets,
-            key_update=req.request.key_update,
-            session_id=req.request.session_id,
-        )
+    def _key_material(self, req: InFlight) -> KeyMaterial | None:
+        """Read the kernel keys ``req`` names, for the worker (which can
+        read none); None after answering the request if that fails."""
+        accepted = req.request
         try:
+            cert, key = keymaterial.x509_from_keys(accepted.certs)
+        except OSError as e:
+            log.error("Failed to read certificate keys for request %d in "
+                      "netns %s: %s", req.req_id, req.ns.label, e)
+            self.complete(req, errno.ENOKEY, (),
+                          "certificate keys unreadable")
+            return None
+        psks: list[protocol.PskMaterial] = []
+        if (accepted.auth_mode == uapi.AuthMode.PSK
+                and accepted.msg_type == uapi.MsgType.CLIENTHELLO):
+            psks, skipped = keymaterial.client_psks(accepted.peerids)
+            for why in skipped:
+                log.error("Cannot use PSK %s [netns %s]", why, req.ns.label)
+        return cert, key, tuple(psks)
+
+    def dispatch(self, req: InFlight, worker: Worker) -> None:
+        material = self._key_material(req)
+        if material is None:
+            return
+        cert, key, psks = material
+        remaining = max(1, int((req.deadline - time.monotonic()) * 1000))
+        try:
+            msg = protocol.HandshakeRequest(
+                msg_type=req.request.msg_type,
+                auth_mode=req.request.auth_mode,
+                timeout_ms=remaining,
+                peername=req.request.peername,
+                keep_secrets=self.keep_secrets,
+                key_update=req.request.key_update,
+                session_id=req.request.session_id,
+                x509_cert=cert, x509_key=key, psks=psks,
+            )
             worker.channel.send(msg, req.req_id, (req.sockfd,))
+        except ValueError as e:  # material too large for one message
+            log.error("Cannot hand request %d to worker %d: %s", req.req_id,
+                      worker.pid, e)
+            self.complete(req, errno.EINVAL, (), str(e))
+            return
         except (PeerGone, OSError) as e:
             log.error("Cannot hand request %d to worker %d: %s", req.req_id,
                       worker.pid, e)

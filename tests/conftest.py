@@ -41,6 +41,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "not_applicable: may skip inside the VM (the feature does not "
         "exist on this kernel); any other skip there is a failure",
     )
+    config.addinivalue_line(
+        "markers",
+        "wide: needs more vCPUs than the default VM; tools/test runs these "
+        "in a second boot with TLSHD_VM_SMP_WIDE (default 4) vCPUs",
+    )
 
 
 def pytest_collection_modifyitems(

@@ -22,7 +22,7 @@ import threading
 
 import setproctitle
 
-from tlshd.shared import config, linux, protocol
+from tlshd.shared import config, keys, linux, protocol
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
@@ -87,6 +87,15 @@ def boot(args: argparse.Namespace, channel: Channel,
         # search from now on happens in the namespace this worker serves.
         linux.setns(args.netns_fd)
         os.close(args.netns_fd)
+    # An empty session keyring of our own: the one inherited from the
+    # supervisor links every keyring the daemon uses (.nvme and the
+    # consumers' keyrings), which would make this worker possess other
+    # namespaces' keys.  The seccomp filter forbids keyctl afterwards.
+    try:
+        keys.join_session_keyring(None)
+    except OSError as e:
+        log.warning("Cannot join an empty session keyring (%s); keyctl is "
+                    "forbidden once sandboxed all the same", e)
     engine = load_engine(args.config)
     server = Server(channel, lock, engine, args.threads)
     hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)

@@ -1,29 +1,13 @@
-"""PSK handshakes for kernel requests: the PSKs come from kernel keys.
+"""PSK handshakes for kernel requests, with keys the supervisor reads.
 
-Client (NVMe host): each PEER_IDENTITY serial is a key whose description
-is the PSK identity and whose payload is the secret; keys we cannot read
-are skipped (and reported), the others are offered in turn.
+A worker possesses no kernel keys (see tlshd.supervisor.keymaterial):
 
-Server (NVMe target): the identity the client offers is looked up as a
-``psk`` key, by ``keyctl search``, in
-
-1. the keyring of the request (ACCEPT's KEYRING attribute, 6.17 and
-   later: the nvmet port's keyring, ``.nvme`` by default), then
-2. each keyring the supervisor linked into the daemon's session keyring
-   at start-up (``.nvme``, ``.nfs``, ``.nfsd``, ``[authenticate]
-   keyrings=``), i.e. what ktls-utils searches through its session keyring,
-3. ``.nvme``, ``.nfs``, ``.nfsd`` wherever we possess them: a module
-   loaded after tlshd started creates its keyring too late for step 2,
-   but the consumer's ACCEPT links it into the supervisor's process
-   keyring (also before 6.17, which does not name it in ACCEPT).
-
-Not searched: the supervisor's process keyring (``_pid``), which only
-makes the workers *possess* every request's keyring. Searching it would
-find the keys other consumers passed, e.g. a host's ``keyring=`` on the
-same machine, where the target must not look.
-
-The worker has already entered the consumer's network namespace: ``psk``
-keys are tagged with the namespace that created them.
+- client (NVMe host): the request carries the PSKs of its PEER_IDENTITY
+  serials, read by the supervisor; they are offered in turn;
+- server (NVMe target): the worker parses the ClientHello and asks the
+  supervisor for each offered identity (PSK_LOOKUP, at most
+  ``protocol.MAX_LOOKUPS`` per request); the supervisor searches from
+  inside this worker's namespace and answers with that one key or none.
 """
 
 from __future__ import annotations
@@ -31,102 +15,111 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import sys
+import threading
+import time
+from collections.abc import Callable
 
-from tlshd.shared import keys, protocol, uapi
-from tlshd.worker.psk import Psk, PskLookup
+from tlshd.shared import protocol, uapi
+from tlshd.worker.psk import Psk, PskLookup, printable
 from tlshd.worker.tlsengine import Engine
 from tlshd.worker.tlsoutcome import Outcome, failed
 
 log = logging.getLogger(__name__)
 
-PROCESS_KEYRING_NAME = "_pid"
+Send = Callable[[protocol.Message, int], None]
 
 
-def client_psks(peerids: tuple[int, ...]) -> tuple[list[Psk], list[str]]:
-    """Read the PSKs to offer; also return why the others were skipped."""
-    psks, skipped = [], []
-    for serial in peerids:
+class _Waiting:
+    """One handshake thread waiting for the supervisor's PSK_FOUND."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.answer: protocol.PskFound | None = None
+
+
+class SupervisorLookups:
+    """Server PSK lookups through the supervisor, by request id.
+
+    Handshake threads send PSK_LOOKUP and wait; the thread reading the
+    channel hands each PSK_FOUND to the thread waiting for it.  One lookup
+    per request at a time: a request's lookups run in its one thread.
+    """
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Waiting] = {}
+
+    def for_request(self, req_id: int, deadline: float) -> PskLookup:
+        """The lookup function of one server handshake."""
+        asked = 0
+
+        def lookup(identity: bytes) -> Psk | None:
+            nonlocal asked
+            if (not identity or b"\0" in identity
+                    or len(identity) > protocol.MAX_STR):
+                return None  # no kernel key can have this description
+            if asked >= protocol.MAX_LOOKUPS:
+                log.warning("Not looking up PSK identity '%s': the client "
+                            "offered more than %d", printable(identity),
+                            protocol.MAX_LOOKUPS)
+                return None
+            asked += 1
+            return self._ask(req_id, identity, deadline)
+
+        return lookup
+
+    def _ask(self, req_id: int, identity: bytes,
+             deadline: float) -> Psk | None:
+        waiting = _Waiting()
+        with self._lock:
+            self._waiting[req_id] = waiting
         try:
-            _type, description = keys.describe(serial)
-            secret = keys.read(serial)
-        except OSError as e:
-            skipped.append("key %08x: %s" % (serial & 0xFFFFFFFF,
-                                             e.strerror))
-            continue
-        psks.append(Psk(serial, description.encode(), secret))
-    return psks, skipped
-
-
-def search_keyrings(request_keyring: int) -> list[int]:
-    """The keyrings a server PSK lookup searches, in order."""
-    rings = [request_keyring] if request_keyring else []
-    try:
-        raw = keys.read(keys.KEY_SPEC_SESSION_KEYRING)
-    except OSError as e:
-        log.error("Cannot list the session keyring: %s", e.strerror)
-        return rings
-    for i in range(0, len(raw) - 3, 4):
-        serial = int.from_bytes(raw[i : i + 4], sys.byteorder, signed=True)
-        try:
-            key_type, description = keys.describe(serial)
-        except OSError:
-            continue
-        if (key_type == "keyring" and description != PROCESS_KEYRING_NAME
-                and serial not in rings):
-            rings.append(serial)
-    for name in keys.WELL_KNOWN_KEYRINGS:
-        try:
-            serial = keys.search(keys.KEY_SPEC_SESSION_KEYRING, "keyring",
-                                 name)
-        except OSError:
-            continue
-        if serial not in rings:
-            rings.append(serial)
-    return rings
-
-
-def server_lookup(request_keyring: int,
-                  key_type: str = keys.PSK_KEY_TYPE) -> PskLookup:
-    """A lookup of offered identities in :func:`search_keyrings`."""
-    rings = search_keyrings(request_keyring)
-
-    def lookup(identity: bytes) -> Psk | None:
-        if not identity or b"\0" in identity:
+            self._send(protocol.PskLookup(identity=identity), req_id)
+            answered = waiting.event.wait(max(0.0,
+                                              deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                del self._waiting[req_id]
+        found = waiting.answer.psk if answered and waiting.answer else None
+        if found is None or found.identity != identity:
             return None
-        for ring in rings:
-            try:
-                serial = keys.search(ring, key_type, identity)
-                secret = keys.read(serial)
-            except OSError as e:
-                if e.errno not in (errno.ENOKEY, errno.EKEYREVOKED,
-                                   errno.EKEYEXPIRED):
-                    log.error("PSK lookup in keyring %08x: %s",
-                              ring & 0xFFFFFFFF, e.strerror)
-                continue
-            return Psk(serial, identity, secret)
-        return None
+        return Psk(found.serial, found.identity, found.secret)
 
-    return lookup
+    def answer(self, req_id: int, found: protocol.PskFound) -> None:
+        """Hand the supervisor's answer to the thread that asked."""
+        with self._lock:
+            waiting = self._waiting.get(req_id)
+        if waiting is None:
+            # That handshake's deadline passed while the supervisor looked.
+            log.debug("Late PSK answer for request %d", req_id)
+            return
+        waiting.answer = found
+        waiting.event.set()
+
+
+def _nothing(_identity: bytes) -> Psk | None:
+    return None
 
 
 def psk_handshake(engine: Engine, request: protocol.HandshakeRequest,
-                  sock: socket.socket, deadline: float) -> Outcome:
-    """Run the PSK handshake a kernel request asks for."""
+                  sock: socket.socket, deadline: float,
+                  lookup: PskLookup | None = None) -> Outcome:
+    """Run the PSK handshake a kernel request asks for.
+
+    ``lookup``: a server's way to find offered identities (None: finds
+    nothing).
+    """
     if request.msg_type == uapi.MsgType.CLIENTHELLO:
-        psks, skipped = client_psks(request.peerids)
-        for why in skipped:
-            log.error("Cannot use PSK %s", why)
+        psks = [Psk(p.serial, p.identity, p.secret) for p in request.psks]
         if not psks:
-            return failed(errno.ENOKEY, "no usable PSK among %d offered"
-                          % len(request.peerids))
+            return failed(errno.ENOKEY, "no usable PSK (none of the "
+                          "request's keys could be read)")
         for psk in psks:
-            log.info("Using PSK identity %s", psk.identity.decode(
-                "ascii", "backslashreplace"))
+            log.info("Using PSK identity %s", printable(psk.identity))
         return engine.client_psk_handshake(sock, psks=psks,
                                            deadline=deadline)
     if request.msg_type == uapi.MsgType.SERVERHELLO:
-        lookup = server_lookup(request.keyring)
-        return engine.server_psk_handshake(sock, lookup=lookup,
+        return engine.server_psk_handshake(sock, lookup=lookup or _nothing,
                                            deadline=deadline)
     return failed(errno.EIO, "unknown message type %d" % request.msg_type)

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tlshd.shared import keys, protocol, uapi
+from tlshd.shared import protocol, uapi
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import PeerGone
 from tlshd.worker import ktls, pskkeys
@@ -71,30 +71,28 @@ def _peer_address(sock: socket.socket) -> str:
     return str(addr[0]) if isinstance(addr, tuple) else str(addr)
 
 
-def _kernel_x509(request: protocol.HandshakeRequest
-                 ) -> tuple[bytes, bytes] | None:
-    """Read the DER certificate and key the consumer passed by serial."""
-    for cert_serial, key_serial in request.certs:
-        if cert_serial and key_serial:
-            return keys.read(cert_serial), keys.read(key_serial)
-    return None
-
-
 def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
-                  sock: socket.socket) -> Outcome | int:
-    """Run the handshake the kernel asked for; an int is a local failure."""
+                  sock: socket.socket,
+                  lookups: pskkeys.SupervisorLookups | None = None,
+                  req_id: int = 0) -> Outcome | int:
+    """Run the handshake the kernel asked for; an int is a local failure.
+
+    ``lookups``: how a server PSK handshake asks the supervisor for keys.
+    """
     deadline = time.monotonic() + request.timeout_ms / 1000.0
     proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
     if proto != socket.IPPROTO_TCP:
         log.error("Unsupported socket protocol %d", proto)
         return errno.EOPNOTSUPP
-    try:
-        x509 = _kernel_x509(request)
-    except OSError as e:
-        log.error("Failed to read certificate keys: %s", e)
-        return errno.ENOKEY
+    # The certificate and key the consumer passed as kernel keys, which
+    # the supervisor read for us.
+    x509 = ((request.x509_cert, request.x509_key) if request.x509_cert
+            else None)
     if request.auth_mode == uapi.AuthMode.PSK:
-        return pskkeys.psk_handshake(engine, request, sock, deadline)
+        lookup = (None if lookups is None
+                  else lookups.for_request(req_id, deadline))
+        return pskkeys.psk_handshake(engine, request, sock, deadline,
+                                     lookup)
     if request.msg_type == uapi.MsgType.CLIENTHELLO:
         if request.auth_mode in (uapi.AuthMode.UNAUTH, uapi.AuthMode.X509):
             return engine.client_handshake(
@@ -166,7 +164,9 @@ def handle_key_update(sessions: SessionTable | None,
 
 
 def handle(engine: Engine, job: Job,
-           sessions: SessionTable | None = None) -> protocol.HandshakeAnswer:
+           sessions: SessionTable | None = None,
+           lookups: pskkeys.SupervisorLookups | None = None
+           ) -> protocol.HandshakeAnswer:
     """Run one job to its answer; always closes the job's fd.
 
     With ``sessions`` and a request that asks for it, a successful
@@ -182,7 +182,8 @@ def handle(engine: Engine, job: Job,
     reason = ""
     session_id = 0
     try:
-        result = run_handshake(engine, job.request, sock)
+        result = run_handshake(engine, job.request, sock, lookups,
+                               job.req_id)
         if isinstance(result, int):
             status = result
             reason = "local failure: %s" % os.strerror(status)
@@ -237,6 +238,7 @@ class Server:
         # Secrets of sessions the kernel may ask to re-key; only this
         # process ever holds them.
         self.sessions = SessionTable()
+        self.lookups = pskkeys.SupervisorLookups(self.send)
         self.pool = [
             threading.Thread(target=self._work, name="handshake-%d" % i,
                              daemon=True)
@@ -254,7 +256,7 @@ class Server:
             job = self.jobs.get()
             if job is None:
                 return
-            answer = handle(self.engine, job, self.sessions)
+            answer = handle(self.engine, job, self.sessions, self.lookups)
             try:
                 self.send(answer, job.req_id)
             except PeerGone:
@@ -267,9 +269,12 @@ class Server:
                 msg, req_id, fds = self.channel.recv()
             except PeerGone:
                 return
+            if isinstance(msg, protocol.PskFound):
+                self.lookups.answer(req_id, msg)
+                continue
             if not isinstance(msg, protocol.HandshakeRequest):
-                # The supervisor sends only requests; anything else means
-                # we no longer understand each other.
+                # The supervisor sends only requests and PSK answers;
+                # anything else means we no longer understand each other.
                 for fd in fds:
                     socket.socket(fileno=fd).close()
                 raise SystemExit("unexpected %s from supervisor"

@@ -932,8 +932,11 @@ class NetnsLab:
 
     # -- a process booted exactly as a worker of one namespace --
 
-    def probe(self, ns: str, action: str, target: str
+    def probe(self, ns: str, action: str, target: str,
+              seccomp_log: bool = False
               ) -> subprocess.CompletedProcess[str]:
+        """One attempt in a worker sandbox of ``ns``; ``seccomp_log``: the
+        filter only logs violations, to show the layers underneath."""
         import pwd
 
         pw = pwd.getpwnam("tlshd")
@@ -943,6 +946,7 @@ class NetnsLab:
              "--netns", str(NETNS_RUN / ns), "--config", str(config),
              "--daemon-config", str(self.daemon.conf),
              "--uid", str(pw.pw_uid), "--gid", str(pw.pw_gid),
+             *(["--seccomp-log"] if seccomp_log else []),
              action, target],
             capture_output=True, text=True, timeout=300, check=False)
 

@@ -1,7 +1,7 @@
 """Run one attempt inside a worker sandbox, booted as a real worker is.
 
     python tests/kernel/worker_probe.py --netns /run/netns/a \\
-        --config CONF --uid U --gid G \
+        --config CONF --uid U --gid G [--seccomp-log] \
         read-file PATH | read-key SERIAL | search-psk IDENTITY
 
 Run as root.  First what the supervisor does before it spawns a worker
@@ -15,10 +15,13 @@ no_new_privs, seccomp); then the one attempt.
 Output, one line each: ``HELLO uid=.. gid=.. cap_eff=.. no_new_privs=..
 seccomp=..``, ``TRY <what>``, and ``ALLOWED <n> bytes`` or ``DENIED
 <errno name>`` (``search-psk``: ``FOUND <serial>`` or ``DENIED ...``,
-a ``keyctl search`` for a ``psk`` key from the session keyring down, as a
-server PSK lookup does).  The seccomp filter kills the process on a forbidden
-system call (opening a file): then the exit status is -SIGSYS and no
+a ``keyctl search`` for a ``psk`` key from the worker's session keyring
+down).  The seccomp filter kills the process on a forbidden system call
+(opening a file, any keyctl): then the exit status is -SIGSYS and no
 result line follows.  One attempt per run for that reason.
+``--seccomp-log`` boots with the filter in log-only mode
+(TLSHD_SECCOMP_LOG=1), to show what the layers underneath it (uid,
+keyring possession) do on their own.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tlshd.shared import config, keys  # noqa: E402
 from tlshd.shared.channel import Channel, socketpair  # noqa: E402
 from tlshd.supervisor import keyrings  # noqa: E402
 from tlshd.worker import main as worker_main  # noqa: E402
+from tlshd.worker import sandbox  # noqa: E402
 
 
 def _say(line: str) -> None:
@@ -54,6 +58,7 @@ def main() -> None:
                    help="the main configuration ([authenticate] keyrings)")
     p.add_argument("--uid", required=True)
     p.add_argument("--gid", required=True)
+    p.add_argument("--seccomp-log", action="store_true")
     p.add_argument("action", choices=("read-file", "read-key",
                                       "search-psk"))
     p.add_argument("target")
@@ -61,6 +66,8 @@ def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="probe: %(message)s")
 
+    if args.seccomp_log:
+        os.environ[sandbox.SECCOMP_LOG_ENV] = "1"
     named = ()
     if args.daemon_config:
         named = config.load(args.daemon_config).keyrings

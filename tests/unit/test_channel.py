@@ -11,8 +11,7 @@ from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import PeerGone, ProtocolError
 
 REQ = protocol.HandshakeRequest(
-    msg_type=1, auth_mode=1, timeout_ms=100, keyring=0, peerids=(),
-    certs=(), peername="127.0.0.1")
+    msg_type=1, auth_mode=1, timeout_ms=100, peername="127.0.0.1")
 
 
 def open_fds():

@@ -1,6 +1,7 @@
 """Kernel keys from Python: tlshd.shared.keys, the daemon's session keyring
-(tlshd.supervisor.keyrings) and the worker's PSK loading and lookup
-(tlshd.worker.pskkeys), against the host kernel's real keyrings.
+(tlshd.supervisor.keyrings) and the supervisor's reading of PSKs for its
+workers (tlshd.supervisor.keymaterial), against the host kernel's real
+keyrings.
 
 Each scenario runs in a fresh interpreter that first joins a new session
 keyring, so nothing here touches the test runner's keyrings. ``user`` keys
@@ -170,12 +171,12 @@ def test_supervisor_session_keyring() -> None:
                    "has_process": True}
 
 
-def test_worker_psk_loading_and_lookup() -> None:
-    """pskkeys: client PSKs by serial (unreadable ones skipped); the server
-    searches the request's keyring and the session's keyrings, but not the
-    supervisor's process keyring."""
+def test_supervisor_psk_material_and_lookup() -> None:
+    """keymaterial: client PSKs by serial (unreadable ones skipped); the
+    server lookup searches the request's keyring and the session's
+    keyrings, but not the supervisor's process keyring."""
     out = run("""
-        from tlshd.worker import pskkeys
+        from tlshd.supervisor import keymaterial
         proc = keys.keyring_id(keys.KEY_SPEC_PROCESS_KEYRING, create=True)
         keys.link(proc, S)
         linked = keys.add("keyring", "tlshd-test-linked", b"", S)
@@ -185,35 +186,61 @@ def test_worker_psk_loading_and_lookup() -> None:
         k_req = keys.add("user", "id-request", b"R" * 48, request)
         keys.add("user", "id-host-only", b"H" * 32, host)
         hidden = keys.add("user", "id-hidden", b"x", S)
-        keys.setperm(hidden, 0x01010000)  # view only: unreadable
+        keys.setperm(hidden, 0x01010000)  # view only: unreadable, by root too
+        big = keys.add("user", "id-big", b"B" * 65, request)  # no PSK
 
-        def worker():
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            psks, skipped = pskkeys.client_psks((k_req, hidden, 0x7fff0000))
-            lookup = pskkeys.server_lookup(request, key_type="user")
-            found = {i: (p.serial if (p := lookup(i.encode())) else None)
-                     for i in ("id-request", "id-linked", "id-host-only",
-                               "unknown")}
-            return {
-                "psks": [(p.serial, p.identity.decode(), len(p.key))
-                         for p in psks],
-                "skipped": skipped,
-                "rings": pskkeys.search_keyrings(request),
-                "no_request_rings": pskkeys.search_keyrings(0),
-                "found": found,
-            }
-
-        print(json.dumps({"w": child(worker), "k_req": k_req,
-                          "k_linked": k_linked, "request": request,
-                          "linked": linked}))
+        psks, skipped = keymaterial.client_psks(
+            (k_req, hidden, 0x7fff0000, big))
+        rings = keymaterial.search_keyrings(request)
+        found = {i: (p.serial if (p := keymaterial.lookup_psk(
+                         rings, i.encode(), key_type="user")) else None)
+                 for i in ("id-request", "id-linked", "id-host-only",
+                           "id-big", "unknown")}
+        print(json.dumps({
+            "psks": [(p.serial, p.identity.decode(), len(p.secret))
+                     for p in psks],
+            "skipped": skipped,
+            "rings": rings,
+            "no_request_rings": keymaterial.search_keyrings(0),
+            "found": found, "k_req": k_req, "k_linked": k_linked,
+            "request": request, "linked": linked}))
     """)
-    w = out["w"]
-    assert w["psks"] == [[out["k_req"], "id-request", 48]]
-    assert len(w["skipped"]) == 2
-    assert "Permission denied" in w["skipped"][0]
-    assert w["rings"] == [out["request"], out["linked"]]
-    assert w["no_request_rings"] == [out["linked"]]
-    assert w["found"] == {"id-request": out["k_req"],
-                          "id-linked": out["k_linked"],
-                          "id-host-only": None, "unknown": None}
+    assert out["psks"] == [[out["k_req"], "id-request", 48]]
+    assert len(out["skipped"]) == 3, out["skipped"]
+    assert "Permission denied" in out["skipped"][0]
+    assert "no PSK" in out["skipped"][2]
+    assert out["rings"] == [out["request"], out["linked"]]
+    assert out["no_request_rings"] == [out["linked"]]
+    assert out["found"] == {"id-request": out["k_req"],
+                            "id-linked": out["k_linked"],
+                            "id-host-only": None, "id-big": None,
+                            "unknown": None}
+
+
+def test_other_namespaces_search_only_their_own_keyrings() -> None:
+    """keymaterial.search_keyrings for a namespace other than the initial
+    one: the request's keyring and the keyrings its configuration names,
+    not what the daemon linked for the initial namespace."""
+    out = run("""
+        from tlshd.supervisor import keymaterial
+        proc = keys.keyring_id(keys.KEY_SPEC_PROCESS_KEYRING, create=True)
+        keys.link(proc, S)
+        request = keys.add("keyring", "tlshd-test-ns-request", b"", proc)
+        global_ = keys.add("keyring", "tlshd-test-ns-global", b"", S)
+        listed = keys.add("keyring", "tlshd-test-ns-listed", b"", proc)
+        keys.add("user", "id-global", b"G" * 32, global_)
+        keys.add("user", "id-listed", b"L" * 32, listed)
+        named = ("tlshd-test-ns-listed", "tlshd-test-no-such")
+        ns = keymaterial.namespace_keyrings(request, named)
+        found = {i: bool(keymaterial.find_psk(i.encode(), request, False,
+                                              named, "user"))
+                 for i in ("id-global", "id-listed")}
+        init = keymaterial.search_keyrings(request)
+        print(json.dumps({"ns": ns, "init": init, "found": found,
+                          "request": request, "global": global_,
+                          "listed": listed}))
+    """)
+    assert out["ns"] == [out["request"], out["listed"]]
+    # The namespace's lookups left no trace among the initial one's.
+    assert out["init"] == [out["request"], out["global"]]
+    assert out["found"] == {"id-global": False, "id-listed": True}

@@ -9,9 +9,13 @@ from hypothesis import strategies as st
 from tlshd.shared import protocol
 from tlshd.shared.errors import ProtocolError
 
+PSK = protocol.PskMaterial(serial=7, identity=b"NVMe0R01 host subsys",
+                           secret=b"k" * 32)
 REQ = protocol.HandshakeRequest(
-    msg_type=1, auth_mode=3, timeout_ms=15000, keyring=0x1234,
-    peerids=(7, 8), certs=((11, 12),), peername="server.example")
+    msg_type=1, auth_mode=3, timeout_ms=15000, peername="server.example",
+    psks=(PSK, protocol.PskMaterial(serial=8, identity=b"x" * 4096,
+                                    secret=b"s" * 48)),
+    x509_cert=b"\x30" * 900, x509_key=b"\x30\x82" * 600)
 
 
 @pytest.mark.parametrize("msg,nfds", [
@@ -22,6 +26,9 @@ REQ = protocol.HandshakeRequest(
     (protocol.Hello(pid=5, uid=998, gid=998, cap_eff=0, no_new_privs=1,
                     seccomp=2), 0),
     (protocol.LogRecord(level=40, text="Handshake with 'x' failed"), 0),
+    (protocol.PskLookup(identity=b"NVMe1R02 " + b"\xff" * 300), 0),
+    (protocol.PskFound(psk=PSK), 0),
+    (protocol.PskFound(psk=None), 0),
 ])
 def test_round_trip(msg, nfds):
     data = protocol.encode(msg, req_id=42)
@@ -32,8 +39,7 @@ def test_round_trip(msg, nfds):
 
 def test_peername_none_survives():
     msg = protocol.HandshakeRequest(
-        msg_type=2, auth_mode=3, timeout_ms=1, keyring=0, peerids=(),
-        certs=(), peername=None)
+        msg_type=2, auth_mode=3, timeout_ms=1, peername=None)
     assert protocol.decode(protocol.encode(msg), 1)[0] == msg
 
 

@@ -259,7 +259,7 @@ def request(msg_type: int, key_update: int = 0, session_id: int = 0,
             keep: bool = False) -> protocol.HandshakeRequest:
     return protocol.HandshakeRequest(
         msg_type=msg_type, auth_mode=uapi.AuthMode.PSK, timeout_ms=1000,
-        keyring=0, peerids=(), certs=(), peername=None, keep_secrets=keep,
+        peername=None, keep_secrets=keep,
         key_update=key_update, session_id=session_id)
 
 

@@ -14,13 +14,17 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
 from tlshd.shared import config, protocol, uapi
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import genl, keymaterial, upcall
 from tlshd.supervisor.loop import Supervisor
+from tlshd.worker.psk import Psk
+from tlshd.worker.tlsengine import Engine, RoleSettings
+from tlshd.worker.tlsoutcome import Outcome
 
 
 class FakeNl:
@@ -139,6 +143,7 @@ def test_worker_reports_hello_and_answers(sup, listener):
     run_until(s, lambda: nl.dones)
     assert len(nl.dones) == 1
     sockfd, status, auth = nl.dones[0]
+    assert sockfd == fd
     assert sockfd == fd and status != 0 and auth == ()
     assert not s.inflight
     with pytest.raises(OSError):
@@ -364,3 +369,113 @@ def test_ready_consumed_while_waiting_for_done(sup, listener):
     took = run_until(s, lambda: len(nl.dones) == 2, timeout=10)
     assert [d[0] for d in nl.dones] == [fd1, fd2]
     assert took < 1.5, took  # well before the 2 s request deadline
+
+
+# ---- PSK material: read by the supervisor, never by the worker ----------
+
+PSK_ID = b"NVMe0R01 nqn.2014-08.org.example:host nqn.2014-08.org.example:sub"
+PSK_SECRET = bytes(range(32))
+
+
+def _psk_peer(role: str, sock: socket.socket, lookup_seen: list[bytes]
+              ) -> tuple[threading.Thread, dict[str, Outcome]]:
+    """Our engine at the far end of a PSK request, in a thread."""
+    engine = Engine(RoleSettings(), RoleSettings())
+    result: dict[str, Outcome] = {}
+
+    def lookup(identity: bytes) -> Psk | None:
+        lookup_seen.append(identity)
+        return Psk(0x77, identity, PSK_SECRET) if identity == PSK_ID else None
+
+    def run() -> None:
+        deadline = time.monotonic() + 15
+        if role == "client":
+            result["peer"] = engine.client_psk_handshake(
+                sock, psks=[Psk(0x77, PSK_ID, PSK_SECRET)],
+                deadline=deadline)
+        else:
+            result["peer"] = engine.server_psk_handshake(
+                sock, lookup=lookup, deadline=deadline)
+
+    return threading.Thread(target=run, daemon=True), result
+
+
+def test_server_psk_lookup_goes_through_the_supervisor(sup, listener,
+                                                       monkeypatch):
+    """The worker parses the ClientHello and asks; the supervisor searches
+    (here: a stand-in for the keyring search) and answers with one key."""
+    s, nl, ns = sup
+    asked: list[bytes] = []
+
+    def lookup_psk(rings, identity, key_type="psk"):
+        asked.append(identity)
+        return (protocol.PskMaterial(serial=0x1234, identity=identity,
+                                     secret=PSK_SECRET)
+                if identity == PSK_ID else None)
+
+    monkeypatch.setattr(keymaterial, "lookup_psk", lookup_psk)
+    run_until(s, lambda: ready(ns))
+    fd, peer = connected_fd(listener)
+    t, result = _psk_peer("client", peer, [])
+    nl.submit(fd, timeout_ms=20000, msg_type=uapi.MsgType.SERVERHELLO,
+              auth=uapi.AuthMode.PSK)
+    t.start()
+    run_until(s, lambda: nl.dones)
+    t.join(15)
+    assert asked == [PSK_ID]
+    # Only the key the supervisor handed over completes the handshake.
+    assert result["peer"].status == 0, result["peer"].reason
+    # The host has no kTLS: the worker's install fails after the handshake.
+    sockfd, status, auth = nl.dones[0]
+    assert sockfd == fd
+    assert (status, auth) in ((0, (0x1234,)), (errno.EIO, ()))
+    peer.close()
+
+
+def test_client_psks_come_with_the_request(sup, listener, monkeypatch):
+    s, nl, ns = sup
+    read: list[tuple[int, ...]] = []
+
+    def client_psks(peerids):
+        read.append(peerids)
+        return [protocol.PskMaterial(serial=0x99, identity=PSK_ID,
+                                     secret=PSK_SECRET)], []
+
+    monkeypatch.setattr(keymaterial, "client_psks", client_psks)
+    run_until(s, lambda: ready(ns))
+    fd, peer = connected_fd(listener)
+    seen: list[bytes] = []
+    t, result = _psk_peer("server", peer, seen)
+    t.start()
+    nl.queue.append(upcall.AcceptedRequest(
+        sockfd=fd, msg_type=uapi.MsgType.CLIENTHELLO,
+        auth_mode=uapi.AuthMode.PSK, timeout_ms=20000, peerids=(0x99,),
+        certs=(), peername="127.0.0.1", keyring=None))
+    nl.w.send(b"R")
+    run_until(s, lambda: nl.dones)
+    t.join(15)
+    assert read == [(0x99,)] and seen == [PSK_ID]
+    assert result["peer"].status == 0, result["peer"].reason
+    peer.close()
+
+
+def test_psk_lookup_outside_a_server_psk_request_kills_worker(sup,
+                                                              listener):
+    """Only a server PSK handshake may ask for keys; a client request's
+    worker asking is a worker gone wrong."""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    fd, peer = connected_fd(listener)
+    nl.submit(fd, timeout_ms=20000)
+    run_until(s, lambda: ns.worker.inflight)
+    worker = ns.worker
+    (req_id,) = worker.inflight
+    stolen = worker_channel_fd(worker.pid, worker.pidfd)
+    os.write(stolen, protocol.encode(protocol.PskLookup(identity=PSK_ID),
+                                     req_id=req_id))
+    os.close(stolen)
+    run_until(s, lambda: nl.dones)
+    assert nl.dones == [(fd, errno.EIO, ())]
+    run_until(s, lambda: ready(ns) and ns.worker is not worker)
+    assert worker.returncode == -signal.SIGKILL
+    peer.close()

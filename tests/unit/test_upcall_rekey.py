@@ -189,7 +189,7 @@ def test_mainline_done_never_carries_a_session_id():
 
 
 def test_protocol_version_bumped_for_the_new_layouts():
-    assert protocol.PROTOCOL_VERSION == 3
+    assert protocol.PROTOCOL_VERSION == 4
 
 
 def roundtrip(msg):
@@ -198,8 +198,8 @@ def roundtrip(msg):
 
 
 def request(**over):
-    fields = dict(msg_type=3, auth_mode=2, timeout_ms=5, keyring=0,
-                  peerids=(), certs=(), peername=None, keep_secrets=False,
+    fields = dict(msg_type=3, auth_mode=2, timeout_ms=5,
+                  peername=None, keep_secrets=False,
                   key_update=KU.RECEIVED, session_id=0x80000001)
     fields.update(over)
     return protocol.HandshakeRequest(**fields)
@@ -215,7 +215,6 @@ def test_request_and_answer_carry_rekey_fields():
 
 def test_request_defaults_keep_nothing():
     req = protocol.HandshakeRequest(msg_type=1, auth_mode=1, timeout_ms=1,
-                                    keyring=0, peerids=(), certs=(),
                                     peername=None)
     assert (req.keep_secrets, req.key_update, req.session_id) == (
         False, 0, 0)

@@ -1,0 +1,194 @@
+"""Kernel key material for one request, read by the supervisor.
+
+Workers possess no kernel keys at all (they join an empty session keyring
+and their seccomp filter forbids keyctl), so that one namespace's worker
+cannot read another namespace's keys, whatever their permissions say.  The
+supervisor reads what a request needs and passes the bytes on the channel:
+
+- x.509 by key serial (the CERTIFICATE nest): the DER certificate and
+  private key;
+- client PSKs (NVMe host): each PEER_IDENTITY serial is a key whose
+  description is the PSK identity and whose payload is the secret; keys we
+  cannot read are skipped (and reported);
+- server PSKs (NVMe target): the worker parses the ClientHello (the
+  supervisor never touches peer data) and asks for each offered identity
+  (PSK_LOOKUP); :func:`lookup_psk` searches the keyrings
+  :func:`search_keyrings` lists for the request's namespace.
+
+``.nvme``, ``.nfs`` and ``.nfsd`` are global: one keyring for every
+namespace, and a search finds a ``psk`` key whatever namespace created it
+(measured on 6.12 and 7.3: from namespace a, a search of ``.nvme`` finds
+b's key).  So only the initial namespace searches them implicitly, as
+ktls-utils does; any other namespace searches only keyrings that are its
+own: the request's keyring unless it is a global one, and the keyrings
+its own configuration names (``[authenticate] keyrings=``; listing
+``.nvme`` there is how an administrator shares it with that namespace).
+A compromised worker can thus obtain only its namespace's keys by asking.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+
+from tlshd.shared import keys, protocol
+
+log = logging.getLogger(__name__)
+
+PROCESS_KEYRING_NAME = "_pid"
+
+
+def _hex(serial: int) -> str:
+    return "%08x" % (serial & 0xFFFFFFFF)
+
+
+def read_psk(serial: int, identity: bytes) -> protocol.PskMaterial:
+    """The secret of key ``serial``; OSError if unreadable or oversized."""
+    secret = keys.read(serial)
+    if not secret or len(secret) > protocol.MAX_SECRET:
+        raise OSError(errno.EKEYREJECTED,
+                      "a %d-byte secret is no PSK" % len(secret))
+    return protocol.PskMaterial(serial=serial, identity=identity,
+                                secret=secret)
+
+
+def client_psks(peerids: tuple[int, ...]
+                ) -> tuple[list[protocol.PskMaterial], list[str]]:
+    """Read the PSKs a client offers; also return why others were skipped."""
+    psks, skipped = [], []
+    for serial in peerids:
+        try:
+            _type, description = keys.describe(serial)
+            identity = description.encode()
+            if not identity or len(identity) > protocol.MAX_STR:
+                raise OSError(errno.EKEYREJECTED,
+                              "identity of %d bytes" % len(identity))
+            psks.append(read_psk(serial, identity))
+        except OSError as e:
+            skipped.append("key %s: %s" % (_hex(serial),
+                                           e.strerror or str(e)))
+    return psks, skipped
+
+
+def x509_from_keys(certs: tuple[tuple[int, int], ...]
+                   ) -> tuple[bytes, bytes]:
+    """The first (certificate, private key) pair passed by serial, as DER
+    bytes; empty bytes when the request names none.  Raises OSError."""
+    for cert_serial, key_serial in certs:
+        if cert_serial and key_serial:
+            return keys.read(cert_serial), keys.read(key_serial)
+    return b"", b""
+
+
+def find_psk(identity: bytes, request_keyring: int, initial: bool,
+             named: tuple[str, ...], key_type: str = keys.PSK_KEY_TYPE
+             ) -> protocol.PskMaterial | None:
+    """A server's PSK for ``identity``, searched where its namespace may.
+
+    ``initial``: the request comes from the initial network namespace;
+    ``named``: the keyrings its namespace's configuration names.
+    """
+    if initial:
+        return lookup_psk(search_keyrings(request_keyring), identity,
+                          key_type)
+    rings = namespace_keyrings(request_keyring, named)
+    # Searching needs possession.  A namespace's keyrings are possessed
+    # through our thread keyring only for the search, so that they never
+    # show among the initial namespace's keyrings (the session keyring's).
+    linked = []
+    for ring in rings:
+        try:
+            keys.link(ring, keys.KEY_SPEC_THREAD_KEYRING)
+            linked.append(ring)
+        except OSError as e:
+            log.error("Cannot possess keyring %s: %s", _hex(ring),
+                      e.strerror or str(e))
+    try:
+        return lookup_psk(rings, identity, key_type)
+    finally:
+        for ring in linked:
+            try:
+                keys.unlink(ring, keys.KEY_SPEC_THREAD_KEYRING)
+            except OSError as e:
+                log.error("Cannot unlink keyring %s: %s", _hex(ring),
+                          e.strerror or str(e))
+
+
+def search_keyrings(request_keyring: int) -> list[int]:
+    """The keyrings a server PSK lookup from the initial namespace
+    searches, in order: the request's keyring, then what ktls-utils
+    searches: every keyring linked into the daemon's session keyring at
+    start-up (``.nvme``, ``.nfs``, ``.nfsd``, ``[authenticate]
+    keyrings=``), then the well-known keyrings wherever we possess them (a
+    module loaded after tlshd started creates its keyring too late to be
+    linked, but the consumer's ACCEPT links it into our process keyring).
+
+    Never searched as such: our process keyring (``_pid``), which collects
+    the keyrings every consumer passed, e.g. a host's ``keyring=`` on the
+    same machine, where a target must not look.
+    """
+    rings = [request_keyring] if request_keyring else []
+    try:
+        raw = keys.read(keys.KEY_SPEC_SESSION_KEYRING)
+    except OSError as e:
+        log.error("Cannot list the session keyring: %s", e.strerror)
+        return rings
+    for i in range(0, len(raw) - 3, 4):
+        serial = int.from_bytes(raw[i : i + 4], sys.byteorder, signed=True)
+        try:
+            key_type, description = keys.describe(serial)
+        except OSError:
+            continue
+        if (key_type == "keyring" and description != PROCESS_KEYRING_NAME
+                and serial not in rings):
+            rings.append(serial)
+    for name in keys.WELL_KNOWN_KEYRINGS:
+        try:
+            serial = keys.search(keys.KEY_SPEC_SESSION_KEYRING, "keyring",
+                                 name)
+        except OSError:
+            continue
+        if serial not in rings:
+            rings.append(serial)
+    return rings
+
+
+def namespace_keyrings(request_keyring: int,
+                       named: tuple[str, ...]) -> list[int]:
+    """The keyrings of a namespace other than the initial one: the
+    request's unless it is a global one, then those ``named``."""
+    rings = []
+    if request_keyring:
+        try:
+            _type, description = keys.describe(request_keyring)
+        except OSError as e:
+            log.error("Cannot describe the request's keyring %s: %s",
+                      _hex(request_keyring), e.strerror or str(e))
+        else:
+            if description not in keys.WELL_KNOWN_KEYRINGS:
+                rings.append(request_keyring)
+    for name in named:
+        try:
+            found = keys.find_keyrings(name)
+        except OSError as e:
+            log.error("Cannot read /proc/keys: %s", e)
+            break
+        rings += [serial for serial in found if serial not in rings]
+    return rings
+
+
+def lookup_psk(rings: list[int], identity: bytes,
+               key_type: str = keys.PSK_KEY_TYPE
+               ) -> protocol.PskMaterial | None:
+    """Search ``rings`` in order for a key named ``identity``."""
+    for ring in rings:
+        try:
+            serial = keys.search(ring, key_type, identity)
+            return read_psk(serial, identity)
+        except OSError as e:
+            if e.errno not in (errno.ENOKEY, errno.EKEYREVOKED,
+                               errno.EKEYEXPIRED):
+                log.error("PSK lookup in keyring %s: %s", _hex(ring),
+                          e.strerror or str(e))
+    return None
