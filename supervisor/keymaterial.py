@@ -77,7 +77,11 @@ def x509_from_keys(certs: tuple[tuple[int, int], ...]
     bytes; empty bytes when the request names none.  Raises OSError."""
     for cert_serial, key_serial in certs:
         if cert_serial and key_serial:
-            return keys.read(cert_serial), keys.read(key_serial)
+            cert, key = keys.read(cert_serial), keys.read(key_serial)
+            if not cert or not key:
+                raise OSError(errno.EKEYREJECTED, "empty certificate or "
+                              "private key")
+            return cert, key
     return b"", b""
 
 
@@ -90,8 +94,10 @@ def find_psk(identity: bytes, request_keyring: int, initial: bool,
     ``named``: the keyrings its namespace's configuration names.
     """
     if initial:
-        return lookup_psk(search_keyrings(request_keyring), identity,
-                          key_type)
+        rings = search_keyrings(request_keyring)
+        log.debug("PSK lookup in keyrings %s",
+                  ", ".join(_hex(r) for r in rings) or "(none)")
+        return lookup_psk(rings, identity, key_type)
     rings = namespace_keyrings(request_keyring, named)
     # Searching needs possession.  A namespace's keyrings are possessed
     # through our thread keyring only for the search, so that they never

@@ -83,6 +83,9 @@ class Namespace:
     held: bool = False  # a configuration error: wait for SIGHUP
     pending: list[InFlight] = field(default_factory=list)
     removed: bool = False
+    # The supervisor's own (initial) namespace: the only one whose server
+    # PSK lookups search the global keyrings (see keymaterial).
+    initial: bool = False
 
     # For status reports.
     succeeded: int = 0
@@ -136,6 +139,10 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
         self.sel.register(r, selectors.EVENT_READ, self.on_signal)
 
+    @staticmethod
+    def _fd_key(fd: int) -> netns.Key:
+        return netns.key_of("/proc/self/fd/%d" % fd)
+
     def add_namespace(self, label: str, config_path: str,
                       nlsock: genl.HandshakeSocket | None = None,
                       key: netns.Key | None = None,
@@ -160,7 +167,8 @@ class Supervisor:
                       label, e)
             cfg, held = config.Config(path=config_path), True
         ns = Namespace(label, config_path, nlsock, cfg, key, nsfd,
-                       held=held)
+                       held=held, initial=nsfd is None
+                       or self._fd_key(nsfd) == self._fd_key(self.home))
         control.warn_expiring(label, cfg)
         self.namespaces.append(ns)
         self.sel.register(nlsock, selectors.EVENT_READ,
@@ -530,7 +538,7 @@ class Supervisor:
         req.lookups += 1
         psk = keymaterial.find_psk(
             identity, req.request.keyring or 0,
-            initial=req.ns.nsfd is None, named=req.ns.cfg.keyrings)
+            initial=req.ns.initial, named=req.ns.cfg.keyrings)
         log.debug("PSK lookup for request %d in netns %s: %s", req.req_id,
                   req.ns.label, "key %08x" % psk.serial if psk else
                   "not found")
