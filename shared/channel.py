@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import socket
 
 from tlshd.shared import protocol
@@ -69,6 +70,14 @@ class Channel:
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise PeerGone("channel closed") from e
 
+    def _hung_up(self) -> bool:
+        """Tell EOF from an empty datagram: both read as zero bytes, but
+        only EOF (the peer closed, or we shut the socket down) also shows
+        as POLLRDHUP."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP)
+        return bool(poller.poll(0))
+
     def recv(self) -> tuple[protocol.Message, int, list[int]]:
         """Receive one message: (message, request id, owned fds).
 
@@ -82,7 +91,11 @@ class Channel:
             raise PeerGone("channel reset") from e
         fds = _collect_fds(anc)
         if not data and not fds:
-            raise PeerGone("channel closed")
+            if self._hung_up():
+                raise PeerGone("channel closed")
+            # A peer that is still there sent a zero-length datagram;
+            # taken for EOF, its worker would be left unwatched.
+            raise ProtocolError("empty message")
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise ProtocolError("truncated message or control data")
@@ -91,6 +104,20 @@ class Channel:
             _close_all(fds)
             raise
         return msg, req_id, fds
+
+    def recv_answer(self) -> tuple[protocol.Message, int]:
+        """Receive what a worker or the worker template may send: an
+        answer or notification (odd type), which carries no fds.
+
+        A request type (even) raises ProtocolError, and the fds it
+        brought are closed rather than left open in the supervisor.
+        """
+        msg, req_id, fds = self.recv()
+        if msg.TYPE % 2 == 0:
+            _close_all(fds)
+            raise ProtocolError("%s sent to the supervisor"
+                                % type(msg).__name__)
+        return msg, req_id
 
 
 def _collect_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:

@@ -491,8 +491,12 @@ class Supervisor:
                           lambda: self.on_exit(ns, worker))
 
     def on_channel(self, ns: Namespace, worker: Worker) -> None:
+        if worker.returncode is not None:
+            # Its exit came first in this batch of events: on_exit has
+            # reaped it and closed the channel.
+            return
         try:
-            msg, req_id, _fds = worker.channel.recv()  # answers carry none
+            msg, req_id = worker.channel.recv_answer()
         except PeerGone:
             self.sel.unregister(worker.channel)  # the pidfd reports the exit
             return

@@ -150,7 +150,7 @@ class Template:
         Raises PeerGone or ProtocolError if the template died or broke the
         protocol; the caller then stops using it.
         """
-        msg, req_id, _ = self.channel.recv()
+        msg, req_id = self.channel.recv_answer()
         if not isinstance(msg, protocol.SpawnAnswer) or (
                 req_id not in self.waiting):
             raise ProtocolError("unexpected message from worker template")

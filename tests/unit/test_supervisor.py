@@ -1,15 +1,15 @@
 """The supervisor loop with real worker processes and a fake netlink socket.
 
 The host kernel has no handshake family, so the kernel side is replaced by
-FakeNl, which hands out real TCP sockets as "ACCEPTed" requests and records
-every DONE.  Everything else is real: the exec'd worker, the channel, fd
-passing, deadlines, worker death.  What is checked is the invariant: every
-accepted fd gets exactly one DONE, with the right status, promptly.
+FakeNl (supervisorfakes.py), which hands out real TCP sockets as
+"ACCEPTed" requests and records every DONE.  Everything else is real: the
+exec'd worker, the channel, fd passing, deadlines, worker death.  What is
+checked is the invariant: every accepted fd gets exactly one DONE, with the
+right status, promptly.  Malformed worker messages: test_supervisor_ipc.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -18,6 +18,15 @@ import threading
 import time
 
 import pytest
+from supervisorfakes import (
+    FakeNl,
+    connected_fd,
+    ready,
+    run_until,
+    serving,
+    tcp_listener,
+    worker_channel_fd,
+)
 
 from tlshd.shared import config, protocol, uapi
 from tlshd.supervisor import genl, keymaterial, upcall
@@ -27,110 +36,14 @@ from tlshd.worker.tlsengine import Engine, RoleSettings
 from tlshd.worker.tlsoutcome import Outcome
 
 
-class FakeNl:
-    """Stands in for genl.HandshakeSocket."""
-
-    def __init__(self) -> None:
-        self.r, self.w = socket.socketpair()
-        self.queue: list[upcall.AcceptedRequest] = []
-        self.dones: list[tuple[int, int, tuple[int, ...]]] = []
-        self.done_at: dict[int, float] = {}
-        self.closed_fds: list[int] = []
-        # READY seen (and consumed) while waiting for an ACCEPT or DONE
-        # answer, as genl.HandshakeSocket notes it.
-        self.ready = False
-        self.ready_during_done: list[upcall.AcceptedRequest] = []
-
-    def fileno(self) -> int:
-        return self.r.fileno()
-
-    def drain(self) -> bool:
-        self.r.setblocking(False)
-        noted, self.ready = self.ready, False
-        try:
-            return bool(self.r.recv(4096)) or noted
-        except BlockingIOError:
-            return noted
-
-    def accept(self) -> upcall.AcceptedRequest | None:
-        return self.queue.pop(0) if self.queue else None
-
-    def done(self, sockfd: int, status: int,
-             remote_auth: tuple[int, ...]) -> int:
-        # The fd must still be open (the supervisor closes it after DONE).
-        os.fstat(sockfd)
-        self.dones.append((sockfd, status, remote_auth))
-        self.done_at[sockfd] = time.monotonic()
-        if self.ready_during_done:
-            # The kernel queued a request and multicast READY while we
-            # waited for DONE's answer: the socket shows nothing.
-            self.queue.append(self.ready_during_done.pop(0))
-            self.ready = True
-        return 0
-
-    def leave_group(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.r.close()
-        self.w.close()
-
-    def submit(self, sockfd: int, timeout_ms: int | None = None,
-               msg_type: int = uapi.MsgType.CLIENTHELLO,
-               auth: int = uapi.AuthMode.UNAUTH) -> None:
-        self.queue.append(upcall.AcceptedRequest(
-            sockfd=sockfd, msg_type=msg_type, auth_mode=auth,
-            timeout_ms=timeout_ms, peerids=(), certs=(),
-            peername="127.0.0.1", keyring=None))
-        self.w.send(b"R")  # READY
-
-
 @pytest.fixture
 def listener():
-    srv = socket.create_server(("127.0.0.1", 0))
-    yield srv
-    srv.close()
-
-
-def connected_fd(listener: socket.socket) -> tuple[int, socket.socket]:
-    """A client socket fd (handed to tlshd) and the peer's end."""
-    cli = socket.create_connection(listener.getsockname())
-    peer, _ = listener.accept()
-    return cli.detach(), peer
+    yield from tcp_listener()
 
 
 @pytest.fixture
 def sup(tmp_path):
-    conf = tmp_path / "tlshd.conf"
-    conf.write_text("[authenticate]\nhandshake_timeout=2\n"
-                    "[authenticate.client]\n[authenticate.server]\n")
-    cfg = config.load(str(conf))
-    s = Supervisor(cfg, genl.FamilyInfo(0x21, 5))
-    nl = FakeNl()
-    ns = s.add_namespace("init", str(conf), nlsock=nl)
-    yield s, nl, ns
-    s.stop()
-    deadline = time.monotonic() + 10
-    while not s.finished() and time.monotonic() < deadline:
-        s.step(0.1)
-    s.shutdown()
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def run_until(s: Supervisor, cond, timeout: float = 30.0) -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("condition not reached in %s s" % timeout)
-        s.step(0.05)
-    return time.monotonic() - start
-
-
-def ready(ns) -> bool:
-    return ns.worker is not None and ns.worker.ready
+    yield from serving(tmp_path)
 
 
 def test_worker_reports_hello_and_answers(sup, listener):
@@ -192,47 +105,6 @@ def test_requests_before_worker_ready_are_queued(sup, listener):
         nl.submit(fd)
     run_until(s, lambda: len(nl.dones) == 3)
     assert sorted(d[0] for d in nl.dones) == sorted(fds)
-
-
-def worker_channel_fd(pid: int, pidfd: int) -> int:
-    """Steal a copy of the worker's end of its channel (pidfd_getfd)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for name in os.listdir("/proc/%d/fd" % pid):
-        target = os.readlink("/proc/%d/fd/%s" % (pid, name))
-        if target.startswith("socket:"):
-            fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
-            if fd < 0:
-                pytest.skip("pidfd_getfd: errno %d" % ctypes.get_errno())
-            s = socket.socket(fileno=fd)
-            if s.type == socket.SOCK_SEQPACKET:
-                return s.detach()
-            s.close()
-    raise AssertionError("worker has no channel socket")
-
-
-@pytest.mark.parametrize("garbage", [
-    b"garbage",
-    protocol.encode(protocol.HandshakeAnswer(status=0, remote_auth=()),
-                    req_id=999),  # a request id it was never given
-    protocol.encode(protocol.Hello(pid=1, uid=0, gid=0, cap_eff=0,
-                                   no_new_privs=0, seccomp=0)),  # twice
-])
-def test_malformed_worker_message_kills_worker(sup, listener, garbage):
-    s, nl, ns = sup
-    run_until(s, lambda: ready(ns))
-    fd, peer = connected_fd(listener)
-    nl.submit(fd, timeout_ms=20000)
-    run_until(s, lambda: ns.worker.inflight)
-    worker = ns.worker
-    stolen = worker_channel_fd(worker.pid, worker.pidfd)
-    os.write(stolen, garbage)  # as if the worker had sent it
-    os.close(stolen)
-    took = run_until(s, lambda: nl.dones)
-    assert nl.dones == [(fd, errno.EIO, ())]
-    assert took < 5.0
-    run_until(s, lambda: ready(ns) and ns.worker is not worker)
-    assert worker.returncode == -signal.SIGKILL
-    peer.close()
 
 
 def test_many_concurrent_requests_each_done_once(sup, listener):
