@@ -179,6 +179,11 @@ def load(path: str) -> Config:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError("Failed to read %s: %s" % (path, e.strerror)) from e
+    return parse_bytes(raw, path)
+
+
+def parse_bytes(raw: bytes, path: str) -> Config:
+    """Parse a file's contents; raises ConfigError on malformed input."""
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError("%s is larger than %d bytes"
                           % (path, MAX_CONFIG_BYTES))

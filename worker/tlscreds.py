@@ -15,18 +15,25 @@ import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
+from tlshd.worker import verify
 from tlshd.worker.verify import (
     CredentialError,
     load_pem_certificates,
     read_file,
 )
+
+# What cryptography raises for key bytes it cannot use: ValueError (not
+# DER/PEM), TypeError (encrypted), UnsupportedAlgorithm (unknown key type
+# or curve) and, found by fuzzing, InternalError when OpenSSL refuses a
+# key it has parsed (an Ed25519 key of the wrong length).
+_BAD_KEY = (ValueError, TypeError, UnsupportedAlgorithm, InternalError)
 
 # What pyOpenSSL's use_privatekey accepts without a deprecation warning.
 _UsableKey = (
@@ -63,8 +70,22 @@ class Identity:
 
 
 def _build(chain: list[x509.Certificate], key: PrivateKeyTypes) -> Identity:
-    if chain[0].public_key() != key.public_key():
+    try:
+        cert_key = chain[0].public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        # A key type or curve cryptography does not know (fuzzing).
+        raise ValueError(f"the certificate's key is unusable: {exc}") from exc
+    if cert_key != key.public_key():
         raise ValueError("the private key does not match the certificate")
+    try:
+        for cert in chain:
+            # pyOpenSSL hands each certificate to OpenSSL, which parses it
+            # again and may refuse what cryptography took (an invalid
+            # UTF8String; found by fuzzing): fail the load, not the
+            # engine's set-up or a handshake.
+            crypto.X509.from_cryptography(cert)
+    except crypto.Error as exc:
+        raise ValueError(f"OpenSSL refused the certificate: {exc}") from exc
     usable: _UsableKey | crypto.PKey
     if isinstance(
         key,
@@ -92,8 +113,7 @@ def load_pem_identity(cert_path: str, key_path: str) -> Identity:
     data = read_file(key_path, "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        # TypeError: the key is encrypted; ValueError: not a PEM key.
+    except _BAD_KEY as exc:
         raise CredentialError(
             f"private key file {key_path} is not a usable unencrypted PEM"
             f" private key: {exc}"
@@ -102,8 +122,8 @@ def load_pem_identity(cert_path: str, key_path: str) -> Identity:
         return _build(chain, key)
     except (ValueError, crypto.Error) as exc:
         raise CredentialError(
-            f"private key file {key_path} does not match certificate file"
-            f" {cert_path}: {exc}"
+            f"private key file {key_path} cannot be used with certificate"
+            f" file {cert_path}: {exc}"
         ) from exc
 
 
@@ -111,11 +131,11 @@ def load_der_identity(cert_der: bytes, key_der: bytes) -> Identity:
     """Parse a DER certificate and DER private key; ValueError if bad."""
     try:
         cert = x509.load_der_x509_certificate(cert_der)
-    except ValueError as exc:
+    except verify.BAD_CERT as exc:
         raise ValueError(f"certificate is not valid DER: {exc}") from exc
     try:
         key = serialization.load_der_private_key(key_der, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except _BAD_KEY as exc:
         raise ValueError(f"private key is not usable DER: {exc}") from exc
     try:
         return _build([cert], key)

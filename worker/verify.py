@@ -42,6 +42,11 @@ _CRL_PEM = re.compile(
 )
 
 
+# What cryptography raises for certificate or CRL bytes it cannot parse: a
+# bad encoding, or (found by fuzzing) a version field out of range.
+BAD_CERT = (ValueError, x509.InvalidVersion)
+
+
 class EngineError(Exception):
     """The TLS engine cannot be set up as configured."""
 
@@ -65,7 +70,7 @@ def load_pem_certificates(path: str, what: str) -> list[x509.Certificate]:
     data = read_file(path, what)
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except BAD_CERT as exc:
         raise CredentialError(
             f"{what} {path} holds no valid PEM certificate: {exc}"
         ) from exc
@@ -117,9 +122,11 @@ def load_crl(ctx: SSL.Context, path: str) -> int:
     for block in blocks:
         try:
             crl = x509.load_pem_x509_crl(block)
-        except ValueError as exc:
+            # OpenSSL re-parses the CRL here and may refuse what
+            # cryptography took (a bad string type; found by fuzzing).
+            store.add_crl(crl)
+        except (*BAD_CERT, crypto.Error) as exc:
             raise CredentialError(f"CRL file {path}: {exc}") from exc
-        store.add_crl(crl)
     store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     return len(blocks)
 
