@@ -29,6 +29,9 @@ X509_V_ERR_UNABLE_TO_GET_CRL = int(_lib.X509_V_ERR_UNABLE_TO_GET_CRL)
 X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = int(
     _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
 )
+X509_CHECK_FLAG_NEVER_CHECK_SUBJECT = int(
+    _lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
+)
 
 # (ssl pointer, write_p, content_type, bytes) -> None; must not raise.
 MsgHandler = Callable[[int, bool, int, bytes], None]
@@ -89,10 +92,17 @@ def ssl_pointer(conn: SSL.Connection) -> int:
 
 
 def set_expected_host(conn: SSL.Connection, name: bytes) -> None:
-    """Make verification require DNS name ``name`` (no partial wildcards)."""
+    """Make verification require DNS name ``name`` in a subjectAltName.
+
+    No partial wildcards, and never the subject's CN: OpenSSL otherwise
+    falls back to the CN when a certificate has no DNS SAN, which RFC 9525
+    (section 6.3) forbids.
+    """
     param = _lib.SSL_get0_param(conn._ssl)
     _lib.X509_VERIFY_PARAM_set_hostflags(
-        param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
+        param,
+        X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
+        | X509_CHECK_FLAG_NEVER_CHECK_SUBJECT,
     )
     if _lib.X509_VERIFY_PARAM_set1_host(param, name, len(name)) != 1:
         _lib.ERR_clear_error()

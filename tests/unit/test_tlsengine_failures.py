@@ -124,6 +124,15 @@ def test_client_accepts_matching_names(
     assert pair.client.status == 0, pair.client.reason
 
 
+def test_common_name_alone_does_not_match(pki: Any, run_pair: Any) -> None:
+    # No SAN, CN=localhost: OpenSSL's CN fallback would have accepted it.
+    leaf = pki.pki.leaf("localhost", dns=(), ips=())
+    eng = server_engine_with(pki, leaf)
+    pair = run_pair(eng, eng, peername="localhost")
+    assert pair.client.status == errno.EACCES
+    assert "err=62 (hostname mismatch" in pair.client.reason
+
+
 def test_full_wildcard_matches(pki: Any, run_pair: Any) -> None:
     leaf = pki.pki.leaf("wild", dns=("*.nfs.example",), ips=())
     eng = server_engine_with(pki, leaf)
