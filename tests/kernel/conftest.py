@@ -337,6 +337,10 @@ class HandshakeTrace:
     def clear(self) -> None:
         (TRACING / "trace").write_text("")
 
+    def events(self) -> list[TraceEvent]:
+        """Every handshake:* event, with who emitted it."""
+        return trace_events()
+
     def completions(self) -> list[Completion]:
         text = (TRACING / "trace").read_text()
         submitted: dict[str, float] = {}
