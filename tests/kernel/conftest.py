@@ -995,11 +995,13 @@ def netns_lab(nfs_server: str) -> Iterator[NetnsLab]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the namespace suite last.
+    """Run the namespace suite last, the fault matrix (namespaces deleted
+    with handshakes in flight, workers killed) just before it.
 
     After its later tests (namespaces added and deleted 50 times, a worker
     killed mid-handshake) the initial namespace's nfsd no longer served
     the next suite's mounts in one full run, while each suite passes on
     its own; until that leak is found, nothing runs after it.
     """
-    items.sort(key=lambda item: "test_netns.py" in item.nodeid)
+    items.sort(key=lambda item: ("test_netns.py" in item.nodeid,
+                                 "test_fault_matrix.py" in item.nodeid))

@@ -1,0 +1,314 @@
+"""Fault matrix under load: NFS mounts in parallel while peers reset,
+peers stall, the worker is SIGKILLed, SIGHUP reloads the configuration
+and namespaces with a handshake in flight are deleted.
+
+The kernel's handshake:* tracepoints are the judge: every request a
+consumer submitted is completed exactly once (by our DONE; none by the
+consumer giving up), every ACCEPTed socket gets exactly one DONE, and the
+supervisor's fd count and RSS are flat afterwards.
+
+CI runs it for TLSHD_FAULT_SECONDS (default 45) per kernel; the longer
+run is tools/fault-matrix.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+SECONDS = float(os.environ.get("TLSHD_FAULT_SECONDS", "45"))
+PARALLEL = int(os.environ.get("TLSHD_FAULT_MOUNTS", "3"))
+NCONNECT = int(os.environ.get("TLSHD_FAULT_NCONNECT", "4"))
+RESET_PORT = 20494
+STALL_PORT = 20495
+NS_STALL_PORT = 20496
+PEER_OPTS = ",retry=0,soft,timeo=50,retrans=1,port=%d"
+
+
+class FakePeer:
+    """Answers RPC with STARTTLS (RFC 9289) and reads the ClientHello;
+    then resets the connection (SO_LINGER 0) or holds it, silent."""
+
+    def __init__(self, port: int, reset: bool) -> None:
+        self.reset = reset
+        self.held: list[socket.socket] = []
+        self.sock = socket.create_server(("127.0.0.1", port),
+                                         reuse_port=True)
+        self.sock.settimeout(0.2)
+        self.hellos = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._talk, args=(conn,),
+                             daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        try:
+            while True:
+                head = conn.recv(4, socket.MSG_PEEK)
+                if not head:
+                    return
+                if head[0] == 0x16:
+                    conn.recv(16384)
+                    self.hellos += 1
+                    if not self.reset:
+                        self.held.append(conn)
+                        return
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                    break
+                (marker,) = struct.unpack("!I", conn.recv(4))
+                call = b""
+                while len(call) < marker & 0x7FFFFFFF:
+                    chunk = conn.recv((marker & 0x7FFFFFFF) - len(call))
+                    if not chunk:
+                        return
+                    call += chunk
+                body = (call[:4] + struct.pack("!III", 1, 0, 0)
+                        + struct.pack("!I", 8) + b"STARTTLS"
+                        + struct.pack("!I", 0))
+                conn.sendall(struct.pack("!I", 0x80000000 | len(body))
+                             + body)
+        except OSError:
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def mount(target: str, opts: str, source: str = "127.0.0.1:/",
+          netns: str | None = None, timeout: int = 40,
+          failures: list[str] | None = None) -> bool:
+    os.makedirs(target, exist_ok=True)
+    cmd = ["timeout", str(timeout), "mount", "-t", "nfs", "-o",
+           "vers=4.2," + opts, source, target]
+    if netns:
+        cmd = ["nsenter", "--net=/run/netns/" + netns, *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       timeout=timeout + 20)
+    if r.returncode and failures is not None:
+        failures.append((r.stdout + r.stderr).strip()[-200:])
+    return r.returncode == 0
+
+
+def umount(target: str) -> None:
+    subprocess.run(["umount", target], capture_output=True, check=False)
+
+
+class Lifetime:
+    """One request's events, from its handshake_submit on."""
+
+    def __init__(self) -> None:
+        self.events: collections.Counter[str] = collections.Counter()
+        self.status: int | None = None
+
+
+def lifetimes(events: list[Any]) -> list[Lifetime]:
+    """Split the trace into request lifetimes: the kernel reuses request
+    addresses, so a submit starts a new one."""
+    current: dict[str, Lifetime] = {}
+    out = []
+    for ev in events:
+        if ev.event == "handshake_submit":
+            current[ev.req] = Lifetime()
+            out.append(current[ev.req])
+        life = current.get(ev.req)
+        if life is None:
+            continue
+        life.events[ev.event] += 1
+        if ev.event == "handshake_complete":
+            life.status = ev.status
+    return out
+
+
+def settled(lab: Any, timeout: float = 120) -> None:
+    """Wait until the supervisor has exactly its three ready workers (no
+    retiring or starting one, each holding a pidfd and a channel)."""
+    end = time.monotonic() + timeout
+    while True:
+        lab.wait_ready(["init", "a", "b"], timeout=timeout)
+        children = [pid for pid, (ppid, _) in lab.tree().items()
+                    if ppid == lab.pid]
+        if len(children) == 3 or time.monotonic() > end:
+            return
+        time.sleep(0.5)
+
+
+def test_fault_matrix_under_load(netns_lab, trace):
+    lab = netns_lab
+    # Room for every event of the run (default: 1.4 MiB per CPU).
+    Path("/sys/kernel/tracing/buffer_size_kb").write_text("16384")
+    trace.clear()
+    # Warm up, then take the supervisor's baseline.
+    assert mount("/mnt/fm-warm", "xprtsec=tls"), "warm-up mount failed"
+    umount("/mnt/fm-warm")
+    settled(lab)
+    fd0, rss0 = lab.fd_count(lab.pid), lab.rss_kib(lab.pid)
+    trace.clear()
+    mark = lab.daemon.mark()
+    stop = threading.Event()
+    counts: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    load_failures: list[str] = []
+
+    def count(key: str) -> None:
+        with lock:
+            counts[key] += 1
+
+    def load(i: int) -> None:
+        mode = ("tls", "mtls")[i % 2]
+        export = ("", "mtls")[i % 2]
+        target = "/mnt/fm-%d" % i
+        while not stop.is_set():
+            ok = mount(target, "xprtsec=%s,nconnect=%d" % (mode, NCONNECT),
+                       "127.0.0.1:/%s" % export, failures=load_failures)
+            count("load mount ok" if ok else "load mount failed")
+            if ok:
+                try:
+                    Path(target, "f%d" % i).write_bytes(os.urandom(4096))
+                except OSError:
+                    count("load write failed")
+                umount(target)
+
+    def resets() -> None:
+        peer = FakePeer(RESET_PORT, reset=True)
+        try:
+            while not stop.is_set():
+                mount("/mnt/fm-reset", "xprtsec=tls" + PEER_OPTS % RESET_PORT,
+                      timeout=20)
+                count("reset mount")
+        finally:
+            peer.close()
+            counts["peer resets"] = peer.hellos
+
+    def stalls() -> None:
+        peer = FakePeer(STALL_PORT, reset=False)
+        try:
+            while not stop.is_set():
+                mount("/mnt/fm-stall", "xprtsec=tls" + PEER_OPTS % STALL_PORT,
+                      timeout=30)
+                count("stall mount")
+        finally:
+            peer.close()
+
+    def namespaces() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            name = "fm%d" % n
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"],
+                           check=True)
+            peer = None
+            try:
+                lab.wait_ready([name], timeout=60)
+                peer = lab.silent_peer(name, NS_STALL_PORT)
+                nsmark = lab.daemon.mark()
+                m = subprocess.Popen(
+                    ["nsenter", "--net=/run/netns/" + name, "timeout", "40",
+                     "mount", "-t", "nfs", "-o", "vers=4.2,xprtsec=tls"
+                     + PEER_OPTS % NS_STALL_PORT, "127.0.0.1:/",
+                     "/mnt/fm-ns"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                end = time.monotonic() + 30
+                while (time.monotonic() < end and not re.search(
+                        r"Accepted request \d+ in netns %s\b" % name,
+                        lab.daemon.since(nsmark))):
+                    time.sleep(0.05)
+                subprocess.run(["ip", "netns", "del", name], check=True)
+                count("netns deleted in flight")
+                m.wait(60)
+            finally:
+                if peer is not None:
+                    peer.close()
+                subprocess.run(["ip", "netns", "del", name],
+                               capture_output=True, check=False)
+
+    def signals() -> None:
+        i = 0
+        # Gentle enough for a loaded 2-vCPU TCG guest, where a worker
+        # takes seconds to start: a reload every 10 s, a kill every 30 s.
+        while not stop.wait(10.0):
+            i += 1
+            if i % 3 == 0:
+                pid = lab.wait_ready(["init"], timeout=60)["init"]
+                os.kill(pid, signal.SIGKILL)
+                count("worker SIGKILL")
+            else:
+                lab.daemon.proc.send_signal(signal.SIGHUP)
+                count("SIGHUP")
+
+    threads = [threading.Thread(target=load, args=(i,))
+               for i in range(PARALLEL)]
+    threads += [threading.Thread(target=f)
+                for f in (resets, stalls, namespaces, signals)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(SECONDS)
+    stop.set()
+    for t in threads:
+        t.join(180)
+    elapsed = time.monotonic() - start
+    # Let the last requests finish, the workers come back.
+    time.sleep(5)
+    settled(lab)
+    fd1, rss1 = lab.fd_count(lab.pid), lab.rss_kib(lab.pid)
+    lives = lifetimes(trace.events())
+    statuses = collections.Counter(life.status for life in lives)
+    cancelled = [life for life in lives if life.events["handshake_cancel"]]
+    lost = [life for life in lives
+            if life.events["handshake_complete"]
+            + life.events["handshake_cancel"] != 1]
+    bad_done = [life for life in lives
+                if life.events["handshake_cmd_done"]
+                + life.events["handshake_cmd_done_err"]
+                != life.events["handshake_cmd_accept"]]
+    log = lab.daemon.since(mark)
+    print("fault matrix: %.0f s, %d parallel loads (nconnect=%d): %s; "
+          "requests submitted %d, completed by DONE %d, statuses %s, "
+          "cancelled by the consumer %d, not completed exactly once %d, "
+          "DONE != ACCEPT %d; tracebacks in the log %d; supervisor fds "
+          "%d -> %d, VmRSS %d -> %d KiB"
+          % (elapsed, PARALLEL, NCONNECT, dict(counts), len(lives),
+             sum(life.events["handshake_complete"] for life in lives),
+             dict(statuses), len(cancelled), len(lost), len(bad_done),
+             log.count("Traceback"), fd0, fd1, rss0, rss1))
+    print("load mount failures (last 3): %s" % load_failures[-3:])
+    assert lab.daemon.proc.poll() is None, "the supervisor died"
+    assert counts["load mount ok"] > 0
+    assert counts["worker SIGKILL"] > 0 and counts["SIGHUP"] > 0
+    assert counts["netns deleted in flight"] > 0
+    assert counts["peer resets"] > 0 and counts["stall mount"] > 0
+    assert not lost, [dict(life.events) for life in lost[:5]]
+    assert not cancelled
+    assert not bad_done, [dict(life.events) for life in bad_done[:5]]
+    assert "Traceback" not in log, log[-3000:]
+    assert fd1 == fd0
+    assert rss1 - rss0 < 4096
