@@ -322,6 +322,11 @@ class Daemon:
                     str(self.conf)]
         if self.impl == "ours":
             return [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)]
+        if self.impl == "base":
+            # Before/after runs of our own changes: another checkout's
+            # venv (BENCH_BASE_VENV), compared in the reference's column.
+            base = Path(os.environ["BENCH_BASE_VENV"])
+            return [str(base / "bin" / "tlshd"), "-s", "-c", str(self.conf)]
         return ["chroot", str(TRIXIE), "/usr/sbin/tlshd", "-s", "-c",
                 str(self.conf)]
 
@@ -361,7 +366,7 @@ class Daemon:
             return f.read().decode(errors="replace")[-4000:]
 
     def ready(self, mark: int) -> bool:
-        if self.impl == "ours":
+        if self.impl in ("ours", "base"):
             # The supervisor joins the group before its worker is up.
             return bool(re.search(r"Worker \d+ for netns init ready",
                                   self.log_since(mark)))

@@ -134,7 +134,35 @@ def memory_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return rows
 
 
+def before_after(results: dict[str, Any]) -> dict[str, Any] | None:
+    """A run of ours against "base" (BENCH_IMPLS=ours,base: another
+    checkout of ours, BENCH_BASE_VENV) as a copy in which base takes the
+    reference's column; None for an ordinary run."""
+    impls = str(results.get("params", {}).get("impls", "")).split(",")
+    if "base" not in impls or "reference" in impls:
+        return None
+
+    def swap(d: dict[str, Any]) -> dict[str, Any]:
+        return dict(d, impl="reference") if d.get("impl") == "base" else d
+
+    out = dict(results)
+    out["scenarios"] = {
+        name: dict(sc, samples=[swap(x) for x in sc["samples"]])
+        for name, sc in results["scenarios"].items()}
+    out["memory"] = [swap(x) for x in results.get("memory", [])]
+    out["starts"] = [swap(x) for x in results.get("starts", [])]
+    out.pop("sessions", None)
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
+    swapped = before_after(results)
+    if swapped is not None:
+        text = render(swapped)
+        return ("BEFORE/AFTER run: 'ours' = this checkout (after), "
+                "'reference' column = BENCH_BASE_VENV (before); "
+                "ratios are after/before, the goal lines do not apply.\n\n"
+                + text)
     m = results["machine"]
     summ = summarize(results)
     lines = []
@@ -266,10 +294,13 @@ def goals(results: dict[str, Any], summ: dict[str, Any]) -> list[str]:
             if c is None:
                 continue
             f = c / crypto["reference_ms"]
+            r = get(sc, "reference", "cpu_ms_per_hs")
+            ref = ("; the reference %.1f ms = %.1fx" % (
+                r, r / crypto["reference_ms"]) if r else "")
             out.append("- %s agent CPU per handshake %.1f ms = %.1fx the "
-                       "crypto floor %.1f ms (goal <= 2x): %s" % (
+                       "crypto floor %.1f ms (goal <= 2x): %s%s" % (
                            sc, c, f, crypto["reference_ms"],
-                           "met" if f <= 2 else "NOT met"))
+                           "met" if f <= 2 else "NOT met", ref))
     return out
 
 
