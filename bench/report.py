@@ -254,6 +254,11 @@ def render(results: dict[str, Any]) -> str:
             "X25519 + sign + verify = %.2f ms." % (
                 crypto["x25519_ecdhe_ms"], crypto["p256_sign_ms"],
                 crypto["p256_verify_ms"], crypto["reference_ms"]))
+        rounds = [c["reference_ms"] for c in results.get("crypto_rounds", [])]
+        if len(rounds) > 1:
+            lines.append("(median of %d measurements, one per round and "
+                         "one at the end: %s ms)" % (len(rounds), ", ".join(
+                             "%.1f" % x for x in rounds)))
     sessions = results.get("sessions")
     if sessions:
         lines.append("")
