@@ -139,30 +139,42 @@ def before_after(results: dict[str, Any]) -> dict[str, Any] | None:
     checkout of ours, BENCH_BASE_VENV) as a copy in which base takes the
     reference's column; None for an ordinary run."""
     impls = str(results.get("params", {}).get("impls", "")).split(",")
-    if "base" not in impls or "reference" in impls:
+    if "base" not in impls:
         return None
 
     def swap(d: dict[str, Any]) -> dict[str, Any]:
         return dict(d, impl="reference") if d.get("impl") == "base" else d
 
+    def keep(d: dict[str, Any]) -> bool:
+        return d.get("impl") != "reference"  # the real one, if it ran
+
     out = dict(results)
+    out["params"] = dict(results["params"], impls="ours,reference")
     out["scenarios"] = {
-        name: dict(sc, samples=[swap(x) for x in sc["samples"]])
+        name: dict(sc, samples=[swap(x) for x in sc["samples"] if keep(x)])
         for name, sc in results["scenarios"].items()}
-    out["memory"] = [swap(x) for x in results.get("memory", [])]
-    out["starts"] = [swap(x) for x in results.get("starts", [])]
+    out["memory"] = [swap(x) for x in results.get("memory", [])
+                     if keep(x)]
+    out["starts"] = [swap(x) for x in results.get("starts", []) if keep(x)]
     out.pop("sessions", None)
     return out
 
 
 def render(results: dict[str, Any]) -> str:
     swapped = before_after(results)
+    impls = str(results.get("params", {}).get("impls", "")).split(",")
     if swapped is not None:
-        text = render(swapped)
-        return ("BEFORE/AFTER run: 'ours' = this checkout (after), "
+        text = ("BEFORE/AFTER: 'ours' = this checkout (after), "
                 "'reference' column = BENCH_BASE_VENV (before); "
                 "ratios are after/before, the goal lines do not apply.\n\n"
-                + text)
+                + render(swapped))
+        if "reference" not in impls:
+            return text
+        # All three ran: the ordinary table (ours against the reference),
+        # then ours against base.
+        plain = dict(results, params=dict(results["params"],
+                                          impls="ours,reference"))
+        return render(plain) + "\n\n" + text
     m = results["machine"]
     summ = summarize(results)
     lines = []
