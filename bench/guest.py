@@ -916,6 +916,20 @@ def main() -> int:
     results["crypto"] = {k: report.median([c[k] for c in crypto_rounds])
                          for k in crypto_rounds[0]}
     save()
+    if os.environ.get("BENCH_GROUP_COST") == "1":
+        # OpenSSL's own share, per key-exchange group, in this guest
+        # (bench/handshake_cost.py: memory BIOs, no daemon, no Python
+        # around the handshake beyond pyOpenSSL's calls).
+        say("handshake cost per group")
+        text = ""
+        for extra in ([], ["--mtls"]):
+            r = subprocess.run(
+                [sys.executable, str(REPO / "bench" / "handshake_cost.py"),
+                 "--pairs", "20", *extra], capture_output=True, text=True,
+                timeout=900, check=False)
+            text += r.stdout + r.stderr
+        (out / "handshake_cost.txt").write_text(text)
+        print(text, flush=True)
     sh("cp %s/*.log %s/ 2>/dev/null; true" % (WORK, out))
     print()
     print(report.render(results))
