@@ -752,27 +752,25 @@ def crypto_cost(n: int) -> dict[str, float]:
     return out
 
 
-def describe_sessions(conf: Path, group: int, a: argparse.Namespace
-                      ) -> dict[str, dict[str, int]]:
-    """Session descriptions per implementation.  Ours logs them at
-    loglevel 0; the reference only at loglevel 1, so it gets one short
-    untimed pass with that setting."""
+def describe_sessions(conf: Path, group: int, a: argparse.Namespace,
+                      impls: list[str]) -> dict[str, dict[str, int]]:
+    """Session descriptions per implementation.  Both log them only at
+    loglevel 1, so each gets one short untimed pass with that setting."""
     verbose = WORK / "tlshd-describe.conf"
     verbose.write_text(conf.read_text().replace("loglevel=0", "loglevel=1"))
-    d = Daemon("reference", verbose, group)
-    d.log = WORK / "reference-describe.log"
-    d.start("describe")
-    try:
-        warm_up(a)
-    finally:
-        d.stop()
     out: dict[str, dict[str, int]] = {}
-    for impl, log in (("ours", WORK / "ours.log"), ("reference", d.log)):
+    for impl in impls:
+        d = Daemon(impl, verbose, group)
+        d.log = WORK / ("%s-describe.log" % impl)
+        d.start("describe")
+        try:
+            warm_up(a)
+        finally:
+            d.stop()
         counts: dict[str, int] = {}
-        if log.exists():
-            for m in re.finditer(r"Session description: (\S+)",
-                                 log.read_text(errors="replace")):
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        for m in re.finditer(r"Session description: (\S+)",
+                             d.log.read_text(errors="replace")):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
         out[impl] = counts
     return out
 
@@ -907,9 +905,10 @@ def main() -> int:
             results["memory"].append({"impl": impl, "round": rnd,
                                       "idle": idle, "after": after})
             save()
-    if "reference" in impls:
-        say("what the reference negotiates (loglevel=1, untimed)")
-        results["sessions"] = describe_sessions(conf, group, a)
+    described = [i for i in ("ours", "reference") if i in impls]
+    if described:
+        say("what each negotiates (loglevel=1, untimed)")
+        results["sessions"] = describe_sessions(conf, group, a, described)
     say("crypto cost")
     crypto_rounds.append(crypto_cost(a.crypto_iterations))
     results["crypto_rounds"] = crypto_rounds
