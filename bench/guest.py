@@ -322,6 +322,11 @@ class Daemon:
                     str(self.conf)]
         if self.impl == "ours":
             return [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)]
+        if self.impl == "base":
+            # Before/after runs of our own changes: another checkout's
+            # venv (BENCH_BASE_VENV), compared in the reference's column.
+            base = Path(os.environ["BENCH_BASE_VENV"])
+            return [str(base / "bin" / "tlshd"), "-s", "-c", str(self.conf)]
         return ["chroot", str(TRIXIE), "/usr/sbin/tlshd", "-s", "-c",
                 str(self.conf)]
 
@@ -361,7 +366,7 @@ class Daemon:
             return f.read().decode(errors="replace")[-4000:]
 
     def ready(self, mark: int) -> bool:
-        if self.impl == "ours":
+        if self.impl in ("ours", "base"):
             # The supervisor joins the group before its worker is up.
             return bool(re.search(r"Worker \d+ for netns init ready",
                                   self.log_since(mark)))
@@ -747,27 +752,25 @@ def crypto_cost(n: int) -> dict[str, float]:
     return out
 
 
-def describe_sessions(conf: Path, group: int, a: argparse.Namespace
-                      ) -> dict[str, dict[str, int]]:
-    """Session descriptions per implementation.  Ours logs them at
-    loglevel 0; the reference only at loglevel 1, so it gets one short
-    untimed pass with that setting."""
+def describe_sessions(conf: Path, group: int, a: argparse.Namespace,
+                      impls: list[str]) -> dict[str, dict[str, int]]:
+    """Session descriptions per implementation.  Both log them only at
+    loglevel 1, so each gets one short untimed pass with that setting."""
     verbose = WORK / "tlshd-describe.conf"
     verbose.write_text(conf.read_text().replace("loglevel=0", "loglevel=1"))
-    d = Daemon("reference", verbose, group)
-    d.log = WORK / "reference-describe.log"
-    d.start("describe")
-    try:
-        warm_up(a)
-    finally:
-        d.stop()
     out: dict[str, dict[str, int]] = {}
-    for impl, log in (("ours", WORK / "ours.log"), ("reference", d.log)):
+    for impl in impls:
+        d = Daemon(impl, verbose, group)
+        d.log = WORK / ("%s-describe.log" % impl)
+        d.start("describe")
+        try:
+            warm_up(a)
+        finally:
+            d.stop()
         counts: dict[str, int] = {}
-        if log.exists():
-            for m in re.finditer(r"Session description: (\S+)",
-                                 log.read_text(errors="replace")):
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        for m in re.finditer(r"Session description: (\S+)",
+                             d.log.read_text(errors="replace")):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
         out[impl] = counts
     return out
 
@@ -862,8 +865,13 @@ def main() -> int:
 
     # Warm the NFS client and server paths once, without TLS.
     nfs_cycle(None)
+    crypto_rounds: list[dict[str, float]] = []
     for rnd in range(1, a.rounds + 1):
         order = impls if rnd % 2 else list(reversed(impls))
+        # The crypto floor once per round: a single measurement at the
+        # end drifted with the host's load (a loaded host inflates the
+        # guest's CPU accounting, for the floor as for the daemons).
+        crypto_rounds.append(crypto_cost(a.crypto_iterations))
         if a.base_cycles:
             say("round %d: baseline without TLS" % rnd)
             s = timed_loop(base, "none", rnd, None)
@@ -897,12 +905,30 @@ def main() -> int:
             results["memory"].append({"impl": impl, "round": rnd,
                                       "idle": idle, "after": after})
             save()
-    if "reference" in impls:
-        say("what the reference negotiates (loglevel=1, untimed)")
-        results["sessions"] = describe_sessions(conf, group, a)
+    described = [i for i in ("ours", "reference") if i in impls]
+    if described:
+        say("what each negotiates (loglevel=1, untimed)")
+        results["sessions"] = describe_sessions(conf, group, a, described)
     say("crypto cost")
-    results["crypto"] = crypto_cost(a.crypto_iterations)
+    crypto_rounds.append(crypto_cost(a.crypto_iterations))
+    results["crypto_rounds"] = crypto_rounds
+    results["crypto"] = {k: report.median([c[k] for c in crypto_rounds])
+                         for k in crypto_rounds[0]}
     save()
+    if os.environ.get("BENCH_GROUP_COST") == "1":
+        # OpenSSL's own share, per key-exchange group, in this guest
+        # (bench/handshake_cost.py: memory BIOs, no daemon, no Python
+        # around the handshake beyond pyOpenSSL's calls).
+        say("handshake cost per group")
+        text = ""
+        for extra in ([], ["--mtls"]):
+            r = subprocess.run(
+                [sys.executable, str(REPO / "bench" / "handshake_cost.py"),
+                 "--pairs", "20", *extra], capture_output=True, text=True,
+                timeout=900, check=False)
+            text += r.stdout + r.stderr
+        (out / "handshake_cost.txt").write_text(text)
+        print(text, flush=True)
     sh("cp %s/*.log %s/ 2>/dev/null; true" % (WORK, out))
     print()
     print(report.render(results))

@@ -134,7 +134,47 @@ def memory_rows(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return rows
 
 
+def before_after(results: dict[str, Any]) -> dict[str, Any] | None:
+    """A run of ours against "base" (BENCH_IMPLS=ours,base: another
+    checkout of ours, BENCH_BASE_VENV) as a copy in which base takes the
+    reference's column; None for an ordinary run."""
+    impls = str(results.get("params", {}).get("impls", "")).split(",")
+    if "base" not in impls:
+        return None
+
+    def swap(d: dict[str, Any]) -> dict[str, Any]:
+        return dict(d, impl="reference") if d.get("impl") == "base" else d
+
+    def keep(d: dict[str, Any]) -> bool:
+        return d.get("impl") != "reference"  # the real one, if it ran
+
+    out = dict(results)
+    out["params"] = dict(results["params"], impls="ours,reference")
+    out["scenarios"] = {
+        name: dict(sc, samples=[swap(x) for x in sc["samples"] if keep(x)])
+        for name, sc in results["scenarios"].items()}
+    out["memory"] = [swap(x) for x in results.get("memory", [])
+                     if keep(x)]
+    out["starts"] = [swap(x) for x in results.get("starts", []) if keep(x)]
+    out.pop("sessions", None)
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
+    swapped = before_after(results)
+    impls = str(results.get("params", {}).get("impls", "")).split(",")
+    if swapped is not None:
+        text = ("BEFORE/AFTER: 'ours' = this checkout (after), "
+                "'reference' column = BENCH_BASE_VENV (before); "
+                "ratios are after/before, the goal lines do not apply.\n\n"
+                + render(swapped))
+        if "reference" not in impls:
+            return text
+        # All three ran: the ordinary table (ours against the reference),
+        # then ours against base.
+        plain = dict(results, params=dict(results["params"],
+                                          impls="ours,reference"))
+        return render(plain) + "\n\n" + text
     m = results["machine"]
     summ = summarize(results)
     lines = []
@@ -226,6 +266,11 @@ def render(results: dict[str, Any]) -> str:
             "X25519 + sign + verify = %.2f ms." % (
                 crypto["x25519_ecdhe_ms"], crypto["p256_sign_ms"],
                 crypto["p256_verify_ms"], crypto["reference_ms"]))
+        rounds = [c["reference_ms"] for c in results.get("crypto_rounds", [])]
+        if len(rounds) > 1:
+            lines.append("(median of %d measurements, one per round and "
+                         "one at the end: %s ms)" % (len(rounds), ", ".join(
+                             "%.1f" % x for x in rounds)))
     sessions = results.get("sessions")
     if sessions:
         lines.append("")
@@ -266,10 +311,13 @@ def goals(results: dict[str, Any], summ: dict[str, Any]) -> list[str]:
             if c is None:
                 continue
             f = c / crypto["reference_ms"]
+            r = get(sc, "reference", "cpu_ms_per_hs")
+            ref = ("; the reference %.1f ms = %.1fx" % (
+                r, r / crypto["reference_ms"]) if r else "")
             out.append("- %s agent CPU per handshake %.1f ms = %.1fx the "
-                       "crypto floor %.1f ms (goal <= 2x): %s" % (
+                       "crypto floor %.1f ms (goal <= 2x): %s%s" % (
                            sc, c, f, crypto["reference_ms"],
-                           "met" if f <= 2 else "NOT met"))
+                           "met" if f <= 2 else "NOT met", ref))
     return out
 
 

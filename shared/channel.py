@@ -25,6 +25,9 @@ _FD_SIZE = array.array("i").itemsize
 # Room for more fds than any message may carry, so that a peer sending
 # too many is detected (and all of them closed) rather than truncated.
 _CMSG_ROOM = socket.CMSG_SPACE(8 * _FD_SIZE)
+# A plain int: socket.MsgFlag arithmetic goes through enum.Flag's Python
+# code on every message (docs/benchmarks.md: supervisor profile).
+_TRUNCATED = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -97,7 +100,7 @@ class Channel:
             # taken for EOF, its worker would be left unwatched.
             raise ProtocolError("empty message")
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & _TRUNCATED:
                 raise ProtocolError("truncated message or control data")
             msg, req_id = protocol.decode(data, len(fds))
         except BaseException:

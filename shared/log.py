@@ -17,8 +17,26 @@ FORMAT_STDERR = "tlshd[%(process)d]: %(message)s"
 FORMAT_SYSLOG = "tlshd[%(process)d]: %(message)s"
 
 
+def lean_records(*, process: bool) -> None:
+    """Skip the LogRecord fields tlshd's formats never use.
+
+    By default every record walks the stack for the caller's file and
+    line and looks up the thread and multiprocessing names; the formats
+    here use only the message and (supervisor) the pid.  Several records
+    per handshake cross the channel and are logged again by the
+    supervisor, and interpreted Python is slow under emulation
+    (docs/benchmarks.md).  These switches are the logging module's
+    documented optimisations.
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = process
+
+
 def setup(to_stderr: bool, debug: bool) -> None:
     """Configure the root logger for the supervisor process."""
+    lean_records(process=True)  # the formats print %(process)d
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -264,12 +264,16 @@ class HandshakeSocket:
         self.sock.send(data)
         answers: list[upcall.NlMsg] = []
         while True:
-            r, _, _ = select.select([self.sock], [], [], TRANSACT_TIMEOUT)
-            if not r:
-                raise TimeoutError("no netlink answer from the kernel")
+            # The kernel answers ACCEPT and DONE within send(): try the
+            # (non-blocking) receive first and wait only if it has not.
             try:
                 datagram = self.sock.recv(65536)
             except BlockingIOError:
+                r, _, _ = select.select([self.sock], [], [],
+                                        TRANSACT_TIMEOUT)
+                if not r:
+                    raise TimeoutError(
+                        "no netlink answer from the kernel") from None
                 continue
             except OSError as e:
                 if e.errno == errno.ENOBUFS:

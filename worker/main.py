@@ -23,6 +23,7 @@ import threading
 import setproctitle
 
 from tlshd.shared import config, keys, linux, protocol
+from tlshd.shared import log as tlshd_log
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()  # one sender at a time on the channel
     handler = ChannelLogHandler(channel, lock)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    tlshd_log.lean_records(process=False)  # the format is the message
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)

@@ -205,9 +205,12 @@ def handle(engine: Engine, job: Job,
                 session_id = sessions.add(Secrets(
                     result.cipher, result.tx.secret, result.rx.secret))
             if status == 0:
-                log.info("Session description: %s", result.description)
+                # Debug, as ktls-utils logs them (loglevel >= 1): at
+                # loglevel 0 each would be one more channel message and
+                # supervisor log write per handshake (docs/benchmarks.md).
+                log.debug("Session description: %s", result.description)
                 if result.peer_subject:
-                    log.info("Peer certificate: %s", result.peer_subject)
+                    log.debug("Peer certificate: %s", result.peer_subject)
             elif result.reason:
                 log.error("Handshake with '%s' (%s): %s", name, peer,
                           result.reason)

@@ -33,8 +33,12 @@ X509_CHECK_FLAG_NEVER_CHECK_SUBJECT = int(
     _lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
 )
 
-# (ssl pointer, write_p, content_type, bytes) -> None; must not raise.
+# (ssl pointer, write_p, content_type, first bytes) -> None; must not
+# raise.  The handler sees at most MSG_PREFIX bytes of each message: the
+# handshake type, the alert level and description; a certificate message
+# is not copied whole just to read its first byte.
 MsgHandler = Callable[[int, bool, int, bytes], None]
+MSG_PREFIX = 4
 
 
 class MsgCallback:
@@ -58,7 +62,8 @@ class MsgCallback:
             arg: Any,
         ) -> None:
             del version, arg
-            data = bytes(_ffi.buffer(buf, length)) if length else b""
+            data = (bytes(_ffi.buffer(buf, min(length, MSG_PREFIX)))
+                    if length else b"")
             self._handler(
                 int(_ffi.cast("uintptr_t", ssl)),
                 bool(write_p),

@@ -122,6 +122,11 @@ def failed(status: int, reason: str) -> Outcome:
     return Outcome(status=status, reason=reason)
 
 
+# The keylog labels success() reads.
+KEPT_SECRETS = frozenset((b"CLIENT_TRAFFIC_SECRET_0",
+                          b"SERVER_TRAFFIC_SECRET_0"))
+
+
 @dataclass
 class Session:
     """What the OpenSSL callbacks learn during one handshake."""
@@ -160,9 +165,14 @@ class Session:
                 self.alert_received = data[1]
 
     def record_keylog(self, line: bytes, client_random: bytes | None) -> None:
-        """Keep a keylog secret if it belongs to this connection."""
+        """Keep a keylog secret if it belongs to this connection.
+
+        Only the application traffic secrets are kept (kTLS needs nothing
+        else): the handshake and exporter secrets are neither decoded nor
+        held in memory.
+        """
         parts = line.split()
-        if len(parts) != 3:
+        if len(parts) != 3 or parts[0] not in KEPT_SECRETS:
             return
         try:
             random = bytes.fromhex(parts[1].decode("ascii"))
