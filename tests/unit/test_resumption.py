@@ -11,10 +11,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import Pair
 from OpenSSL import SSL
 from test_tlsengine import prove_pair
 
@@ -27,9 +27,17 @@ from tlshd.worker.resumption import (
     derive,
     peer_key,
 )
-from tlshd.worker.tlsengine import REMOTE_AUTH_VERIFIED_CERT, Engine
+from tlshd.worker.tlsengine import REMOTE_AUTH_VERIFIED_CERT, Engine, Outcome
 
 REUSE = ReuseSettings(lifetime=60, cache_size=8)
+
+
+@dataclass
+class Pair:
+    client: Outcome
+    server: Outcome
+    csock: socket.socket
+    ssock: socket.socket
 
 
 class FixedPortRunner:
