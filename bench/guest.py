@@ -155,6 +155,22 @@ def write_config(d: Path) -> Path:
     return conf
 
 
+# Implementation name -> extra [authenticate] lines.  "ours-reuse" is our
+# tlshd with TLS session reuse on (docs/session-reuse.md).
+OURS_VARIANTS = {"ours": "", "ours-reuse": "session_reuse=true\n"}
+
+
+def config_for(impl: str, conf: Path) -> Path:
+    """The configuration file ``impl`` runs with."""
+    extra = OURS_VARIANTS.get(impl, "")
+    if not extra:
+        return conf
+    variant = conf.with_name("tlshd-%s.conf" % impl)
+    variant.write_text(conf.read_text().replace(
+        "[authenticate]\n", "[authenticate]\n" + extra, 1))
+    return variant
+
+
 def setup_tracing() -> None:
     if not (TRACING / "trace").exists():
         sh("mount -t tracefs nodev %s" % TRACING)
@@ -320,7 +336,7 @@ class Daemon:
                     " sys.exit(main.main())")
             return [str(VENV_BIN / "python"), "-c", code, "-s", "-c",
                     str(self.conf)]
-        if self.impl == "ours":
+        if self.impl in OURS_VARIANTS:
             return [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)]
         if self.impl == "base":
             # Before/after runs of our own changes: another checkout's
@@ -360,13 +376,14 @@ class Daemon:
             time.sleep(0.05)
         self.start_seconds = time.monotonic() - started
 
-    def log_since(self, mark: int) -> str:
+    def log_since(self, mark: int, limit: int | None = 4000) -> str:
         with open(self.log, "rb") as f:
             f.seek(mark)
-            return f.read().decode(errors="replace")[-4000:]
+            text = f.read().decode(errors="replace")
+        return text if limit is None else text[-limit:]
 
     def ready(self, mark: int) -> bool:
-        if self.impl in ("ours", "base"):
+        if self.impl in (*OURS_VARIANTS, "base"):
             # The supervisor joins the group before its worker is up.
             return bool(re.search(r"Worker \d+ for netns init ready",
                                   self.log_since(mark)))
@@ -618,6 +635,10 @@ class Sample:
     handshake_errors: int = 0
     error_statuses: dict[str, int] = field(default_factory=dict)
     incomplete: int = 0
+    # Handshake ends our tlshd logged as authenticated by a session-reuse
+    # PSK during the loop (client and server ends count one each).
+    reused: int = 0
+    described: int = 0
     cpu_usec: int = 0
     user_usec: int = 0
     system_usec: int = 0
@@ -631,6 +652,7 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
     clear_trace()
     windows: list[tuple[float, float]] = []
     cpu0 = cpu_usec(daemon.cg) if daemon else None
+    log0 = daemon.log.stat().st_size if daemon and daemon.log.exists() else 0
     start = time.monotonic()
     for _ in range(sc.cycles):
         if sc.paired_baseline:
@@ -658,6 +680,11 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
         s.cpu_usec = cpu1["usage_usec"] - cpu0["usage_usec"]
         s.user_usec = cpu1["user_usec"] - cpu0["user_usec"]
         s.system_usec = cpu1["system_usec"] - cpu0["system_usec"]
+    if daemon and daemon.impl in OURS_VARIANTS:
+        text = daemon.log_since(log0, limit=None)
+        s.described = len(re.findall(r"Session description: ", text))
+        s.reused = len(re.findall(r"Session description: .*"
+                                  r"\(session reuse PSK\)", text))
     reqs = read_trace()
     per_cycle: list[list[Req]] = [[] for _ in windows]
     for r in reqs:
@@ -877,7 +904,7 @@ def main() -> int:
             s = timed_loop(base, "none", rnd, None)
             results["scenarios"][BASELINE]["samples"].append(vars(s))
         for impl in order:
-            d = Daemon(impl, conf, group)
+            d = Daemon(impl, config_for(impl, conf), group)
             d.start("r%d" % rnd)
             say("round %d: %s ready after %.1f s" % (rnd, impl,
                                                      d.start_seconds))
@@ -932,6 +959,11 @@ def main() -> int:
     sh("cp %s/*.log %s/ 2>/dev/null; true" % (WORK, out))
     print()
     print(report.render(results))
+    if any(i not in report.IMPLS for i in impls):
+        import reuse_report
+
+        print()
+        print(reuse_report.render(results))
     return 0
 
 

@@ -10,6 +10,10 @@ Extensions (absent from ktls-utils, all optional):
       TIMEOUT attribute (NFS and NFSD send none and give up after 20 s).
   [authenticate.client|server] x509.ciphersuites = OpenSSL TLS 1.3 suite
       list restricting what this end offers or accepts.
+  [authenticate] session_reuse = true|false (default false): TLS 1.3
+      session reuse between tlshd instances (tlshd.worker.resumption);
+      session_lifetime = seconds a reuse PSK lives (default 3600, at most
+      604800); session_cache_size = entries each end keeps (default 256).
 
 Namespaces (top-level file only; see tlshd.conf(5)):
   [netns] default = configuration file for named namespaces (ip netns) that
@@ -39,6 +43,10 @@ LEGACY_PATH = "/etc/tlshd.conf"
 MAX_CONFIG_BYTES = 1 << 20
 # Under NFS's 20 s, so the consumer hears ETIMEDOUT from us, not its own.
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
+DEFAULT_SESSION_LIFETIME = 3600.0
+MAX_SESSION_LIFETIME = 7 * 24 * 3600.0  # RFC 8446 4.6.1's ticket limit
+DEFAULT_SESSION_CACHE_SIZE = 256
+MAX_SESSION_CACHE_SIZE = 65536
 
 _ROLE_KEYS = {
     "x509.truststore": "truststore",
@@ -73,6 +81,9 @@ class Config:
     loglevel: int = 0
     keyrings: tuple[str, ...] = ()
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    session_reuse: bool = False
+    session_lifetime: float = DEFAULT_SESSION_LIFETIME
+    session_cache_size: int = DEFAULT_SESSION_CACHE_SIZE
     client: RoleConfig = RoleConfig()
     server: RoleConfig = RoleConfig()
     netns_default: str | None = None
@@ -117,6 +128,20 @@ def _int(parser: _Parser, section: str, key: str,
                           % (section, key, raw)) from e
 
 
+def _bool(parser: _Parser, section: str, key: str, default: bool) -> bool:
+    """A GLib key-file boolean: true/false (1/0 accepted, as GLib does)."""
+    raw = parser.get(section, key, fallback=None)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise ConfigError("[%s] %s: %r is not true or false"
+                      % (section, key, raw))
+
+
 def _role(parser: _Parser, section: str) -> RoleConfig:
     if not parser.has_section(section):
         return RoleConfig()
@@ -155,6 +180,21 @@ def parse(text: str, path: str = "<string>") -> Config:
                           % (path, timeout)) from e
     if not 0.1 <= handshake_timeout <= 600:
         raise ConfigError("%s: handshake_timeout out of range" % path)
+    lifetime = parser.get("authenticate", "session_lifetime", fallback="")
+    try:
+        session_lifetime = (float(lifetime) if lifetime
+                            else DEFAULT_SESSION_LIFETIME)
+    except ValueError as e:
+        raise ConfigError("%s: session_lifetime %r is not a number"
+                          % (path, lifetime)) from e
+    if not 1 <= session_lifetime <= MAX_SESSION_LIFETIME:
+        raise ConfigError("%s: session_lifetime out of range (1 to %d)"
+                          % (path, MAX_SESSION_LIFETIME))
+    cache_size = _int(parser, "authenticate", "session_cache_size",
+                      DEFAULT_SESSION_CACHE_SIZE)
+    if not 1 <= cache_size <= MAX_SESSION_CACHE_SIZE:
+        raise ConfigError("%s: session_cache_size out of range (1 to %d)"
+                          % (path, MAX_SESSION_CACHE_SIZE))
     for key, _ in (parser.items("netns") if parser.has_section("netns")
                    else []):
         if key not in ("default", "unnamed"):
@@ -167,6 +207,9 @@ def parse(text: str, path: str = "<string>") -> Config:
         loglevel=_int(parser, "debug", "loglevel", 0),
         keyrings=keyrings,
         handshake_timeout=handshake_timeout,
+        session_reuse=_bool(parser, "authenticate", "session_reuse", False),
+        session_lifetime=session_lifetime,
+        session_cache_size=cache_size,
         client=_role(parser, "authenticate.client"),
         server=_role(parser, "authenticate.server"),
     )

@@ -28,7 +28,12 @@ from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
 from tlshd.worker.serve import ChannelLogHandler, Server
-from tlshd.worker.tlsengine import CredentialError, Engine, RoleSettings
+from tlshd.worker.tlsengine import (
+    CredentialError,
+    Engine,
+    ReuseSettings,
+    RoleSettings,
+)
 
 log = logging.getLogger("tlshd.worker")
 
@@ -61,7 +66,10 @@ def _settings(role: config.RoleConfig) -> RoleSettings:
 
 def load_engine(path: str) -> Engine:
     cfg = config.load(path)
-    return Engine(_settings(cfg.client), _settings(cfg.server))
+    reuse = (ReuseSettings(lifetime=cfg.session_lifetime,
+                           cache_size=cfg.session_cache_size)
+             if cfg.session_reuse else None)
+    return Engine(_settings(cfg.client), _settings(cfg.server), reuse=reuse)
 
 
 def check(path: str) -> int:

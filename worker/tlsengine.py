@@ -20,7 +20,9 @@ mode with its TCP_NODELAY setting restored.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import logging
 import math
 import select
@@ -34,6 +36,18 @@ from OpenSSL import SSL, crypto
 from tlshd.worker import ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
 from tlshd.worker.psk import Psk, PskHandshakes, PskLookup
+from tlshd.worker.resumption import (
+    REUSE_ALPN,
+    ClientCache,
+    ClientEntry,
+    PeerKey,
+    ReusePsk,
+    ReuseSettings,
+    ServerEntry,
+    ServerTable,
+    derive,
+    peer_key,
+)
 from tlshd.worker.sslconf import openssl_conf_path
 from tlshd.worker.tlsoutcome import (
     REMOTE_AUTH_VERIFIED_CERT,
@@ -54,6 +68,7 @@ __all__ = [
     "EngineError",
     "Outcome",
     "Psk",
+    "ReuseSettings",
     "RoleSettings",
     "TrafficKeys",
     "openssl_conf_path",
@@ -113,15 +128,34 @@ def _identity(settings: RoleSettings, role: str) -> tlscreds.Identity | None:
 class Engine:
     """Prebuilt TLS contexts plus the handshake drivers."""
 
-    def __init__(self, client: RoleSettings, server: RoleSettings) -> None:
+    def __init__(self, client: RoleSettings, server: RoleSettings,
+                 reuse: ReuseSettings | None = None) -> None:
         """Read every credential file and build the contexts.
 
         Raises CredentialError naming the file for unusable credentials,
         and EngineError if OpenSSL would send session tickets (OPENSSL_CONF
         was not applied before OpenSSL was first imported).
+
+        ``reuse`` (``[authenticate] session_reuse``) turns on session
+        reuse between tlshd workers (tlshd.worker.resumption).
         """
         self._sessions: dict[int, Session] = {}
         self._msg = sslbind.MsgCallback(self._on_message)
+        self._reuse = reuse
+        self.reuse_client: ClientCache | None = None
+        self.reuse_server: ServerTable | None = None
+        # Per connection (SSL pointer): the PSK a client offers, the entry
+        # a server accepted.
+        self._offers: dict[int, ReusePsk] = {}
+        self._found: dict[int, ServerEntry] = {}
+        self._reuse_cb: sslbind.PskCallbacks | None = None
+        if reuse is not None:
+            self.reuse_client = ClientCache(reuse.cache_size, reuse.lifetime)
+            self.reuse_server = ServerTable(reuse.cache_size, reuse.lifetime)
+            self._reuse_cb = sslbind.PskCallbacks(self._reuse_offer,
+                                                  self._reuse_lookup)
+            log.info("TLS session reuse is on: PSKs live %d s, %d kept"
+                     " per role", reuse.lifetime, reuse.cache_size)
         self._client_anon = self._context(client, server=False)
         client_id = _identity(client, "client")
         self._client_x509 = (
@@ -161,6 +195,10 @@ class Engine:
     ) -> SSL.Context:
         suites = _ciphersuites(settings.ciphersuites)
         ctx = self._base_context(server=server, suites=suites)
+        # A server reuses sessions only with the configured certificate:
+        # the per-request ones share _server_bare, and a PSK must never
+        # stand in for a different server certificate.
+        self._reuse_context(ctx, server=server, keep=identity is not None)
         if verify.load_trust(ctx, settings.truststore) == 0:
             log.warning(
                 "no trust anchors for the %s role: peer certificates"
@@ -184,6 +222,39 @@ class Engine:
                     f" certificate or key {settings.private_key}: {exc}"
                 ) from exc
         return ctx
+
+    def _reuse_context(self, ctx: SSL.Context, *, server: bool,
+                       keep: bool) -> None:
+        cb = self._reuse_cb
+        if cb is None:
+            return
+        if not server:
+            ctx.set_alpn_protos([REUSE_ALPN])
+            cb.install_client(ctx)
+        elif keep:
+            ctx.set_alpn_select_callback(_select_reuse_alpn)
+            cb.install_server(ctx)
+            # A verifying server refuses a PSK session without a session
+            # id context ("session id context uninitialized").
+            ctx.set_session_id(b"tlshd-reuse")
+
+    def _reuse_offer(self, ssl: int) -> tuple[bytes, bytes, bytes] | None:
+        """Client (psk_use_session): the cached PSK for this peer."""
+        psk = self._offers.get(ssl)
+        if psk is None:
+            return None
+        return psk.identity, psk.secret, psk.suite
+
+    def _reuse_lookup(self, ssl: int, identity: bytes
+                      ) -> tuple[bytes, bytes] | None:
+        """Server (psk_find_session): a PSK this worker agreed to keep;
+        None lets the handshake go on with certificates."""
+        table = self.reuse_server
+        entry = table.get(identity) if table is not None else None
+        if entry is None:
+            return None
+        self._found[ssl] = entry
+        return entry.psk.secret, entry.psk.suite
 
     def _check_no_tickets(self) -> None:
         """Run one in-memory handshake and count the tickets sent."""
@@ -272,23 +343,52 @@ class Engine:
             return failed(errno.EACCES, str(exc))
         ctx = self._client_anon
         per_conn: tlscreds.Identity | None = None
+        credential = "anonymous"
         if use_certificate and x509 is not None:
             try:
                 per_conn = tlscreds.load_der_identity(*x509)
             except ValueError as exc:
                 return failed(errno.EIO, f"client certificate: {exc}")
+            credential = "kernel:" + hashlib.sha256(x509[0]).hexdigest()
         elif use_certificate:
             if self._client_x509 is None:
                 return failed(errno.EIO, "no client certificate configured")
             ctx = self._client_x509
+            credential = "configured"
+        cache = self.reuse_client
+        key: PeerKey | None = None
+        cached: ClientEntry | None = None
+        if cache is not None:
+            try:
+                key = peer_key(sock.getpeername(), peername, credential)
+            except OSError:
+                key = None
+            cached = cache.get(key) if key is not None else None
 
         def setup(conn: SSL.Connection) -> None:
             conn.set_connect_state()
             verify.set_expected_name(conn, name)
             if per_conn is not None:
                 per_conn.use_in_connection(conn)
+            if cached is not None:
+                self._offers[sslbind.ssl_pointer(conn)] = cached.psk
 
-        return self._handshake(sock, ctx, setup, deadline, server=False)
+        def after(conn: SSL.Connection, out: Outcome) -> Outcome:
+            if cache is None or key is None:
+                return out
+            if cached is not None and sslbind.session_reused(conn):
+                out = _reused(out, cached.peer_subject, out.remote_auth)
+            if conn.get_alpn_proto_negotiated() == REUSE_ALPN:
+                psk = derive(conn, out.cipher)
+                if psk is not None:
+                    cache.put(key, ClientEntry(psk, out.peer_subject))
+            elif cached is not None:
+                # The peer no longer keeps PSKs for us.
+                cache.forget(key)
+            return out
+
+        return self._handshake(sock, ctx, setup, deadline, server=False,
+                               after=after)
 
     def server_handshake(
         self,
@@ -320,7 +420,22 @@ class Engine:
             if per_conn is not None:
                 per_conn.use_in_connection(conn)
 
-        return self._handshake(sock, ctx, setup, deadline, server=True)
+        def after(conn: SSL.Connection, out: Outcome) -> Outcome:
+            table = self.reuse_server
+            if table is None:
+                return out
+            entry = self._found.get(sslbind.ssl_pointer(conn))
+            if entry is not None and sslbind.session_reused(conn):
+                out = _reused(out, entry.peer_subject, entry.remote_auth)
+            if conn.get_alpn_proto_negotiated() == REUSE_ALPN:
+                psk = derive(conn, out.cipher)
+                if psk is not None:
+                    table.put(psk.identity, ServerEntry(
+                        psk, out.remote_auth, out.peer_subject))
+            return out
+
+        return self._handshake(sock, ctx, setup, deadline, server=True,
+                               after=after)
 
     def client_psk_handshake(
         self, sock: socket.socket, *, psks: Sequence[Psk], deadline: float
@@ -342,7 +457,10 @@ class Engine:
         deadline: float,
         *,
         server: bool,
+        after: Callable[[SSL.Connection, Outcome], Outcome] | None = None,
     ) -> Outcome:
+        """Run one handshake; ``after`` sees a successful outcome while
+        the connection still exists (session reuse)."""
         if time.monotonic() >= deadline:
             return failed(errno.ETIMEDOUT, "deadline passed before start")
         session = Session()
@@ -360,7 +478,10 @@ class Engine:
                 # Our own parameters were refused: a local error.
                 return failed(errno.EIO, f"connection set-up failed: {exc}")
             _drive(conn, sock, deadline)
-            return success(conn, session, server=server)
+            out = success(conn, session, server=server)
+            if after is not None and out.status == 0:
+                out = after(conn, out)
+            return out
         except (DeadlineExpired, SSL.Error, OSError) as exc:
             return classify(session, exc)
         except Exception as exc:
@@ -369,7 +490,32 @@ class Engine:
         finally:
             if key is not None:
                 self._sessions.pop(key, None)
+                self._offers.pop(key, None)
+                self._found.pop(key, None)
+                if self._reuse_cb is not None:
+                    self._reuse_cb.forget(key)
             _restore_socket(sock, saved_nodelay)
+
+
+def _select_reuse_alpn(
+    conn: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    """Server: agree to keep a reuse PSK with a client that asks."""
+    del conn
+    if REUSE_ALPN in offered:
+        return REUSE_ALPN
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _reused(out: Outcome, peer_subject: str | None,
+            remote_auth: tuple[int, ...]) -> Outcome:
+    """A handshake authenticated by a reuse PSK: no certificates were
+    exchanged, so the subject and REMOTE_AUTH are the full handshake's."""
+    suite = out.description.rsplit("-(", 1)[-1]
+    return dataclasses.replace(
+        out, resumed=True, peer_subject=peer_subject,
+        remote_auth=remote_auth,
+        description=f"(TLS1.3)-({out.group})-(session reuse PSK)-({suite}")
 
 
 def _pump_memory_handshake(cli: SSL.Connection, srv: SSL.Connection) -> None:

@@ -91,6 +91,9 @@ class Outcome:
     reason: str = ""
     tx: TrafficKeys | None = None
     rx: TrafficKeys | None = None
+    # Authenticated by a session-reuse PSK (resumption.py), not by
+    # certificates.
+    resumed: bool = False
 
 
 # The log texts of a certificate (its key description and subject) are

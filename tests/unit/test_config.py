@@ -45,6 +45,20 @@ def test_ktls_utils_sample_accepted_unchanged():
     assert cfg.client == config.RoleConfig()
     assert cfg.server == config.RoleConfig()
     assert cfg.handshake_timeout == config.DEFAULT_HANDSHAKE_TIMEOUT
+    assert cfg.session_reuse is False  # off unless switched on
+
+
+def test_session_reuse_switch():
+    cfg = config.parse("[authenticate]\nsession_reuse=true\n"
+                       "session_lifetime=600\nsession_cache_size=32\n")
+    assert cfg.session_reuse is True
+    assert cfg.session_lifetime == 600
+    assert cfg.session_cache_size == 32
+    assert config.parse("[authenticate]\nsession_reuse=1\n").session_reuse
+    off = config.parse("[authenticate]\nsession_reuse=false\n")
+    assert off.session_reuse is False
+    assert off.session_lifetime == config.DEFAULT_SESSION_LIFETIME
+    assert off.session_cache_size == config.DEFAULT_SESSION_CACHE_SIZE
 
 
 def test_values_and_lists():
@@ -77,6 +91,11 @@ x509.client_auth=1
     "[authenticate]\nhandshake_timeout=0\n",
     "[authenticate]\nhandshake_timeout=x\n",
     "[debug]\nloglevel=1\nloglevel=2\n",
+    "[authenticate]\nsession_reuse=yes please\n",
+    "[authenticate]\nsession_reuse=True\n",  # GLib: lower case only
+    "[authenticate]\nsession_lifetime=0\n",
+    "[authenticate]\nsession_lifetime=604801\n",
+    "[authenticate]\nsession_cache_size=0\n",
 ])
 def test_malformed_rejected(text):
     with pytest.raises(ConfigError):
