@@ -364,8 +364,7 @@ def test_rekey_every_suite(
 def kernel_request(msg_type: int, **kw: Any) -> protocol.HandshakeRequest:
     return protocol.HandshakeRequest(
         msg_type=msg_type, auth_mode=uapi.AuthMode.UNAUTH,
-        timeout_ms=60000, keyring=0, peerids=(), certs=(),
-        peername="127.0.0.1", **kw)
+        timeout_ms=60000, peername="127.0.0.1", **kw)
 
 
 def consumer_read(sock: socket.socket, n: int) -> tuple[int, bytes]:
