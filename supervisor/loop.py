@@ -633,8 +633,12 @@ class Supervisor:
 
     def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
         now = time.monotonic()
-        timeout = (req.timeout_ms / 1000.0 if req.timeout_ms
-                   else ns.cfg.handshake_timeout)
+        if req.timeout_ms:
+            timeout = req.timeout_ms / 1000.0
+        elif req.msg_type == uapi.MsgType.CLIENTHELLO:
+            timeout = ns.cfg.client_handshake_timeout
+        else:
+            timeout = ns.cfg.handshake_timeout
         inflight = InFlight(self.next_id, ns, req.sockfd, req, now + timeout)
         self.next_id += 1
         self.inflight[inflight.req_id] = inflight

@@ -696,6 +696,7 @@ class TraceEvent:
     event: str
     req: str
     status: int | None
+    sk: str = ""
 
 
 def trace_events() -> list[TraceEvent]:
@@ -706,10 +707,12 @@ def trace_events() -> list[TraceEvent]:
                      r"(handshake_\w+): .*?req=(\S+)(.*)", line)
         if not m:
             continue
-        st = re.search(r"status=(-?\d+)", m.group(6))
+        st = re.search(r"(?:status|err)=(-?\d+)", m.group(6))
+        sk = re.search(r"sk=(\S+)", m.group(6))
         out.append(TraceEvent(m.group(1).strip(), int(m.group(2)),
                               float(m.group(3)), m.group(4), m.group(5),
-                              int(st.group(1)) if st else None))
+                              int(st.group(1)) if st else None,
+                              sk.group(1) if sk else ""))
     return out
 
 

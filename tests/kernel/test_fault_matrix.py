@@ -133,14 +133,24 @@ class Lifetime:
 
 def lifetimes(events: list[Any]) -> list[Lifetime]:
     """Split the trace into request lifetimes: the kernel reuses request
-    addresses, so a submit starts a new one."""
+    addresses, so a submit starts a new one.
+
+    A DONE for a request the consumer has already cancelled finds no
+    request: the kernel traces it as handshake_cmd_done_err with a NULL
+    req (EBUSY), so events whose req is no live request are given to the
+    newest lifetime of the same socket (sk)."""
     current: dict[str, Lifetime] = {}
+    by_sock: dict[str, Lifetime] = {}
     out = []
     for ev in events:
         if ev.event == "handshake_submit":
             current[ev.req] = Lifetime()
             out.append(current[ev.req])
+            if ev.sk:
+                by_sock[ev.sk] = current[ev.req]
         life = current.get(ev.req)
+        if life is None and ev.sk:
+            life = by_sock.get(ev.sk)
         if life is None:
             continue
         life.events[ev.event] += 1

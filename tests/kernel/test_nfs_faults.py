@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tlshd.shared.config import DEFAULT_CLIENT_HANDSHAKE_TIMEOUT
+
 pytestmark = pytest.mark.kernel
 
 FAKE_PORT = 20490
@@ -125,7 +127,7 @@ def test_silent_peer_times_out_at_our_deadline(pki, tlshd, trace, nfs):
     assert done, "no handshake completed"
     first = done[0]
     assert first.status == -errno.ETIMEDOUT, done
-    # At our 3 s deadline, well before the NFS client's own 20 s.
+    # At our 3 s deadline, well before the NFS client's own 10 s.
     assert 2.5 <= first.seconds < 8.0, done
     assert elapsed < 20
     trace.clear()
@@ -147,3 +149,25 @@ def test_client_certificate_missing_for_mtls(pki, tlshd, trace, nfs):
     trace.clear()
     r = nfs.mount("", "tls")
     assert r.ok, r.output
+
+
+def test_our_default_deadline_is_under_the_nfs_clients(pki, tlshd, trace,
+                                                       nfs):
+    """Measure how long the kernel's NFS client waits for a handshake
+    before it cancels (sunrpc's XS_TLS_HANDSHAKE_TO; the request carries
+    no TIMEOUT), and check that our default deadline for such requests
+    answers first: a stalled peer must end by our DONE(ETIMEDOUT), not by
+    the consumer giving up on us."""
+    tlshd.start(pki.config(timeout=60))
+    fake = FakeRpcTlsServer("silent")
+    try:
+        fake_mount(nfs, timeout=50)
+    finally:
+        fake.close()
+    events = trace.events()
+    submits = {e.req: e.stamp for e in events if e.event == "handshake_submit"}
+    cancels = [e for e in events if e.event == "handshake_cancel"]
+    assert cancels, "the NFS client never cancelled: %s" % events
+    waited = cancels[0].stamp - submits[cancels[0].req]
+    print("NFS client cancelled after %.2f s" % waited)
+    assert DEFAULT_CLIENT_HANDSHAKE_TIMEOUT + 1.0 < waited, waited

@@ -146,6 +146,8 @@ def test_switch_off_never_reuses(pki, tlshd, trace, nfs):
 # ---- against the reference tlshd (keeps no PSK, sends no tickets) ----
 
 REF_NET = "10.97.0"  # init .1, rref .2
+# Rounds of (switch on, switch off) against the reference, ABBA.
+REF_ROUNDS = int(os.environ.get("TLSHD_REUSE_REF_ROUNDS", "4"))
 
 
 @pytest.fixture
@@ -210,52 +212,65 @@ def reference_server(pki, nfs_server, tmp_path) -> Iterator[NetnsSite]:
 
 def test_reference_server_full_handshakes_without_stall(
         pki, trace, reference_server, tmp_path):
+    """Our client, switch on and off, against the reference tlshd as the
+    server (it keeps no PSK and sends no tickets): every handshake is a
+    full one and none stalls.  The two settings alternate, ABBA, in
+    REF_ROUNDS rounds so that the host's drift hits both alike; the
+    latencies are printed for comparison, not asserted (timing belongs
+    in the benchmark)."""
     site = reference_server
     target = "/mnt/reuse-ref"
     os.makedirs(target, exist_ok=True)
-    seconds = {}
-    for on in (True, False):
-        workdir = tmp_path / ("ours-%s" % ("on" if on else "off"))
-        workdir.mkdir()
-        daemon = Tlshd(workdir)
-        try:
-            daemon.start(reuse_config(pki.config(), on=on))
-            trace.clear()
-            for i in range(2):
-                r = sh("timeout 90 mount -t nfs -o vers=4.2,xprtsec=tls,"
-                       "nconnect=4 %s.2:/ %s" % (REF_NET, target),
-                       check=False, timeout=100)
-                assert r.returncode == 0, (
-                    r.stdout, r.stderr, daemon.log()[-3000:],
-                    site.reference_log.read_text(errors="replace")[-3000:])
-                assert Path(target, "whoami").read_text() == "rref\n"
-                data = os.urandom(64 * 1024)
-                Path(target, "probe-%d.bin" % i).write_bytes(data)
-                sh("sync")
-                Path("/proc/sys/vm/drop_caches").write_text("3")
-                assert Path(target, "probe-%d.bin" % i).read_bytes() == data
-                sh("umount %s" % target)
-            log = daemon.log()
-        finally:
-            sh("umount %s" % target, check=False)
-            daemon.stop()
-        # Our client ends only (the server ends are the reference's):
-        # all full handshakes, whether the switch is on or off.
-        assert count(REUSED, log) == 0, log[-3000:]
-        assert count(FULL, log) >= 2
-        # Every handshake completed far below the consumer's timeout.
-        lat = latencies()
-        assert lat and max(lat) < NO_STALL, lat
-        seconds[on] = lat
-    print("submit->complete against the reference server, ms: switch on "
-          "p50 %.0f max %.0f (n=%d); off p50 %.0f max %.0f (n=%d)" % (
-              statistics.median(seconds[True]) * 1000,
-              max(seconds[True]) * 1000, len(seconds[True]),
-              statistics.median(seconds[False]) * 1000,
-              max(seconds[False]) * 1000, len(seconds[False])))
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    order = [(True, False), (False, True)] * (REF_ROUNDS // 2 + 1)
+    for rnd, pair in enumerate(order[:REF_ROUNDS]):
+        for on in pair:
+            workdir = tmp_path / ("ours-%d-%s" % (rnd, "on" if on else "off"))
+            workdir.mkdir()
+            daemon = Tlshd(workdir)
+            try:
+                daemon.start(reuse_config(pki.config(), on=on))
+                trace.clear()
+                for i in range(2):
+                    r = sh("timeout 90 mount -t nfs -o vers=4.2,xprtsec=tls,"
+                           "nconnect=4 %s.2:/ %s" % (REF_NET, target),
+                           check=False, timeout=100)
+                    assert r.returncode == 0, (
+                        r.stdout, r.stderr, daemon.log()[-3000:],
+                        site.reference_log.read_text(errors="replace")[-3000:])
+                    assert Path(target, "whoami").read_text() == "rref\n"
+                    data = os.urandom(64 * 1024)
+                    Path(target, "probe-%d.bin" % i).write_bytes(data)
+                    sh("sync")
+                    Path("/proc/sys/vm/drop_caches").write_text("3")
+                    back = Path(target, "probe-%d.bin" % i).read_bytes()
+                    assert back == data
+                    sh("umount %s" % target)
+                log = daemon.log()
+            finally:
+                sh("umount %s" % target, check=False)
+                daemon.stop()
+            # Our client ends only (the server ends are the reference's):
+            # all full handshakes, whether the switch is on or off.
+            assert count(REUSED, log) == 0, log[-3000:]
+            assert count(FULL, log) >= 2
+            # Every handshake completed far below the consumer's timeout.
+            lat = latencies()
+            assert lat and max(lat) < NO_STALL, lat
+            seconds[on] += lat
+
+    def figures(lat: list[float]) -> str:
+        q = statistics.quantiles(lat, n=10)
+        return "p50 %.0f p90 %.0f max %.0f (n=%d)" % (
+            statistics.median(lat) * 1000, q[-1] * 1000, max(lat) * 1000,
+            len(lat))
+
+    print("submit->complete against the reference server, ms, %d rounds"
+          " ABBA: switch on %s; off %s" % (
+              REF_ROUNDS, figures(seconds[True]), figures(seconds[False])))
     # The server ends really were the reference's.
     ref_log = site.reference_log.read_text(errors="replace")
-    assert ref_log.count("Handshake with") >= 4, ref_log[-3000:]
+    assert ref_log.count("Handshake with") >= 4 * REF_ROUNDS, ref_log[-3000:]
 
 
 # ---- namespaces: a PSK of ra is never offered in rb ----

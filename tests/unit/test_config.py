@@ -45,6 +45,8 @@ def test_ktls_utils_sample_accepted_unchanged():
     assert cfg.client == config.RoleConfig()
     assert cfg.server == config.RoleConfig()
     assert cfg.handshake_timeout == config.DEFAULT_HANDSHAKE_TIMEOUT
+    # Under the NFS client's own 10 s wait.
+    assert cfg.client_handshake_timeout == 8.0
     assert cfg.session_reuse is False  # off unless switched on
 
 
@@ -79,6 +81,7 @@ x509.client_auth=1
     assert cfg.loglevel == 1
     assert cfg.keyrings == (".nvme", ".nfs", "mykeys")
     assert cfg.handshake_timeout == 3.5
+    assert cfg.client_handshake_timeout == 3.5
     assert cfg.client.truststore == "/etc/ca.pem"
     assert cfg.client.ciphersuites == "TLS_AES_128_GCM_SHA256"
     assert cfg.server.certificate == "/etc/s.pem"

@@ -10,6 +10,7 @@ right status, promptly.  Malformed worker messages: test_supervisor_ipc.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -72,6 +73,31 @@ def test_silent_peer_gets_etimedout_at_deadline(sup, listener):
     assert nl.dones == [(fd, errno.ETIMEDOUT, ())]
     assert 1.0 < took < 5.0
     peer.close()
+
+
+def test_default_deadline_by_role(sup, listener):
+    """Without a TIMEOUT attribute: a client request (the NFS client,
+    which cancels after 10 s) gets the client default, a server request
+    (nfsd, 20 s) the server default."""
+    s, nl, ns = sup
+    ns.cfg = dataclasses.replace(ns.cfg, handshake_timeout=15.0,
+                                 client_handshake_timeout=8.0)
+    run_until(s, lambda: ready(ns))
+    client_fd, client_peer = connected_fd(listener)
+    server_fd, server_peer = connected_fd(listener)
+    nvme_fd, nvme_peer = connected_fd(listener)
+    start = time.monotonic()
+    nl.submit(client_fd)
+    nl.submit(server_fd, msg_type=uapi.MsgType.SERVERHELLO)
+    nl.submit(nvme_fd, timeout_ms=3000)
+    run_until(s, lambda: len(s.inflight) == 3)
+    left = {f.sockfd: f.deadline - start for f in s.inflight.values()}
+    assert 7.0 < left[client_fd] <= 8.5, left
+    assert 14.0 < left[server_fd] <= 15.5, left
+    assert 2.0 < left[nvme_fd] <= 3.5, left
+    for peer in (client_peer, server_peer, nvme_peer):
+        peer.close()
+    run_until(s, lambda: len(nl.dones) == 3)
 
 
 def test_worker_killed_mid_handshake(sup, listener):
