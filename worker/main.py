@@ -111,12 +111,29 @@ def boot(args: argparse.Namespace, channel: Channel,
     return server, hello
 
 
+def _low_fd(fd: int) -> int:
+    """``fd`` moved to the lowest free number (close-on-exec).
+
+    An exec'd worker inherits its fds at the supervisor's numbers, which
+    grow with the namespaces served; the sandbox's fd limit
+    (RLIMIT_NOFILE) must stay above every open fd, so keep them low."""
+    low = os.dup(fd)
+    if low < fd:
+        os.close(fd)
+        return low
+    os.close(low)
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.check:
         return check(args.config)
     if args.channel_fd is None:
         raise SystemExit("tlshd-worker: --channel-fd is required")
+    args.channel_fd = _low_fd(args.channel_fd)
+    if args.netns_fd is not None:
+        args.netns_fd = _low_fd(args.netns_fd)
     setproctitle.setproctitle("tlshd: worker [netns %s]" % args.label)
     channel = Channel(socket.socket(fileno=args.channel_fd))
     lock = threading.Lock()  # one sender at a time on the channel

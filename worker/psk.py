@@ -63,6 +63,10 @@ ALERT_DECODE_ERROR = 50
 ALERT_UNKNOWN_PSK_IDENTITY = 115
 MAX_RECORD = 1 << 14
 MAX_HELLO = 1 << 16  # far above any real ClientHello (PQ ones: ~2 KiB)
+# What one peek reads: a ClientHello of MAX_HELLO bytes in full-sized
+# records with room to spare.  A hello spread over more, tinier records
+# would never be seen whole, so it is refused rather than waited for.
+MAX_PEEK = MAX_HELLO + 5 * 8
 PEEK_NAP = 0.005  # seconds between peeks at an incomplete ClientHello
 
 
@@ -127,12 +131,16 @@ def _hello_body(data: bytes) -> bytes:
     """Reassemble the first handshake message from TLS records."""
     hs, pos = b"", 0
     while True:
+        if pos + 5 > MAX_PEEK:
+            raise ValueError("ClientHello spread over too many records")
         if len(data) < pos + 5:
             raise HelloIncomplete(pos + 5)
         length = int.from_bytes(data[pos + 3 : pos + 5], "big")
         if data[pos] != CT_HANDSHAKE or not 0 < length <= MAX_RECORD:
             raise ValueError("not a TLS handshake record")
         end = pos + 5 + length
+        if end > MAX_PEEK:
+            raise ValueError("ClientHello spread over too many records")
         if len(data) < end:
             raise HelloIncomplete(end)
         hs, pos = hs + data[pos + 5 : end], end
@@ -190,7 +198,7 @@ def peek_identities(sock: socket.socket, deadline: float) -> list[bytes]:
             else []
         if not events:
             raise DeadlineExpired
-        data = sock.recv(MAX_HELLO + 5 * 8,
+        data = sock.recv(MAX_PEEK,
                          socket.MSG_PEEK | socket.MSG_DONTWAIT)
         try:
             return offered_identities(data)

@@ -14,6 +14,7 @@ there), not by tools/test: marked soak.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import re
 import signal
@@ -22,7 +23,9 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -38,6 +41,34 @@ RESET_PORT = 20494
 STALL_PORT = 20495
 NS_STALL_PORT = 20496
 PEER_OPTS = ",retry=0,soft,timeo=50,retrans=1,port=%d"
+# NVMe/TCP load: I/O queues connected at once per cycle (0: no NVMe).
+NVME_QUEUES = int(os.environ.get("TLSHD_FAULT_NVME_QUEUES", "16"))
+
+
+def _sibling(name: str) -> ModuleType:
+    """Another test module of this folder, for its helpers (pytest's
+    importlib mode gives test modules no importable names)."""
+    path = Path(__file__).with_name(name + ".py")
+    spec = importlib.util.spec_from_file_location("fm_" + name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def nvme_queue_split(queues: int) -> list[str]:
+    """Controllers whose I/O queues add up to ``queues``: the host caps
+    read and write queues at the online CPUs each, so on a small VM the
+    16 queues come from several controllers connecting at once."""
+    cpus = os.cpu_count() or 1
+    out = []
+    while queues > 0:
+        n = min(queues, 2 * cpus)
+        io = min(n, cpus)
+        out.append("nr_io_queues=%d" % io
+                   + (",nr_write_queues=%d" % (n - io) if n > io else ""))
+        queues -= n
+    return out
 
 
 class FakePeer:
@@ -172,8 +203,28 @@ def settled(lab: Any, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def test_fault_matrix_under_load(netns_lab, trace):
+@pytest.fixture
+def nvme_target() -> Iterator[ModuleType | None]:
+    """nvmet with a TLS port and a retained SHA-256 PSK in .nvme
+    (tests/kernel/test_nvme.py's helpers), or None without NVMe load."""
+    if not NVME_QUEUES:
+        yield None
+        return
+    nvme = _sibling("test_nvme")
+    target = nvme.Target()
+    psks = nvme.PskKeys()
+    try:
+        target.setup()
+        psks.add(nvme.identity("01"), os.urandom(32))
+        yield nvme
+    finally:
+        target.teardown()
+        psks.remove()
+
+
+def test_fault_matrix_under_load(netns_lab, trace, nvme_target):
     lab = netns_lab
+    nvme = nvme_target
     # Room for every event of the run (default: 1.4 MiB per CPU).
     Path("/sys/kernel/tracing/buffer_size_kb").write_text("16384")
     trace.clear()
@@ -262,6 +313,38 @@ def test_fault_matrix_under_load(netns_lab, trace):
                 subprocess.run(["ip", "netns", "del", name],
                                capture_output=True, check=False)
 
+    def nvme_load() -> None:
+        """Connect NVME_QUEUES I/O queues at once (TLS 1.3 PSK from
+        .nvme, a handshake per queue at both ends), move a block on the
+        first controller, disconnect; again."""
+        split = nvme_queue_split(NVME_QUEUES)
+        while not stop.is_set():
+            conns: list[Any] = [None] * len(split)
+
+            def one(i: int, opt: str) -> None:
+                conns[i] = nvme.connect_with(
+                    opt + (",duplicate_connect" if len(split) > 1 else ""))
+
+            ts = [threading.Thread(target=one, args=(i, opt))
+                  for i, opt in enumerate(split)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            ok = [c.instance for c in conns if c is not None and c.ok]
+            count("nvme connects ok" if len(ok) == len(split)
+                  else "nvme connects failed")
+            count("nvme controllers ok %d" % len(ok))
+            try:
+                if ok:
+                    nvme.write_read_back(nvme.block_device(ok[0]))
+                    count("nvme block read back")
+            except (AssertionError, OSError):
+                count("nvme block failed")
+            finally:
+                for inst in ok:
+                    nvme.disconnect(inst)
+
     def signals() -> None:
         i = 0
         # Gentle enough for a loaded 2-vCPU TCG guest, where a worker
@@ -280,6 +363,8 @@ def test_fault_matrix_under_load(netns_lab, trace):
                for i in range(PARALLEL)]
     threads += [threading.Thread(target=f)
                 for f in (resets, stalls, namespaces, signals)]
+    if NVME_QUEUES:
+        threads.append(threading.Thread(target=nvme_load))
     start = time.monotonic()
     for t in threads:
         t.start()

@@ -251,9 +251,13 @@ def queue_options(n: int) -> str:
 
 
 def connect(queues: int, extra: str = "") -> Connect:
+    return connect_with(queue_options(queues) + extra)
+
+
+def connect_with(options: str) -> Connect:
+    """Connect to the target with the TLS option and ``options``."""
     opts = (f"transport=tcp,traddr=127.0.0.1,trsvcid={PORT},nqn={SUBNQN},"
-            f"hostnqn={HOSTNQN},hostid={HOSTID},{queue_options(queues)},"
-            f"tls{extra}")
+            f"hostnqn={HOSTNQN},hostid={HOSTID},tls,{options}")
     start = time.monotonic()
     fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
     try:

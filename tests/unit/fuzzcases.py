@@ -40,7 +40,7 @@ from tlshd.shared import config, protocol, uapi
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import ConfigError, ProtocolError
 from tlshd.supervisor import upcall
-from tlshd.worker import tlscreds, verify
+from tlshd.worker import psk, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
 Input = tuple[bytes, ...]
@@ -620,7 +620,113 @@ def check_pem(inp: Input, out: object) -> None:
 PEM = Target("pem", _pem_seeds, run_pem, CredentialError, check_pem,
              max_len=16 * 1024)
 
-TARGETS = {t.name: t for t in (ACCEPT, PROTOCOL, CONFIG, DER, PEM)}
+# ---- the ClientHello a PSK server peeks at (worker/psk.py) -------------
+#
+# Peer data, read before OpenSSL sees it: the worker takes the offered
+# PSK identities from the raw ClientHello records to ask the supervisor
+# for the keys.  Contract: a list of identities, HelloIncomplete (wait
+# for more bytes: only if more can still come within one peek) or
+# ValueError.
+
+INCOMPLETE = "incomplete"
+
+
+def _vec(width: int, body: bytes) -> bytes:
+    return len(body).to_bytes(width, "big") + body
+
+
+def _ext(etype: int, body: bytes) -> bytes:
+    return etype.to_bytes(2, "big") + _vec(2, body)
+
+
+def hello_records(identities: Sequence[bytes], rng: random.Random,
+                  fragment: int = psk.MAX_RECORD,
+                  extra: Sequence[bytes] = ()) -> bytes:
+    """A TLS 1.3 ClientHello offering ``identities`` as PSKs (the
+    pre_shared_key extension last, as RFC 8446 requires), in handshake
+    records of at most ``fragment`` bytes."""
+    exts = b"".join(extra) + _ext(43, _vec(1, b"\x03\x04"))
+    exts += _ext(51, _vec(2, b"\x00\x1d" + _vec(2, rng.randbytes(32))))
+    if identities:
+        exts += _ext(45, _vec(1, b"\x01"))
+        ids = b"".join(_vec(2, i) + rng.randbytes(4) for i in identities)
+        binders = b"".join(_vec(1, rng.randbytes(32)) for _ in identities)
+        exts += _ext(psk.EXT_PRE_SHARED_KEY, _vec(2, ids) + _vec(2, binders))
+    body = (b"\x03\x03" + rng.randbytes(32) + _vec(1, rng.randbytes(32))
+            + _vec(2, b"\x13\x01\x13\x02") + _vec(1, b"\x00")
+            + _vec(2, exts))
+    msg = bytes([psk.HS_CLIENT_HELLO]) + _vec(3, body)
+    out = b""
+    for i in range(0, len(msg), fragment):
+        out += b"\x16\x03\x01" + _vec(2, msg[i : i + fragment])
+    return out
+
+
+def _openssl_hello() -> bytes:
+    """A real ClientHello from the wheel's OpenSSL (default groups, so a
+    post-quantum key share), taken from a memory BIO."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    conn = SSL.Connection(ctx, None)
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+    except SSL.WantReadError:
+        pass
+    return conn.bio_read(1 << 16)
+
+
+def _hello_seeds() -> list[Input]:
+    rng = random.Random(9)
+    nvme = b"NVMe1R01 hostnqn.2014-08.org.nvmexpress:uuid:%d subnqn %s"
+    seeds: list[Input] = [(_openssl_hello(),)]
+    for n in (1, 1, 2, 3, 8):
+        ids = [nvme % (i, rng.randbytes(8).hex().encode()) for i in range(n)]
+        seeds.append((hello_records(ids, rng),))
+    seeds.append((hello_records([b"x" * 300], rng, fragment=100),))
+    seeds.append((hello_records([b"a"], rng, fragment=7),))
+    seeds.append((hello_records([nvme % (0, b"s")], rng,
+                                extra=[_ext(0, rng.randbytes(40))]),))
+    seeds.append((hello_records([], rng),))
+    return seeds
+
+
+def _hello_fixup(inp: Input) -> Input:
+    """Make the first record's length cover the rest of the input."""
+    data = bytearray(inp[0])
+    if 5 <= len(data) <= 5 + psk.MAX_RECORD:
+        struct.pack_into("!H", data, 3, len(data) - 5)
+    if len(data) >= 9:
+        data[6:9] = (len(data) - 9).to_bytes(3, "big")
+    return (bytes(data),)
+
+
+def run_hello(inp: Input) -> object:
+    try:
+        return psk.offered_identities(inp[0])
+    except psk.HelloIncomplete as e:
+        return (INCOMPLETE, e.needed)
+
+
+def check_hello(inp: Input, out: object) -> None:
+    if isinstance(out, tuple):
+        needed = out[1]
+        # More must be possible, and must fit in one peek, or the
+        # server would wait for bytes it can never see.
+        _require(len(inp[0]) < needed <= psk.MAX_PEEK,
+                 "incomplete needs %d of %d" % (needed, len(inp[0])))
+        return
+    assert isinstance(out, list)
+    _require(sum(len(i) + 6 for i in out) <= len(inp[0]),
+             "identities larger than the hello")
+    _require(all(isinstance(i, bytes) and len(i) <= 0xFFFF for i in out),
+             "bad identity")
+
+
+HELLO = Target("hello", _hello_seeds, run_hello, ValueError, check_hello,
+               _hello_fixup, max_len=psk.MAX_PEEK + 16)
+
+TARGETS = {t.name: t for t in (ACCEPT, PROTOCOL, CONFIG, DER, PEM, HELLO)}
 
 
 def classify(target: Target, inp: Input) -> tuple[str, str]:

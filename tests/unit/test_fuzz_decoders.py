@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from tlshd.shared import protocol
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import PeerGone, ProtocolError
-from tlshd.worker import tlscreds, verify
+from tlshd.worker import psk, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
 FUZZ = settings(max_examples=400, derandomize=True, database=None,
@@ -103,6 +103,37 @@ def test_der_credential_mutants(inp):
 @given(mutants(fc.PEM))
 def test_pem_credential_mutants(inp):
     assert_contract(fc.PEM, inp)
+
+
+@FUZZ
+@given(mutants(fc.HELLO))
+def test_client_hello_mutants(inp):
+    assert_contract(fc.HELLO, inp)
+
+
+@FUZZ
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=10),
+       st.integers(1, 16384), st.randoms(use_true_random=False))
+def test_client_hello_identities_round_trip(ids, fragment, rng):
+    """Any identities, in records of any size: read back exactly, and a
+    prefix of the records is incomplete, never an error."""
+    data = fc.hello_records(ids, rng, fragment=fragment)
+    if len(data) > psk.MAX_PEEK:
+        return
+    assert psk.offered_identities(data) == ids
+    cut = rng.randrange(len(data))
+    with pytest.raises(psk.HelloIncomplete) as more:
+        psk.offered_identities(data[:cut])
+    assert cut < more.value.needed <= len(data)
+
+
+def test_client_hello_in_tiny_records_is_refused():
+    """A hello spread over records too small to fit one peek is refused
+    at once, instead of waiting for the handshake deadline."""
+    import random
+    data = fc.hello_records([b"x" * 12000], random.Random(1), fragment=1)
+    with pytest.raises(ValueError, match="too many records"):
+        psk.offered_identities(data)
 
 
 # ---- structure built by hypothesis -------------------------------------

@@ -100,6 +100,31 @@ def test_default_deadline_by_role(sup, listener):
     run_until(s, lambda: len(nl.dones) == 3)
 
 
+def test_exec_worker_with_high_channel_fd(tmp_path, listener):
+    """A supervisor serving many namespaces holds many fds, so an exec'd
+    worker inherits its channel at a high number: above the sandbox's
+    fd limit (96) unless the worker moves it down.  It must still start
+    and serve."""
+    spare = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+             for _ in range(150)]
+    try:
+        gen = serving(tmp_path)
+        s, nl, ns = next(gen)
+        try:
+            run_until(s, lambda: ready(ns))
+            assert ns.worker.channel.fileno() > 96
+            fd, peer = connected_fd(listener)
+            peer.close()
+            nl.submit(fd)
+            run_until(s, lambda: nl.dones)
+            assert nl.dones[0][0] == fd
+        finally:
+            next(gen, None)
+    finally:
+        for f in spare:
+            os.close(f)
+
+
 def test_worker_killed_mid_handshake(sup, listener):
     s, nl, ns = sup
     run_until(s, lambda: ready(ns))
