@@ -6,9 +6,10 @@ once: certificates, nfsd (exportfs/rpc.mountd from the trixie chroot),
 the nvmet target with a retained PSK, the worker user, tracing and two
 cgroups.  Then, for R rounds, each implementation is started, warmed up
 (one untimed tls mount, mtls mount and NVMe connect: the first handshake
-after a start is slow) and runs every scenario; the order alternates
-ABBA (ours, reference / reference, ours / ...) so that slow drift of the
-host hits both alike.  An NFS loop without TLS runs once per round.
+after a start is slow) and runs every scenario; the order rotates
+(ours, reference / reference, ours / ...; with three: ABC, BCA, CAB) so
+that slow drift of the host and the position in a round hit all alike.
+An NFS loop without TLS runs once per round.
 
 Latencies come from the kernel, not from our clock: the handshake:*
 tracepoints, paired by ``req=`` (submit -> complete: what the consumer
@@ -682,9 +683,9 @@ def timed_loop(sc: Scenario, impl: str, rnd: int,
         s.system_usec = cpu1["system_usec"] - cpu0["system_usec"]
     if daemon and daemon.impl in OURS_VARIANTS:
         text = daemon.log_since(log0, limit=None)
-        s.described = len(re.findall(r"Session description: ", text))
-        s.reused = len(re.findall(r"Session description: .*"
-                                  r"\(session reuse PSK\)", text))
+        # The info line every handshake end logs, at any loglevel.
+        s.described = len(re.findall(r"\) succeeded", text))
+        s.reused = len(re.findall(r"\) succeeded \(session reuse\)", text))
     reqs = read_trace()
     per_cycle: list[list[Req]] = [[] for _ in windows]
     for r in reqs:
@@ -894,7 +895,12 @@ def main() -> int:
     nfs_cycle(None)
     crypto_rounds: list[dict[str, float]] = []
     for rnd in range(1, a.rounds + 1):
-        order = impls if rnd % 2 else list(reversed(impls))
+        # Rotate (ABC, BCA, CAB, ...): every implementation takes every
+        # position equally often over len(impls) rounds; with two this
+        # is AB, BA.  (Alternating ABC, CBA kept B in the middle always,
+        # and the middle position was measurably favoured.)
+        k = (rnd - 1) % len(impls)
+        order = impls[k:] + impls[:k]
         # The crypto floor once per round: a single measurement at the
         # end drifted with the host's load (a loaded host inflates the
         # guest's CPU accounting, for the floor as for the daemons).

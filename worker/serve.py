@@ -181,6 +181,7 @@ def handle(engine: Engine, job: Job,
     remote_auth: tuple[int, ...] = ()
     reason = ""
     session_id = 0
+    reused = False
     try:
         result = run_handshake(engine, job.request, sock, lookups,
                                job.req_id)
@@ -205,6 +206,7 @@ def handle(engine: Engine, job: Job,
                 session_id = sessions.add(Secrets(
                     result.cipher, result.tx.secret, result.rx.secret))
             if status == 0:
+                reused = result.resumed
                 # Debug, as ktls-utils logs them (loglevel >= 1): at
                 # loglevel 0 each would be one more channel message and
                 # supervisor log write per handshake (docs/benchmarks.md).
@@ -221,7 +223,8 @@ def handle(engine: Engine, job: Job,
     finally:
         sock.close()
     log.info("Handshake with '%s' (%s) %s", name, peer,
-             "succeeded" if status == 0 else
+             ("succeeded (session reuse)" if reused else "succeeded")
+             if status == 0 else
              "failed: %s" % errno.errorcode.get(status, str(status)))
     return protocol.HandshakeAnswer(
         status=status, remote_auth=remote_auth,
