@@ -331,6 +331,11 @@ class HandshakeTrace:
     """The kernel's own record of each request: handshake:* tracepoints."""
 
     def __init__(self) -> None:
+        # One clock for every CPU: the default ("local") is per CPU, and
+        # merging CPUs' events by it can put a request's events out of
+        # order (a reused request address then looks like a new request
+        # before the old one's last event).
+        (TRACING / "trace_clock").write_text("mono")
         (TRACING / "events/handshake/enable").write_text("1")
         self.clear()
 

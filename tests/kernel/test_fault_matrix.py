@@ -21,6 +21,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def _sibling(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("fm_" + name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -160,6 +162,7 @@ class Lifetime:
     def __init__(self) -> None:
         self.events: collections.Counter[str] = collections.Counter()
         self.status: int | None = None
+        self.raw: list[str] = []  # for the failure message
 
 
 def lifetimes(events: list[Any]) -> list[Lifetime]:
@@ -185,6 +188,8 @@ def lifetimes(events: list[Any]) -> list[Lifetime]:
         if life is None:
             continue
         life.events[ev.event] += 1
+        life.raw.append("%.6f %s-%d %s req=%s sk=%s %s" % (
+            ev.stamp, ev.comm, ev.pid, ev.event, ev.req, ev.sk, ev.status))
         if ev.event == "handshake_complete":
             life.status = ev.status
     return out
@@ -403,13 +408,13 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target):
     assert counts["worker SIGKILL"] > 0 and counts["SIGHUP"] > 0
     assert counts["netns deleted in flight"] > 0
     assert counts["peer resets"] > 0 and counts["stall mount"] > 0
-    assert not lost, [dict(life.events) for life in lost[:5]]
+    assert not lost, [life.raw for life in lost[:5]]
     # A stalled peer may outlast the consumer's own wait (the lab's
     # configuration keeps the 15 s default deadline): those, and only as
     # many, may end by the consumer's cancel.
     stalled = counts["stall mount"] + counts["netns deleted in flight"]
     assert len(cancelled) <= stalled, (len(cancelled), dict(counts))
-    assert not bad_done, [dict(life.events) for life in bad_done[:5]]
+    assert not bad_done, [life.raw for life in bad_done[:5]]
     assert "Traceback" not in log, log[-3000:]
     assert fd1 == fd0
     assert rss1 - rss0 < 4096
