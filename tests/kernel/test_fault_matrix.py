@@ -165,28 +165,51 @@ class Lifetime:
         self.raw: list[str] = []  # for the failure message
 
 
-def lifetimes(events: list[Any]) -> list[Lifetime]:
-    """Split the trace into request lifetimes: the kernel reuses request
-    addresses, so a submit starts a new one.
+FINISHED = ("handshake_complete", "handshake_destruct")
 
-    A DONE for a request the consumer has already cancelled finds no
-    request: the kernel traces it as handshake_cmd_done_err with a NULL
-    req (EBUSY), so events whose req is no live request are given to the
-    newest lifetime of the same socket (sk)."""
+
+def lifetimes(events: list[Any]) -> list[Lifetime]:
+    """Split the trace into request lifetimes.
+
+    Three kernel details shape this:
+
+    * the kernel reuses request addresses, so ``req=`` alone does not
+      name a request: a submit starts a new lifetime;
+    * handshake_req_submit traces the submit only after it has queued the
+      request and multicast READY, so the agent's ACCEPT can be traced a
+      few microseconds *before* the submit: an accept (or DONE) for an
+      address whose lifetime has finished starts the next lifetime, which
+      the submit then joins;
+    * a DONE for a request the consumer has already cancelled finds no
+      request: it is traced as handshake_cmd_done_err with a NULL req, so
+      such an event is given to the newest lifetime of its socket (sk).
+    """
     current: dict[str, Lifetime] = {}
     by_sock: dict[str, Lifetime] = {}
     out = []
+
+    def start(req: str) -> Lifetime:
+        life = Lifetime()
+        current[req] = life
+        out.append(life)
+        return life
+
     for ev in events:
-        if ev.event == "handshake_submit":
-            current[ev.req] = Lifetime()
-            out.append(current[ev.req])
-            if ev.sk:
-                by_sock[ev.sk] = current[ev.req]
         life = current.get(ev.req)
-        if life is None and ev.sk:
+        finished = life is not None and any(life.events[e] for e in FINISHED)
+        if ev.event == "handshake_submit":
+            if life is None or life.events["handshake_submit"] or finished:
+                life = start(ev.req)
+        elif ev.event in ("handshake_cmd_accept", "handshake_cmd_done"):
+            if life is None or finished:
+                life = start(ev.req)
+        elif ev.event == "handshake_cmd_done_err" and (life is None
+                                                       or finished):
             life = by_sock.get(ev.sk)
         if life is None:
             continue
+        if ev.sk:
+            by_sock[ev.sk] = life
         life.events[ev.event] += 1
         life.raw.append("%.6f %s-%d %s req=%s sk=%s %s" % (
             ev.stamp, ev.comm, ev.pid, ev.event, ev.req, ev.sk, ev.status))
