@@ -14,6 +14,7 @@ the supervisor then holds this namespace until it is told to reload.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import socket
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CredentialError) as e:
         log.error("%s", e)
         return os.EX_CONFIG
+    # The engine, its contexts and credentials live as long as this
+    # worker: freeze them (and the imports) so that the collections the
+    # handshakes' garbage triggers do not walk them again each time.
+    gc.collect()
+    gc.freeze()
     try:
         server.send(hello)
         server.serve()

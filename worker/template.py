@@ -20,6 +20,7 @@ must still enter its namespace and read its credentials.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -109,6 +110,11 @@ def main() -> int:
     p.add_argument("--channel-fd", type=int, required=True)
     args = p.parse_args()
     setproctitle.setproctitle("tlshd: worker template")
+    # Everything imported so far lives as long as any worker: move it out
+    # of the collector's reach, so that no worker's full collection walks
+    # (or copy-on-write dirties) the imported TLS stack.
+    gc.collect()
+    gc.freeze()
     return serve(Channel(socket.socket(fileno=args.channel_fd)))
 
 
