@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -737,14 +737,20 @@ def rss_kib(pid: int) -> int:
     return int(proc_status(pid)["VmRSS"].split()[0])
 
 
-class SilentRpcTlsPeer:
+class RpcTlsPeer:
     """An NFS "server" that answers RPC with STARTTLS (RFC 9289), reads
-    the ClientHello and then never answers: a handshake that hangs."""
+    the ClientHello and then misbehaves, by ``mode``: "hold" never
+    answers (a handshake that hangs), "close" closes the connection,
+    "reset" resets it (SO_LINGER 0).  ``hellos`` counts ClientHellos."""
 
-    def __init__(self, port: int) -> None:
+    MODES = ("hold", "close", "reset")
+
+    def __init__(self, port: int, mode: str = "hold") -> None:
         import socket
         import threading
 
+        assert mode in self.MODES, mode
+        self.mode = mode
         self.sock = socket.create_server(("127.0.0.1", port),
                                          reuse_port=True)
         self.sock.settimeout(0.2)
@@ -778,7 +784,13 @@ class SilentRpcTlsPeer:
                 if head[0] == 0x16:  # TLS handshake record
                     conn.recv(16384)
                     self.hellos += 1
-                    self.held.append(conn)
+                    if self.mode == "hold":
+                        self.held.append(conn)
+                        return
+                    if self.mode == "reset":
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                    conn.close()
                     return
                 (marker,) = struct.unpack("!I", conn.recv(4))
                 size = marker & 0x7FFFFFFF
@@ -799,11 +811,28 @@ class SilentRpcTlsPeer:
             conn.close()
 
     def close(self) -> None:
+        """Stop listening and drop the held connections; idempotent."""
         self.stop.set()
         self.thread.join()
         self.sock.close()
         for c in self.held:
             c.close()
+        self.held.clear()
+
+
+@pytest.fixture
+def rpc_tls_peer() -> Iterator[Callable[[int, str], RpcTlsPeer]]:
+    """Make RpcTlsPeer(port, mode)s in this namespace; all closed after
+    the test (closing one earlier is fine)."""
+    made: list[RpcTlsPeer] = []
+
+    def make(port: int, mode: str) -> RpcTlsPeer:
+        made.append(RpcTlsPeer(port, mode))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
 
 
 class NetnsLab:
@@ -932,10 +961,10 @@ class NetnsLab:
     def group_joined(self, name: str) -> bool:
         return tlshd_group_joined(name, self.group_id())
 
-    def silent_peer(self, ns: str, port: int) -> SilentRpcTlsPeer:
+    def silent_peer(self, ns: str, port: int) -> RpcTlsPeer:
         """A hanging NFS-over-TLS peer listening inside netns ``ns``."""
         with in_netns(ns):
-            return SilentRpcTlsPeer(port)
+            return RpcTlsPeer(port, "hold")
 
     @staticmethod
     def drop_caches() -> None:

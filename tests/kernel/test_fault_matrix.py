@@ -18,8 +18,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -69,70 +67,6 @@ def nvme_queue_split(queues: int) -> list[str]:
                    + (",nr_write_queues=%d" % (n - io) if n > io else ""))
         queues -= n
     return out
-
-
-class FakePeer:
-    """Answers RPC with STARTTLS (RFC 9289) and reads the ClientHello;
-    then resets the connection (SO_LINGER 0) or holds it, silent."""
-
-    def __init__(self, port: int, reset: bool) -> None:
-        self.reset = reset
-        self.held: list[socket.socket] = []
-        self.sock = socket.create_server(("127.0.0.1", port),
-                                         reuse_port=True)
-        self.sock.settimeout(0.2)
-        self.hellos = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._talk, args=(conn,),
-                             daemon=True).start()
-
-    def _talk(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        try:
-            while True:
-                head = conn.recv(4, socket.MSG_PEEK)
-                if not head:
-                    return
-                if head[0] == 0x16:
-                    conn.recv(16384)
-                    self.hellos += 1
-                    if not self.reset:
-                        self.held.append(conn)
-                        return
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    struct.pack("ii", 1, 0))
-                    break
-                (marker,) = struct.unpack("!I", conn.recv(4))
-                call = b""
-                while len(call) < marker & 0x7FFFFFFF:
-                    chunk = conn.recv((marker & 0x7FFFFFFF) - len(call))
-                    if not chunk:
-                        return
-                    call += chunk
-                body = (call[:4] + struct.pack("!III", 1, 0, 0)
-                        + struct.pack("!I", 8) + b"STARTTLS"
-                        + struct.pack("!I", 0))
-                conn.sendall(struct.pack("!I", 0x80000000 | len(body))
-                             + body)
-        except OSError:
-            pass
-        conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def mount(target: str, opts: str, source: str = "127.0.0.1:/",
@@ -248,7 +182,8 @@ def nvme_target() -> Iterator[ModuleType | None]:
         psks.remove()
 
 
-def test_fault_matrix_under_load(netns_lab, trace, nvme_target):
+def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
+                                 rpc_tls_peer):
     lab = netns_lab
     nvme = nvme_target
     # Room for every event of the run (default: 1.4 MiB per CPU).
@@ -285,26 +220,19 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target):
                     count("load write failed")
                 umount(target)
 
-    def resets() -> None:
-        peer = FakePeer(RESET_PORT, reset=True)
+    def peer_mounts(port: int, mode: str, target: str, timeout: int,
+                    mounts_key: str, hellos_key: str) -> None:
+        """Mount from a misbehaving peer (conftest's RpcTlsPeer) until
+        stopped; count the mounts and the ClientHellos it saw."""
+        peer = rpc_tls_peer(port, mode)
         try:
             while not stop.is_set():
-                mount("/mnt/fm-reset", "xprtsec=tls" + PEER_OPTS % RESET_PORT,
-                      timeout=20)
-                count("reset mount")
+                mount(target, "xprtsec=tls" + PEER_OPTS % port,
+                      timeout=timeout)
+                count(mounts_key)
         finally:
             peer.close()
-            counts["peer resets"] = peer.hellos
-
-    def stalls() -> None:
-        peer = FakePeer(STALL_PORT, reset=False)
-        try:
-            while not stop.is_set():
-                mount("/mnt/fm-stall", "xprtsec=tls" + PEER_OPTS % STALL_PORT,
-                      timeout=30)
-                count("stall mount")
-        finally:
-            peer.close()
+            counts[hellos_key] = peer.hellos
 
     def namespaces() -> None:
         n = 0
@@ -387,8 +315,15 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target):
 
     threads = [threading.Thread(target=load, args=(i,))
                for i in range(PARALLEL)]
-    threads += [threading.Thread(target=f)
-                for f in (resets, stalls, namespaces, signals)]
+    threads += [
+        threading.Thread(target=peer_mounts, args=(
+            RESET_PORT, "reset", "/mnt/fm-reset", 20, "reset mount",
+            "peer resets")),
+        threading.Thread(target=peer_mounts, args=(
+            STALL_PORT, "hold", "/mnt/fm-stall", 30, "stall mount",
+            "stall hellos")),
+    ]
+    threads += [threading.Thread(target=f) for f in (namespaces, signals)]
     if NVME_QUEUES:
         threads.append(threading.Thread(target=nvme_load))
     start = time.monotonic()

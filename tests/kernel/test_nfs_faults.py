@@ -1,16 +1,14 @@
 """Hostile or broken NFS peers: the kernel client's handshake must end
 promptly with the right status, and tlshd must serve the next mount.
 
-The fake server speaks just enough ONC RPC to answer the client's AUTH_TLS
-probe with STARTTLS (RFC 9289), then misbehaves during the TLS handshake.
+The fake server (conftest's RpcTlsPeer) speaks just enough ONC RPC to
+answer the client's AUTH_TLS probe with STARTTLS (RFC 9289), then
+misbehaves during the TLS handshake.
 """
 
 from __future__ import annotations
 
 import errno
-import socket
-import struct
-import threading
 import time
 
 import pytest
@@ -22,83 +20,21 @@ pytestmark = pytest.mark.kernel
 FAKE_PORT = 20490
 
 
-class FakeRpcTlsServer:
-    """Answer every RPC call with STARTTLS; then close or go silent."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.sock = socket.create_server(("127.0.0.1", FAKE_PORT),
-                                         reuse_port=True)
-        self.sock.settimeout(0.5)
-        self.stop = threading.Event()
-        self.client_hellos = 0
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._talk, args=(conn,),
-                             daemon=True).start()
-
-    def _talk(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        try:
-            while True:
-                head = conn.recv(4, socket.MSG_PEEK)
-                if not head:
-                    return
-                if head[0] == 0x16:  # a TLS record: the ClientHello
-                    conn.recv(16384)
-                    self.client_hellos += 1
-                    if self.mode == "close":
-                        conn.close()
-                    else:
-                        self.held.append(conn)  # silent, never answers
-                    return
-                self._answer_rpc(conn)
-        except OSError:
-            conn.close()
-
-    @staticmethod
-    def _answer_rpc(conn: socket.socket) -> None:
-        (marker,) = struct.unpack("!I", conn.recv(4))
-        call = b""
-        while len(call) < marker & 0x7FFFFFFF:
-            call += conn.recv((marker & 0x7FFFFFFF) - len(call))
-        xid = call[:4]
-        # REPLY, MSG_ACCEPTED, verifier AUTH_NONE "STARTTLS", SUCCESS.
-        body = (xid + struct.pack("!III", 1, 0, 0) + struct.pack("!I", 8)
-                + b"STARTTLS" + struct.pack("!I", 0))
-        conn.sendall(struct.pack("!I", 0x80000000 | len(body)) + body)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
-        for c in self.held:
-            c.close()
-
-
 def fake_mount(nfs, timeout):
     return nfs.mount("", "tls", timeout=timeout,
                      extra=",port=%d,retry=0,soft,timeo=50,retrans=1"
                      % FAKE_PORT)
 
 
-def test_peer_closes_mid_handshake(pki, tlshd, trace, nfs):
+def test_peer_closes_mid_handshake(pki, tlshd, trace, nfs, rpc_tls_peer):
     tlshd.start(pki.config())
-    fake = FakeRpcTlsServer("close")
+    fake = rpc_tls_peer(FAKE_PORT, "close")
     try:
         r = fake_mount(nfs, timeout=15)
     finally:
         fake.close()
     assert not r.ok
-    assert fake.client_hellos >= 1, "the kernel never started TLS"
+    assert fake.hellos >= 1, "the kernel never started TLS"
     done = trace.completions()
     assert done, "no handshake completed"
     first = done[0]
@@ -112,9 +48,10 @@ def test_peer_closes_mid_handshake(pki, tlshd, trace, nfs):
     nfs.write_and_read_back()
 
 
-def test_silent_peer_times_out_at_our_deadline(pki, tlshd, trace, nfs):
+def test_silent_peer_times_out_at_our_deadline(pki, tlshd, trace, nfs,
+                                              rpc_tls_peer):
     tlshd.start(pki.config(timeout=3))
-    fake = FakeRpcTlsServer("silent")
+    fake = rpc_tls_peer(FAKE_PORT, "hold")
     try:
         start = time.monotonic()
         r = fake_mount(nfs, timeout=12)
@@ -122,7 +59,7 @@ def test_silent_peer_times_out_at_our_deadline(pki, tlshd, trace, nfs):
     finally:
         fake.close()
     assert not r.ok
-    assert fake.client_hellos >= 1
+    assert fake.hellos >= 1
     done = trace.completions()
     assert done, "no handshake completed"
     first = done[0]
@@ -152,14 +89,14 @@ def test_client_certificate_missing_for_mtls(pki, tlshd, trace, nfs):
 
 
 def test_our_default_deadline_is_under_the_nfs_clients(pki, tlshd, trace,
-                                                       nfs):
+                                                       nfs, rpc_tls_peer):
     """Measure how long the kernel's NFS client waits for a handshake
     before it cancels (sunrpc's XS_TLS_HANDSHAKE_TO; the request carries
     no TIMEOUT), and check that our default deadline for such requests
     answers first: a stalled peer must end by our DONE(ETIMEDOUT), not by
     the consumer giving up on us."""
     tlshd.start(pki.config(timeout=60))
-    fake = FakeRpcTlsServer("silent")
+    fake = rpc_tls_peer(FAKE_PORT, "hold")
     try:
         fake_mount(nfs, timeout=50)
     finally:
