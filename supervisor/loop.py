@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 
 from tlshd.shared import config, protocol, tlsstat, uapi
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
-from tlshd.supervisor import control, genl, keymaterial, netns, upcall
+from tlshd.supervisor import (
+    control,
+    genl,
+    keymaterial,
+    netns,
+    sdnotify,
+    upcall,
+)
 from tlshd.supervisor.backoff import Backoff
 from tlshd.supervisor.workers import Template, Worker, spawn_worker
 
@@ -120,6 +127,8 @@ class Supervisor:
         self.template: Template | None = None
         # Template spawn requests awaiting an answer: (namespace, successor)
         self.spawning: dict[int, tuple[Namespace, bool]] = {}
+        # systemd's notify socket (Type=notify), set by main once listening
+        self.notify_address: str | bytes | None = None
         # Workers keep each session's secrets for re-keying only when the
         # kernel can ask for it (re-key upcall) and kTLS can do it.
         self.keep_secrets = (family.rekey_upcall
@@ -385,6 +394,7 @@ class Supervisor:
             return
         log.info("Shutting down; %d handshake(s) in flight",
                  len(self.inflight))
+        sdnotify.notify(self.notify_address, "STOPPING=1")
         self.stopping = time.monotonic() + STOP_GRACE
         for ns in self.namespaces:
             # Leave the group first: new consumers fail at once with ESRCH

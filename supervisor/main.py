@@ -15,7 +15,7 @@ import setproctitle
 from tlshd.shared import config, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import control, genl, keyrings, ktlswarm
+from tlshd.supervisor import control, genl, keyrings, ktlswarm, sdnotify
 from tlshd.supervisor.loop import Supervisor
 
 log = logging.getLogger("tlshd")
@@ -112,6 +112,8 @@ def check_config(cfg: config.Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Before anything forks: no worker inherits systemd's notify socket.
+    notify_address = sdnotify.take_address()
     setproctitle.setproctitle("tlshd: supervisor")
     tlshd_log.setup(args.stderr, debug=False)
     path = config.find_config(args.config)
@@ -145,4 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     supervisor.use_template()
     supervisor.serve_control(args.control_socket)
     supervisor.serve_namespaces()
+    # Listening in the initial namespace now: consumers ordered after
+    # tlshd.service may start (their requests wait for the worker).
+    supervisor.notify_address = notify_address
+    sdnotify.notify(notify_address, "READY=1")
     return supervisor.run()

@@ -34,6 +34,9 @@ def test_mount_write_read(pki, tlshd, trace, nfs, mode):
     # The client's and nfsd's sockets both run kTLS in both directions.
     assert stat["TlsCurrTxSw"] - before["TlsCurrTxSw"] >= 2
     assert stat["TlsCurrRxSw"] - before["TlsCurrRxSw"] >= 2
+    print("%s: /proc/net/tls_stat %s" % (mode, {
+        k: "%d -> %d" % (before[k], v) for k, v in stat.items()
+        if k.startswith(("TlsCurr", "TlsTx", "TlsRx")) and v != before[k]}))
     assert "xprtsec=%s" % mode in open("/proc/mounts").read()
     nfs.umount()
     completed_ok(trace, 2)
@@ -60,6 +63,8 @@ def test_each_cipher_suite(pki, tlshd, trace, nfs, suite, name):
     descriptions = re.findall(r"Session description: (.*)", tlshd.since(mark))
     assert len(descriptions) >= 2
     assert all(suite in d or name in d for d in descriptions), descriptions
+    print("\n".join("%s: Session description: %s" % (suite, d)
+                    for d in descriptions))
 
 
 def test_mtls_export_refuses_client_without_certificate(

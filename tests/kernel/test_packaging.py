@@ -125,6 +125,17 @@ def test_version_and_usage(deb: Path) -> None:
     assert r.returncode == 69, r.stdout + r.stderr
 
 
+def test_ktls_utils_shipped_config_accepted(deb: Path) -> None:
+    # The file Debian's ktls-utils package installs (trixie chroot made by
+    # tools/setup), read in place, byte for byte.  The unit tests parse
+    # upstream's newer sample; this is the one administrators have on disk.
+    shipped = CACHE / "trixie-root/etc/tlshd.conf"
+    assert "This file is part of ktls-utils" in shipped.read_text()
+    r = sh("/usr/sbin/tlshd --check-config -c %s" % shipped, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == "%s: ok" % shipped, r.stdout
+
+
 def test_worker_user(deb: Path, tmp_path: Path) -> None:
     # postinst ran systemd-sysusers (a no-op if earlier tests of this
     # session already created the user with useradd).
@@ -247,6 +258,11 @@ def test_service_under_systemd(systemd: ServiceManager, pki: Any,
     wait_for(lambda: systemd.run("systemctl is-active tlshd.service",
                                  check=False).returncode == 0,
              TIMEOUT, "tlshd.service to become active")
+    # Type=notify: systemd calls it active only after READY=1, which the
+    # supervisor sends once it listens in the initial namespace.
+    assert systemd.run("systemctl show -p Type --value tlshd.service"
+                       ).stdout.strip() == "notify"
+    assert "netns init" in systemd.run("tlshdctl status").stdout
     wait_for(lambda: "ready" in systemd.run("tlshdctl status",
                                             check=False).stdout,
              TIMEOUT, "the worker of netns init")
