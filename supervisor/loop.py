@@ -41,6 +41,8 @@ KeyMaterial = tuple[bytes, bytes, tuple[protocol.PskMaterial, ...]]
 # The worker enforces each deadline itself and answers ETIMEDOUT; this much
 # later the supervisor stops waiting for a worker that is stuck.
 DEADLINE_GRACE = 1.0
+# A request's own TIMEOUT is shortened by this much (at most a tenth of it).
+TIMEOUT_MARGIN = 0.5
 # How long a stopping supervisor lets in-flight handshakes finish.
 STOP_GRACE = 5.0
 # After a change in /run/netns, look again this much later: "ip netns add"
@@ -644,7 +646,11 @@ class Supervisor:
     def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
         now = time.monotonic()
         if req.timeout_ms:
+            # The consumer (NVMe: 10 s) cancels at its TIMEOUT, counted from
+            # its submit, a little before our ACCEPT: answer a bit earlier,
+            # so that it hears our ETIMEDOUT rather than its own timer.
             timeout = req.timeout_ms / 1000.0
+            timeout -= min(TIMEOUT_MARGIN, timeout / 10)
         elif req.msg_type == uapi.MsgType.CLIENTHELLO:
             timeout = ns.cfg.client_handshake_timeout
         else:

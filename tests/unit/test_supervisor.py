@@ -78,7 +78,7 @@ def test_silent_peer_gets_etimedout_at_deadline(sup, listener):
 def test_default_deadline_by_role(sup, listener):
     """Without a TIMEOUT attribute: a client request (the NFS client,
     which cancels after 10 s) gets the client default, a server request
-    (nfsd, 20 s) the server default."""
+    (nfsd, 20 s) the server default; with one, a little less than it."""
     s, nl, ns = sup
     ns.cfg = dataclasses.replace(ns.cfg, handshake_timeout=15.0,
                                  client_handshake_timeout=8.0)
@@ -94,7 +94,9 @@ def test_default_deadline_by_role(sup, listener):
     left = {f.sockfd: f.deadline - start for f in s.inflight.values()}
     assert 7.0 < left[client_fd] <= 8.5, left
     assert 14.0 < left[server_fd] <= 15.5, left
-    assert 2.0 < left[nvme_fd] <= 3.5, left
+    # A TIMEOUT from the kernel, minus a margin (a tenth of it, at most
+    # 0.5 s) that makes our DONE arrive before the consumer cancels.
+    assert 2.0 < left[nvme_fd] <= 2.71, left
     for peer in (client_peer, server_peer, nvme_peer):
         peer.close()
     run_until(s, lambda: len(nl.dones) == 3)
