@@ -568,6 +568,16 @@ rpc.nfsd -N 3 4
 """
 
 
+NFS_DAEMONS = ("rpcbind", "rpc.mountd")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path("/proc/%d/comm" % pid).read_text().strip()
+    except OSError:
+        return ""
+
+
 class NetnsSite:
     """A named network namespace, optionally with an nfsd of its own.
 
@@ -639,7 +649,13 @@ class NetnsSite:
 
     def stop_nfs(self) -> None:
         if self.nfs_running:
-            pids = self.pids()
+            # Only the NFS daemons started here: tlshd's worker for this
+            # namespace is in it too, but in the initial mount namespace,
+            # whose /proc/fs/nfsd is the initial namespace's nfsd.  Entering
+            # the worker's namespaces to run "rpc.nfsd 0" stopped the
+            # initial nfsd (every later mount there hung), and the SIGTERM
+            # below killed the worker.
+            pids = [p for p in self.pids() if _comm(p) in NFS_DAEMONS]
             if pids:
                 # nfsd's own filesystem is mounted in the daemons' mount
                 # namespace: stop its threads from there.
@@ -1033,12 +1049,13 @@ def netns_lab(nfs_server: str) -> Iterator[NetnsLab]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the namespace suite last, the fault matrix (namespaces deleted
-    with handshakes in flight, workers killed) just before it.
+    with handshakes in flight, workers killed) just before it: whatever a
+    suite that kills and deletes leaves behind should show up there, not
+    as a failure of an unrelated suite.
 
-    After its later tests (namespaces added and deleted 50 times, a worker
-    killed mid-handshake) the initial namespace's nfsd no longer served
-    the next suite's mounts in one full run, while each suite passes on
-    its own; until that leak is found, nothing runs after it.
+    Such a leak there was: NetnsSite.stop_nfs ran "rpc.nfsd 0" in the
+    namespaces of a tlshd worker, which stopped the initial nfsd, and every
+    later NFS mount hung.  Fixed; the order stays as a guard.
     """
     items.sort(key=lambda item: ("test_netns.py" in item.nodeid,
                                  "test_fault_matrix.py" in item.nodeid))
