@@ -112,10 +112,11 @@ def check_config(cfg: config.Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Before anything forks: no worker inherits systemd's notify socket.
-    notify_address = sdnotify.take_address()
     setproctitle.setproctitle("tlshd: supervisor")
     tlshd_log.setup(args.stderr, debug=False)
+    # Before anything forks (no worker inherits systemd's notify socket),
+    # after logging is set up (a bad address is warned about there).
+    notify_address = sdnotify.take_address()
     path = config.find_config(args.config)
     try:
         cfg = config.load(path)
