@@ -23,6 +23,12 @@ Namespaces (top-level file only; see tlshd.conf(5)):
       namespaces are not served.
   [netns] unnamed = configuration file for namespaces that have no name
       (found through /proc/*/ns/net); unset: they are not served.
+  [netns] unnamed_userns = true|false (default false): also serve unnamed
+      namespaces owned by a user namespace other than the initial one
+      (rootless and user-namespaced containers, whose root holds
+      CAP_NET_ADMIN over them and can send to tlshd's netlink socket).
+  [netns] max_namespaces = how many namespaces one supervisor serves at
+      most, the initial one included (default 1024).
   [sandbox] user = the unprivileged user workers run as (default tlshd).
 
 Parsing only: nothing here opens a certificate or a key.  The worker that
@@ -55,6 +61,8 @@ DEFAULT_SESSION_LIFETIME = 3600.0
 MAX_SESSION_LIFETIME = 7 * 24 * 3600.0  # RFC 8446 4.6.1's ticket limit
 DEFAULT_SESSION_CACHE_SIZE = 256
 MAX_SESSION_CACHE_SIZE = 65536
+DEFAULT_MAX_NAMESPACES = 1024
+MAX_MAX_NAMESPACES = 65536
 
 _ROLE_KEYS = {
     "x509.truststore": "truststore",
@@ -97,6 +105,8 @@ class Config:
     server: RoleConfig = RoleConfig()
     netns_default: str | None = None
     netns_unnamed: str | None = None
+    netns_unnamed_userns: bool = False
+    netns_max: int = DEFAULT_MAX_NAMESPACES
     worker_user: str = "tlshd"
 
     def netns_config(self, name: str) -> str | None:
@@ -208,12 +218,21 @@ def parse(text: str, path: str = "<string>") -> Config:
                           % (path, MAX_SESSION_CACHE_SIZE))
     for key, _ in (parser.items("netns") if parser.has_section("netns")
                    else []):
-        if key not in ("default", "unnamed"):
+        if key not in ("default", "unnamed", "unnamed_userns",
+                       "max_namespaces"):
             log.warning("%s: unknown key [netns] %s ignored", path, key)
+    netns_max = _int(parser, "netns", "max_namespaces",
+                     DEFAULT_MAX_NAMESPACES)
+    if not 1 <= netns_max <= MAX_MAX_NAMESPACES:
+        raise ConfigError("%s: max_namespaces out of range (1 to %d)"
+                          % (path, MAX_MAX_NAMESPACES))
     return Config(
         path=path,
         netns_default=parser.get("netns", "default", fallback="") or None,
         netns_unnamed=parser.get("netns", "unnamed", fallback="") or None,
+        netns_unnamed_userns=_bool(parser, "netns", "unnamed_userns",
+                                   False),
+        netns_max=netns_max,
         worker_user=parser.get("sandbox", "user", fallback="") or "tlshd",
         loglevel=_int(parser, "debug", "loglevel", 0),
         keyrings=keyrings,

@@ -89,3 +89,8 @@ TLS_NO_PEERID = 0
 # What ktls-utils reports for a verified x.509 client certificate: NFSD
 # only needs a non-zero peer id to set XPT_PEER_AUTH (xprtsec=mtls).
 TLS_X509_PEERID = 0xFFFFFFFF
+
+# setsockopt(IPPROTO_TCP, TCP_ULP, "tls") attaches kTLS to a TCP socket;
+# getsockopt with the same names tells which upper-layer protocol it has.
+TCP_ULP = 31
+TLS_ULP_NAME = b"tls"

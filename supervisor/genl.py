@@ -7,14 +7,28 @@ plain AF_NETLINK socket and the strict codec in ``upcall``.
 
 A netlink socket serves the network namespace it was created in, so the
 caller creates one HandshakeSocket per served namespace while inside it.
+
+Only the kernel is heard.  Whoever holds CAP_NET_ADMIN over a served
+namespace's user namespace (the root of an unprivileged container) can
+find our port id in its /proc/net/netlink and send to it, or multicast to
+the tlshd group.  So each socket is connected to the kernel (port 0),
+which makes the kernel refuse other senders' unicasts with ECONNREFUSED,
+every datagram's source port is checked (multicasts still arrive from
+anyone allowed to send them), the work done per wake-up is bounded, and
+the SOCKFD of an ACCEPT reply must be the TCP socket the kernel has just
+installed in our fd table.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import select
 import socket
+import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +52,19 @@ NL_ATTR_TYPE_NUL_STRING = 12
 # synchronous "do" operations, so the answer is normally queued before
 # sendmsg returns; the timeout only guards against a wedged kernel.
 TRANSACT_TIMEOUT = 2.0
+# Datagrams read per drain() call: a flood in one namespace must not hold
+# the loop (every other namespace waits meanwhile).  What is left stays
+# queued and the selector reports the socket again on the next step.
+MAX_DRAIN = 64
+# Datagrams read while waiting for the kernel's answer to one ACCEPT or
+# DONE.  The answer queues behind whatever was queued before it, at most
+# a receive buffer's worth; past this the socket is not sane.
+MAX_TRANSACT_READS = 4096
+RCVBUF = 1 << 20
+# How often the "dropped datagrams not from the kernel" line may repeat.
+FOREIGN_LOG_INTERVAL = 10.0
+SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
+SO_PROTOCOL = getattr(socket, "SO_PROTOCOL", 38)
 
 
 @dataclass(frozen=True)
@@ -179,11 +206,53 @@ def probe_family() -> FamilyInfo:
 
 
 class AcceptFailed(Exception):
-    """An ACCEPT reply could not be decoded; ``sockfd`` may still be ours."""
+    """An ACCEPT reply could not be used.
+
+    ``sockfd`` is set only when it is certainly the socket the kernel
+    installed for us: we then still owe it a DONE.
+    """
 
     def __init__(self, reason: str, sockfd: int | None) -> None:
         super().__init__(reason)
         self.sockfd = sockfd
+
+
+def lowest_free_fd(any_fd: int) -> int:
+    """The fd number the kernel would install next in this process.
+
+    ACCEPT installs the handshake's socket at the lowest free number
+    (get_unused_fd_flags), and the supervisor is single-threaded, so the
+    number free just before ACCEPT is the one its reply must name.
+    """
+    fd = fcntl.fcntl(any_fd, fcntl.F_DUPFD_CLOEXEC, 0)
+    os.close(fd)
+    return fd
+
+
+def check_sockfd(fd: int, expected: int | None) -> str | None:
+    """Why ``fd`` is not a handshake socket the kernel just gave us
+    (None: it is).  ``expected``: the lowest free fd before ACCEPT."""
+    if expected is not None and fd != expected:
+        return "fd %d, but the kernel installs at %d" % (fd, expected)
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        return "fd %d: %s" % (fd, e.strerror)
+    if not stat.S_ISSOCK(st.st_mode):
+        return "fd %d is not a socket" % fd
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        domain = sock.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
+        proto = sock.getsockopt(socket.SOL_SOCKET, SO_PROTOCOL)
+    except OSError as e:
+        return "fd %d: %s" % (fd, e.strerror)
+    finally:
+        sock.close()
+    if domain not in (socket.AF_INET, socket.AF_INET6):
+        return "fd %d is not an IP socket (domain %d)" % (fd, domain)
+    if proto != socket.IPPROTO_TCP:
+        return "fd %d is not a TCP socket (protocol %d)" % (fd, proto)
+    return None
 
 
 class HandshakeSocket:
@@ -192,14 +261,17 @@ class HandshakeSocket:
     Create it while the calling thread is inside the namespace to serve.
     """
 
-    def __init__(self, family: FamilyInfo) -> None:
+    def __init__(self, family: FamilyInfo, label: str = "") -> None:
         self.family = family
+        self.label = label
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
                                   NETLINK_GENERIC)
         try:
             self.sock.bind((0, 0))
+            # Unicasts from anyone but the kernel are now refused.
+            self.sock.connect((0, 0))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
-                                 1 << 20)
+                                 RCVBUF)
             # Until this membership exists the kernel fails this namespace's
             # consumers at once with ESRCH.
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP,
@@ -210,9 +282,13 @@ class HandshakeSocket:
             raise
         self.seq = 0
         self.ready = False
-        # Decode and send the re-key upcall's attributes (the supervisor
-        # turns this on when both the policy and kTLS allow re-keying).
+        # Decode and send the re-key upcall's attributes when this kernel
+        # has them (their numbers mean something else on other kernels).
         self.rekey = family.rekey_upcall
+        # Datagrams dropped because the kernel did not send them.
+        self.foreign = 0
+        self._foreign_logged = 0
+        self._foreign_log_at = 0.0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -225,6 +301,26 @@ class HandshakeSocket:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP,
                              self.family.group_id)
 
+    def _recv(self) -> bytes | None:
+        """One datagram from the kernel; None if another sender's.
+
+        Raises BlockingIOError when nothing is queued.
+        """
+        data, (port, _groups) = self.sock.recvfrom(65536)
+        if port == 0:
+            return data
+        self.foreign += 1
+        now = time.monotonic()
+        if now >= self._foreign_log_at:
+            log.warning("Dropped %d netlink message(s) not sent by the "
+                        "kernel%s (last from port %d)",
+                        self.foreign - self._foreign_logged,
+                        " in netns %s" % self.label if self.label else "",
+                        port)
+            self._foreign_logged = self.foreign
+            self._foreign_log_at = now + FOREIGN_LOG_INTERVAL
+        return None
+
     def _note(self, msg: upcall.NlMsg) -> None:
         """Remember a READY notification seen while waiting for a reply."""
         if msg.type == self.family.family_id:
@@ -236,14 +332,14 @@ class HandshakeSocket:
                 self.ready = True
 
     def drain(self) -> bool:
-        """Read every queued notification; True if ACCEPT should run.
+        """Read queued notifications; True if ACCEPT should run.
 
-        An ENOBUFS overrun means READY notifications were lost, so it too
-        asks for an ACCEPT loop.
+        Reads at most MAX_DRAIN datagrams.  An ENOBUFS overrun means
+        READY notifications were lost, so it too asks for an ACCEPT loop.
         """
-        while True:
+        for _ in range(MAX_DRAIN):
             try:
-                data = self.sock.recv(65536)
+                data = self._recv()
             except BlockingIOError:
                 break
             except OSError as e:
@@ -251,6 +347,8 @@ class HandshakeSocket:
                     self.ready = True
                     continue
                 raise
+            if data is None:
+                continue
             try:
                 for msg in upcall.split_messages(data):
                     self._note(msg)
@@ -263,11 +361,11 @@ class HandshakeSocket:
         """Send one request; return the messages answering it."""
         self.sock.send(data)
         answers: list[upcall.NlMsg] = []
-        while True:
+        for _ in range(MAX_TRANSACT_READS):
             # The kernel answers ACCEPT and DONE within send(): try the
             # (non-blocking) receive first and wait only if it has not.
             try:
-                datagram = self.sock.recv(65536)
+                datagram = self._recv()
             except BlockingIOError:
                 r, _, _ = select.select([self.sock], [], [],
                                         TRANSACT_TIMEOUT)
@@ -280,6 +378,8 @@ class HandshakeSocket:
                     self.ready = True
                     continue
                 raise
+            if datagram is None:
+                continue
             for msg in upcall.split_messages(datagram):
                 if msg.seq != seq:
                     self._note(msg)
@@ -289,6 +389,8 @@ class HandshakeSocket:
                     return answers
                 if not msg.flags & 0x2:  # not NLM_F_MULTI: a lone reply
                     return answers
+        raise TimeoutError("no netlink answer from the kernel after %d "
+                           "datagrams" % MAX_TRANSACT_READS)
 
     def _next_seq(self) -> int:
         self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
@@ -297,9 +399,11 @@ class HandshakeSocket:
     def accept(self) -> upcall.AcceptedRequest | None:
         """ACCEPT one pending request; None when none is pending.
 
-        The returned request's ``sockfd`` is now an fd of this process.
+        The returned request's ``sockfd`` is now an fd of this process:
+        checked to be the TCP socket the kernel has just installed.
         """
         seq = self._next_seq()
+        expected = lowest_free_fd(self.sock.fileno())
         answers = self._transact(
             upcall.encode_accept(self.family.family_id, seq), seq)
         for msg in answers:
@@ -312,11 +416,16 @@ class HandshakeSocket:
             if msg.type == self.family.family_id:
                 _cmd, attrs = upcall.genl_payload(msg)
                 try:
-                    return upcall.decode_accept_attrs(
-                        attrs, rekey=self.rekey)
+                    req = upcall.decode_accept_attrs(attrs, rekey=self.rekey)
                 except ProtocolError as e:
-                    raise AcceptFailed(str(e),
-                                       upcall.salvage_sockfd(attrs)) from e
+                    fd = upcall.salvage_sockfd(attrs)
+                    if fd is not None and check_sockfd(fd, expected):
+                        fd = None  # not ours to answer or close
+                    raise AcceptFailed(str(e), fd) from e
+                why = check_sockfd(req.sockfd, expected)
+                if why is not None:
+                    raise AcceptFailed("SOCKFD refused: %s" % why, None)
+                return req
         return None
 
     def done(self, sockfd: int, status: int,

@@ -56,6 +56,21 @@ UNNAMED_SCAN_INTERVAL = 2.0
 PENDING_RESCAN = 0.25
 PENDING_FAST_FOR = 30.0
 PENDING_SLOW = 5.0
+# ACCEPTs per namespace per turn of the loop: one namespace's burst (or a
+# tenant's flood of READYs) must not keep the others waiting.
+MAX_ACCEPTS_PER_TURN = 16
+
+
+def ktls_attached(sockfd: int) -> bool:
+    """Whether kTLS is attached to the TCP socket ``sockfd`` (its ULP)."""
+    sock = socket.socket(fileno=sockfd)
+    try:
+        ulp = sock.getsockopt(socket.IPPROTO_TCP, uapi.TCP_ULP, 16)
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+    return ulp.rstrip(b"\0") == uapi.TLS_ULP_NAME
 
 
 @dataclass(eq=False)
@@ -69,6 +84,9 @@ class InFlight:
     deadline: float
     worker: Worker | None = None
     lookups: int = 0  # PSK_LOOKUPs answered for it (MAX_LOOKUPS at most)
+    # Key serials handed to its worker (client PSKs, PSKs found by a
+    # lookup): the only ones its answer may name as the peer's identity.
+    handed: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -122,6 +140,8 @@ class Supervisor:
         self.stopping: float | None = None
         self.namespaces: list[Namespace] = []
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._home_key = self._fd_key(self.home)
+        self._initial_userns = netns.initial_userns()
         self.watcher: netns.Watcher | None = None
         self.scans: list[float] = []
         self._unserved: set[netns.Key] = set()  # logged once each
@@ -166,10 +186,10 @@ class Supervisor:
         """
         if nlsock is None:
             if nsfd is None:
-                nlsock = genl.HandshakeSocket(self.family)
+                nlsock = genl.HandshakeSocket(self.family, label)
             else:
                 with netns.inside(nsfd, self.home):
-                    nlsock = genl.HandshakeSocket(self.family)
+                    nlsock = genl.HandshakeSocket(self.family, label)
         try:
             cfg = config.load(config_path)
             held = False
@@ -279,14 +299,24 @@ class Supervisor:
         for key, (f, path) in wanted.items():
             if key in have:
                 continue
+            if len(self.namespaces) >= self.cfg.netns_max:
+                self._not_served(key, "netns %s is not served: %d namespaces"
+                                 " are, the most [netns] max_namespaces "
+                                 "allows" % (f.label, len(self.namespaces)))
+                continue
             try:
                 nsfd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
                 if netns.key_of("/proc/self/fd/%d" % nsfd) != key:
                     os.close(nsfd)
                     continue  # replaced under us; the next scan sees it
+                refused = self._refuse_unnamed(f, nsfd)
             except OSError as e:
                 log.debug("netns %s vanished before it was served: %s",
                           f.label, e)
+                continue
+            if refused:
+                os.close(nsfd)
+                self._not_served(key, refused)
                 continue
             try:
                 self.add_namespace(f.label, path, key=key, nsfd=nsfd)
@@ -294,6 +324,27 @@ class Supervisor:
                 os.close(nsfd)
                 log.error("Cannot serve netns %s: %s", f.label, e)
         self._rescan_placeholders(time.monotonic())
+
+    def _refuse_unnamed(self, f: netns.Found, nsfd: int) -> str | None:
+        """Why an unnamed namespace is not served (None: it is).
+
+        The root of the user namespace that owns a network namespace can
+        send netlink messages to our socket there; such namespaces are
+        served only when the configuration says so.
+        """
+        if (f.named is not None or f.key == self._home_key
+                or self.cfg.netns_unnamed_userns):
+            return None
+        if netns.owner_userns(nsfd) == self._initial_userns:
+            return None
+        return ("netns %s is owned by a user namespace; not serving it "
+                "([netns] unnamed_userns is off)" % f.label)
+
+    def _not_served(self, key: netns.Key, why: str) -> None:
+        """Log once (per reload) why a namespace is not served."""
+        if key not in self._unserved:
+            log.info("%s", why)
+        self._unserved.add(key)
 
     def _rescan_placeholders(self, now: float) -> None:
         """Look again while a /run/netns entry is not a namespace yet: the
@@ -524,10 +575,7 @@ class Supervisor:
             self.answer_hello(ns, worker, msg)
         elif (isinstance(msg, protocol.HandshakeAnswer)
               and req_id in worker.inflight):
-            worker.inflight.discard(req_id)
-            self.complete(self.inflight[req_id], msg.status,
-                          msg.remote_auth, msg.reason, msg.session_id)
-            self._close_if_idle(worker)
+            self.answer_handshake(ns, worker, self.inflight[req_id], msg)
         elif (isinstance(msg, protocol.PskLookup)
               and req_id in worker.inflight
               and self._may_look_up(self.inflight[req_id])):
@@ -538,6 +586,45 @@ class Supervisor:
                       type(msg).__name__, req_id)
             worker.kill()
             self.sel.unregister(worker.channel)
+
+    def answer_handshake(self, ns: Namespace, worker: Worker, req: InFlight,
+                         msg: protocol.HandshakeAnswer) -> None:
+        """A worker's result: checked, then sent to the kernel as DONE."""
+        worker.inflight.discard(req.req_id)
+        status, reason = msg.status, msg.reason
+        why = self._bad_answer(req, msg)
+        if why is not None:
+            log.error("Worker %d (netns %s) answered request %d with %s; "
+                      "killing it", worker.pid, ns.label, req.req_id, why)
+            worker.kill()
+            self.complete(req, errno.EIO, (), "worker's answer refused")
+            return
+        if status == 0 and not ktls_attached(req.sockfd):
+            log.error("Worker %d (netns %s) reported success for request "
+                      "%d but the socket has no kTLS", worker.pid, ns.label,
+                      req.req_id)
+            status, reason = errno.EIO, "no kTLS on the socket"
+        self.complete(req, status, msg.remote_auth if status == 0 else (),
+                      reason, msg.session_id)
+        self._close_if_idle(worker)
+
+    @staticmethod
+    def _bad_answer(req: InFlight,
+                    msg: protocol.HandshakeAnswer) -> str | None:
+        """Why a worker's answer cannot be true (None: it may be).
+
+        The peer identities a DONE carries authorise the peer to the
+        consumer (NFSD's mtls exports, NVMe's key): a worker may name only
+        keys it was handed for this request, or the marker of a verified
+        certificate when it was asked to verify one.
+        """
+        allowed = set(req.handed) | {uapi.TLS_NO_PEERID}
+        if req.request.auth_mode == uapi.AuthMode.X509:
+            allowed.add(uapi.TLS_X509_PEERID)
+        for peerid in msg.remote_auth:
+            if peerid not in allowed:
+                return "peer identity %08x it was not given" % peerid
+        return None
 
     @staticmethod
     def _may_look_up(req: InFlight) -> bool:
@@ -555,6 +642,8 @@ class Supervisor:
         psk = keymaterial.find_psk(
             identity, req.request.keyring or 0,
             initial=req.ns.initial, named=req.ns.cfg.keyrings)
+        if psk is not None:
+            req.handed.add(psk.serial)
         log.debug("PSK lookup for request %d in netns %s: %s", req.req_id,
                   req.ns.label, "key %08x" % psk.serial if psk else
                   "not found")
@@ -625,15 +714,29 @@ class Supervisor:
     # ---- requests -------------------------------------------------------
 
     def on_netlink(self, ns: Namespace) -> None:
+        """READY in ``ns``: ACCEPT what is pending, a bounded number.
+
+        Nothing that happens here may stop the loop: it serves every
+        other namespace too.
+        """
+        try:
+            self._accept_some(ns)
+        except Exception:
+            log.exception("Error while handling netlink messages in netns "
+                          "%s", ns.label)
+
+    def _accept_some(self, ns: Namespace) -> None:
         if not ns.nlsock.drain():
             return
-        while self.stopping is None:
+        for _ in range(MAX_ACCEPTS_PER_TURN):
+            if self.stopping is not None:
+                return
             try:
                 req = ns.nlsock.accept()
             except genl.AcceptFailed as e:
-                log.error("Malformed ACCEPT reply in netns %s: %s",
+                log.error("Unusable ACCEPT reply in netns %s: %s",
                           ns.label, e)
-                if e.sockfd is not None:
+                if e.sockfd is not None and not self._owned(e.sockfd):
                     self._done(ns, e.sockfd, errno.EIO, ())
                 continue
             except (OSError, TimeoutError, ProtocolError) as e:
@@ -641,7 +744,18 @@ class Supervisor:
                 return
             if req is None:
                 return
+            if self._owned(req.sockfd):
+                # Never answer or close an fd a live request owns.
+                log.error("ACCEPT reply in netns %s names fd %d, which a "
+                          "request in flight owns; ignoring it", ns.label,
+                          req.sockfd)
+                continue
             self.submit(ns, req)
+        # More may be pending: carry on after the other namespaces' turn.
+        ns.nlsock.ready = True
+
+    def _owned(self, sockfd: int) -> bool:
+        return any(r.sockfd == sockfd for r in self.inflight.values())
 
     def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
         now = time.monotonic()
@@ -719,6 +833,7 @@ class Supervisor:
             self.complete(req, errno.EIO, ())
             return
         req.worker = worker
+        req.handed.update(p.serial for p in psks)
         worker.inflight.add(req.req_id)
 
     def expire(self, now: float) -> None:

@@ -10,13 +10,17 @@ reused, inode numbers cannot while the namespace lives.  Sources:
   inotify event, so an event triggers a few re-scans over the next second;
 - when configured, unnamed namespaces found through /proc/*/ns/net (the
   container runtimes that do not name theirs), found by scanning processes
-  with psutil, every few seconds.
+  with psutil, every few seconds.  By default only those owned by the
+  initial user namespace: the root of a user namespace holds CAP_NET_ADMIN
+  over the network namespaces it owns, so it can talk to our netlink
+  socket there (see tlshd.supervisor.genl); serving those is opt-in.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -41,6 +45,10 @@ IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
 IN_DELETE_SELF = 0x400
 IN_ATTRIB = 0x4
+
+# ioctl(2) on a namespace fd: an fd of the user namespace that owns it
+# (<linux/nsfs.h>, _IO(0xb7, 0x1)).
+NS_GET_USERNS = 0xB701
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -134,6 +142,21 @@ def unnamed(exclude_pids: set[int]) -> list[Found]:
         if st.st_dev == dev and key not in seen:
             seen[key] = Found(key, path, str(st.st_ino), None)
     return list(seen.values())
+
+
+def owner_userns(nsfd: int) -> Key:
+    """The (dev, inode) of the user namespace that owns namespace ``nsfd``."""
+    userns = fcntl.ioctl(nsfd, NS_GET_USERNS)
+    try:
+        st = os.fstat(userns)
+    finally:
+        os.close(userns)
+    return st.st_dev, st.st_ino
+
+
+def initial_userns() -> Key:
+    """The (dev, inode) of the supervisor's (the initial) user namespace."""
+    return key_of("/proc/self/ns/user")
 
 
 @contextmanager

@@ -20,9 +20,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from tlshd.shared import uapi
+
 # <netinet/tcp.h>, <linux/tls.h>: kernel names so one grep covers C and Python.
 SOL_TCP = socket.IPPROTO_TCP
-TCP_ULP = 31
+TCP_ULP = uapi.TCP_ULP
 SOL_TLS = 282
 TLS_TX = 1
 TLS_RX = 2
@@ -40,7 +42,7 @@ TLS_CIPHER_AES_GCM_256 = 52
 TLS_CIPHER_AES_CCM_128 = 53
 TLS_CIPHER_CHACHA20_POLY1305 = 54
 
-TLS_ULP_NAME = b"tls"
+TLS_ULP_NAME = uapi.TLS_ULP_NAME
 
 # TLS 1.3 record nonces are always 12 bytes (RFC 8446 section 5.3).
 IV_LEN = 12

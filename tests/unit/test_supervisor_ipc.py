@@ -235,3 +235,41 @@ def test_message_read_after_worker_reaped(sup, listener):
     served_by_a_worker(s, nl, ns, listener)
     for p in peers:
         p.close()
+
+
+def test_success_on_a_socket_without_ktls_is_eio(sup, listener):
+    """DONE(0) tells the consumer to send over kTLS: the supervisor
+    checks the socket's upper-layer protocol first.  (The host has no
+    kTLS, so a success here can only be a worker's claim.)"""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    (fd,), peers = hold_requests(s, nl, ns, listener, 1)
+    worker = ns.worker
+    send_as_worker(worker, answer(min(worker.inflight), 0), 0)
+    run_until(s, lambda: nl.dones)
+    assert nl.dones == [(fd, errno.EIO, ())]
+    assert "no kTLS" in ns.last_failure
+    assert ns.worker is worker and worker.returncode is None
+    for p in peers:
+        p.close()
+
+
+@pytest.mark.parametrize("peerid", [0x4242, 0xFFFFFFFF])
+def test_answer_naming_a_key_it_was_not_given(sup, listener, peerid):
+    """REMOTE_AUTH authorises the peer to the consumer: a worker may name
+    only keys handed to it for this request (none here: an anonymous
+    x.509-less request), never a serial of its choosing."""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    (fd,), peers = hold_requests(s, nl, ns, listener, 1)
+    worker = ns.worker
+    msg = P.HandshakeAnswer(status=0, remote_auth=(peerid,))
+    send_as_worker(worker, P.encode(msg, min(worker.inflight)), 0)
+    run_until(s, lambda: nl.dones)
+    assert nl.dones == [(fd, errno.EIO, ())]
+    run_until(s, lambda: worker.returncode is not None)
+    assert worker.returncode == -signal.SIGKILL
+    run_until(s, lambda: ready(ns) and ns.worker is not worker)
+    served_by_a_worker(s, nl, ns, listener)
+    for p in peers:
+        p.close()
