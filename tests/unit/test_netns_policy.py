@@ -1,0 +1,132 @@
+"""Which unnamed namespaces the supervisor serves (issue 15, 1).
+
+The root of a user namespace holds CAP_NET_ADMIN over the network
+namespaces it owns and can talk to our netlink socket there, so an
+unnamed namespace owned by a user namespace other than ours is served
+only with ``[netns] unnamed_userns=true``; and no more than ``[netns]
+max_namespaces`` are served at all.  Real namespaces made with unshare(1)
+on the host, a real Supervisor's scan().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tlshd.shared import config
+from tlshd.supervisor import genl, netns
+from tlshd.supervisor.loop import Supervisor
+
+FAMILY = genl.FamilyInfo(0x3F00, 5)
+
+
+def holder(*unshare_args: str) -> Iterator[netns.Key]:
+    """A process in a new network namespace; yields that namespace's key."""
+    proc = subprocess.Popen(["unshare", *unshare_args, "sleep", "120"])
+    try:
+        ours = netns.key_of("/proc/self/ns/net")
+        deadline = time.monotonic() + 10
+        while True:
+            key = netns.key_of("/proc/%d/ns/net" % proc.pid)
+            if key != ours:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError("unshare did not make a namespace")
+            time.sleep(0.01)
+        yield key
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def userns_owned() -> Iterator[netns.Key]:
+    """Like a rootless container: ``unshare -Urn``."""
+    yield from holder("-Urn")
+
+
+@pytest.fixture
+def root_owned() -> Iterator[netns.Key]:
+    yield from holder("-n")
+
+
+def supervisor(tmp_path: Path, netns_lines: str) -> Supervisor:
+    tenant = tmp_path / "tenant.conf"
+    tenant.write_text("[authenticate.client]\n")
+    conf = tmp_path / "tlshd.conf"
+    conf.write_text("[netns]\nunnamed=%s\n%s" % (tenant, netns_lines))
+    return Supervisor(config.load(str(conf)), FAMILY)
+
+
+def served(s: Supervisor) -> set[netns.Key | None]:
+    return {ns.key for ns in s.namespaces}
+
+
+@pytest.fixture
+def scanning(monkeypatch) -> Iterator[list[Supervisor]]:
+    """Supervisors made by the test, torn down after it; /run/netns is
+    left out (other tests may have named namespaces there)."""
+    monkeypatch.setattr(netns, "named", lambda: [])
+    made: list[Supervisor] = []
+    yield made
+    for s in made:
+        for ns in list(s.namespaces):
+            s.remove_namespace(ns)
+        os.close(signal.set_wakeup_fd(-1))
+        os.close(s.wakeup_r)
+        os.close(s.home)
+        s.sel.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def test_userns_owned_namespace_is_not_served_by_default(
+        tmp_path, scanning, userns_owned, root_owned, caplog):
+    caplog.set_level(logging.INFO, logger="tlshd")
+    s = supervisor(tmp_path, "")
+    scanning.append(s)
+    s.scan()
+    assert root_owned in served(s)
+    assert userns_owned not in served(s)
+    said = [r.getMessage() for r in caplog.records
+            if "owned by a user namespace" in r.getMessage()]
+    assert said == ["netns %d is owned by a user namespace; not serving it "
+                    "([netns] unnamed_userns is off)" % userns_owned[1]]
+    s.scan()  # said once, not at every scan
+    assert len([r for r in caplog.records
+                if "owned by a user namespace" in r.getMessage()]) == 1
+
+
+def test_userns_owned_namespace_served_when_configured(
+        tmp_path, scanning, userns_owned):
+    s = supervisor(tmp_path, "unnamed_userns=true\n")
+    scanning.append(s)
+    s.scan()
+    assert userns_owned in served(s)
+
+
+def test_no_more_than_max_namespaces(tmp_path, scanning, root_owned,
+                                     caplog):
+    caplog.set_level(logging.INFO, logger="tlshd")
+    s = supervisor(tmp_path, "max_namespaces=1\n")
+    scanning.append(s)
+    s.scan()
+    assert len(s.namespaces) == 1 and s.namespaces[0].label == "init"
+    assert root_owned not in served(s)
+    assert any("max_namespaces" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["0", "65537", "many"])
+def test_max_namespaces_is_checked(tmp_path, value):
+    conf = tmp_path / "tlshd.conf"
+    conf.write_text("[netns]\nmax_namespaces=%s\n" % value)
+    with pytest.raises(config.ConfigError):
+        config.load(str(conf))
