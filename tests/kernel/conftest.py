@@ -760,6 +760,12 @@ def fd_count(pid: int) -> int:
     return min(seen)
 
 
+@pytest.fixture
+def fds_of() -> Callable[[int], int]:
+    """``fd_count`` for test modules (which cannot import conftest)."""
+    return fd_count
+
+
 def rss_kib(pid: int) -> int:
     return int(proc_status(pid)["VmRSS"].split()[0])
 

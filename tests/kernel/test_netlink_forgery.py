@@ -1,0 +1,111 @@
+"""A container's root floods tlshd's netlink socket (issue 15, 1).
+
+An unprivileged user makes its own user and network namespace (``unshare
+-Urn``, as a rootless container runtime does); tlshd serves it through
+``[netns] unnamed=`` with ``unnamed_userns=true``.  Inside, the user is
+root over the namespace: it finds the supervisor's port in
+/proc/net/netlink and sends forged READYs and forged ACCEPT replies (next
+sequence numbers, supervisor fds, a key serial) by unicast and multicast,
+as fast as it can (tests/kernel/netlink_attacker.py).  Meanwhile a real
+NFS mount in the initial namespace must succeed; the forgeries must be
+refused or dropped; the supervisor must stay alive with the fds it had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tlshd.supervisor import genl
+
+pytestmark = pytest.mark.kernel
+
+ATTACKER = Path(__file__).with_name("netlink_attacker.py")
+FLOOD_SECONDS = 25
+
+
+def start_attacker(family: int, wait: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         "unshare", "-Urn", "/usr/bin/python3", str(ATTACKER), str(family),
+         str(FLOOD_SECONDS), str(wait)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def config(pki, tmp_path: Path, userns: bool) -> str:
+    tenant = tmp_path / "tenant.conf"
+    tenant.write_text(pki.config())
+    return pki.config() + "[netns]\nunnamed=%s\nunnamed_userns=%s\n" % (
+        tenant, "true" if userns else "false")
+
+
+def test_flood_from_a_user_namespace_leaves_others_served(
+        pki, tlshd, trace, nfs, tmp_path, fds_of):
+    tlshd.start(config(pki, tmp_path, userns=True))
+    assert tlshd.proc is not None
+    pid = tlshd.proc.pid
+    family = genl.probe_family().family_id
+    attacker = start_attacker(family, wait=60)
+    try:
+        assert attacker.stdout is not None and attacker.stdin is not None
+        port = int(attacker.stdout.readline().split()[1])
+        assert port > 0, "the supervisor never listened in the namespace"
+        label = str(os.stat("/proc/%d/ns/net" % attacker.pid).st_ino)
+        tlshd.wait_for(r"Worker \d+ for netns %s ready" % label, 60)
+        fds_before = fds_of(pid)
+        mark = tlshd.mark()
+        trace.clear()
+        attacker.stdin.write("go\n")
+        attacker.stdin.flush()
+        assert attacker.stdout.readline().strip() == "flooding"
+        time.sleep(2)  # the flood is under way
+        r = nfs.mount("", "tls")
+        assert r.ok, r.output
+        nfs.write_and_read_back()
+        nfs.umount()
+        assert attacker.poll() is None, "the flood ended before the mount"
+        out, _ = attacker.communicate(timeout=FLOOD_SECONDS + 60)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+    counts = json.loads(out.strip().splitlines()[-1])
+    print("mount during the flood: %.2f s; attacker: %s" % (r.seconds,
+                                                            counts))
+    # The attack happened: multicasts got through to the socket...
+    assert counts["multicast_sent"] > 1000, counts
+    # ...unicasts never did: the socket is connected to the kernel.
+    assert counts["unicast_sent"] == 0, counts
+    assert counts["unicast_refused"] > 1000, counts
+    assert tlshd.proc.poll() is None, "the supervisor died"
+    log = tlshd.since(mark)
+    dropped = [int(n) for n in re.findall(
+        r"Dropped (\d+) netlink message\(s\) not sent by the kernel in "
+        r"netns %s" % label, log)]
+    print("supervisor log: %d 'Dropped' lines, %d messages" % (
+        len(dropped), sum(dropped)))
+    assert dropped and sum(dropped) > 0
+    assert "Unusable ACCEPT reply" not in log
+    assert "Traceback" not in log and "Error while handling" not in log
+    # The kernel's own record: the mount's two handshakes, both status 0,
+    # and no DONE for anything the attacker named.
+    done = trace.completions()
+    assert len(done) == 2 and all(c.status == 0 for c in done), done
+    assert fds_of(pid) == fds_before
+
+
+def test_user_namespace_not_served_by_default(pki, tlshd, tmp_path):
+    tlshd.start(config(pki, tmp_path, userns=False))
+    family = genl.probe_family().family_id
+    attacker = start_attacker(family, wait=10)
+    out, _ = attacker.communicate(timeout=60)
+    assert out.splitlines()[0] == "target 0", out
+    assert attacker.returncode == 3
+    tlshd.wait_for(r"netns \d+ is owned by a user namespace; not serving it",
+                   10)
