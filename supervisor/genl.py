@@ -287,6 +287,9 @@ class HandshakeSocket:
         self.rekey = family.rekey_upcall
         # Datagrams dropped because the kernel did not send them.
         self.foreign = 0
+        # The last drain() read a full slice, mostly not from the kernel:
+        # someone in the namespace is flooding the socket.
+        self.flooded = False
         self._foreign_logged = 0
         self._foreign_log_at = 0.0
 
@@ -337,7 +340,9 @@ class HandshakeSocket:
         Reads at most MAX_DRAIN datagrams.  An ENOBUFS overrun means
         READY notifications were lost, so it too asks for an ACCEPT loop.
         """
+        foreign, reads = self.foreign, 0
         for _ in range(MAX_DRAIN):
+            reads += 1
             try:
                 data = self._recv()
             except BlockingIOError:
@@ -354,6 +359,9 @@ class HandshakeSocket:
                     self._note(msg)
             except ProtocolError as e:
                 log.warning("Ignoring malformed netlink datagram: %s", e)
+        # (A slice cut short by an empty queue counts one read too many.)
+        self.flooded = (reads == MAX_DRAIN
+                        and self.foreign - foreign > MAX_DRAIN // 2)
         ready, self.ready = self.ready, False
         return ready
 

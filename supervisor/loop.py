@@ -59,6 +59,12 @@ PENDING_SLOW = 5.0
 # ACCEPTs per namespace per turn of the loop: one namespace's burst (or a
 # tenant's flood of READYs) must not keep the others waiting.
 MAX_ACCEPTS_PER_TURN = 16
+# A namespace whose netlink socket is flooded with messages the kernel did
+# not send is not listened to for this long (its own root is the only one
+# who can send them there): its flood then costs the loop one bounded
+# slice per pause instead of all its time, and the CPU stays with the
+# handshakes of the other namespaces.
+FLOOD_PAUSE = 0.2
 
 
 def ktls_attached(sockfd: int) -> bool:
@@ -110,6 +116,8 @@ class Namespace:
     held: bool = False  # a configuration error: wait for SIGHUP
     pending: list[InFlight] = field(default_factory=list)
     removed: bool = False
+    # Not listened to until then (a flood; see FLOOD_PAUSE).
+    paused_until: float | None = None
     # The supervisor's own (initial) namespace: the only one whose server
     # PSK lookups search the global keyrings (see keymaterial).
     initial: bool = False
@@ -362,7 +370,7 @@ class Supervisor:
         """Stop serving a namespace that is gone: answer, kill, close."""
         log.info("netns %s is gone; stopping its worker", ns.label)
         ns.removed = True
-        self.sel.unregister(ns.nlsock)
+        self._unwatch(ns)
         for req in [r for r in self.inflight.values() if r.ns is ns]:
             if req.worker is not None:
                 req.worker.inflight.discard(req.req_id)
@@ -397,6 +405,7 @@ class Supervisor:
             callback()
         now = time.monotonic()
         self.expire(now)
+        self.resume_paused(now)
         if self.scans and now >= min(self.scans):
             self.scans = [t for t in self.scans if t > now]
             self.scan()
@@ -414,7 +423,7 @@ class Supervisor:
         would wait for its own timeout (NVMe: 10 s per queue).
         """
         for ns in list(self.namespaces):
-            if ns.nlsock.ready:
+            if ns.nlsock.ready and ns.paused_until is None:
                 self.on_netlink(ns)
 
     def _next_wakeup(self, now: float) -> float:
@@ -425,7 +434,10 @@ class Supervisor:
         if self.stopping is not None:
             times.append(self.stopping)
         times += self.scans
-        if any(ns.nlsock.ready for ns in self.namespaces):
+        times += [ns.paused_until for ns in self.namespaces
+                  if ns.paused_until is not None]
+        if any(ns.nlsock.ready and ns.paused_until is None
+               for ns in self.namespaces):
             times.append(now)  # a noted READY: accept_noted() at once
         return max(0.0, min(times) - now) if times else 60.0
 
@@ -452,7 +464,7 @@ class Supervisor:
         for ns in self.namespaces:
             # Leave the group first: new consumers fail at once with ESRCH
             # instead of waiting for an agent that is going away.
-            self.sel.unregister(ns.nlsock)
+            self._unwatch(ns)
             ns.nlsock.leave_group()
             for req in ns.pending:
                 self.complete(req, errno.ETIMEDOUT, ())
@@ -726,7 +738,11 @@ class Supervisor:
                           "%s", ns.label)
 
     def _accept_some(self, ns: Namespace) -> None:
-        if not ns.nlsock.drain():
+        ready = ns.nlsock.drain()
+        if ns.nlsock.flooded and ns.paused_until is None:
+            self.sel.unregister(ns.nlsock)
+            ns.paused_until = time.monotonic() + FLOOD_PAUSE
+        if not ready:
             return
         for _ in range(MAX_ACCEPTS_PER_TURN):
             if self.stopping is not None:
@@ -753,6 +769,20 @@ class Supervisor:
             self.submit(ns, req)
         # More may be pending: carry on after the other namespaces' turn.
         ns.nlsock.ready = True
+
+    def _unwatch(self, ns: Namespace) -> None:
+        """Stop listening to ``ns``'s netlink socket (for good)."""
+        if ns.paused_until is None:
+            self.sel.unregister(ns.nlsock)
+        ns.paused_until = None
+
+    def resume_paused(self, now: float) -> None:
+        """Listen again to namespaces whose flood pause is over."""
+        for ns in self.namespaces:
+            if ns.paused_until is not None and now >= ns.paused_until:
+                ns.paused_until = None
+                self.sel.register(ns.nlsock, selectors.EVENT_READ,
+                                  lambda ns=ns: self.on_netlink(ns))
 
     def _owned(self, sockfd: int) -> bool:
         return any(r.sockfd == sockfd for r in self.inflight.values())

@@ -13,7 +13,8 @@ joined a group), then for DURATION seconds sends it, as fast as it can:
 - the same by multicast to the group it listens on.
 
 It prints "target PORT" once it has found the socket, waits for a line on
-stdin, prints "flooding" when it starts, and a JSON summary at the end.
+stdin, prints "flooding" when it starts, and a JSON summary at the end
+(after DURATION seconds, or at SIGTERM).
 Standard library only: it runs under the system python3.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import socket
 import struct
 import sys
@@ -76,10 +78,12 @@ def main() -> int:
     counts = {"unicast_sent": 0, "unicast_refused": 0, "unicast_other": 0,
               "multicast_sent": 0, "multicast_failed": 0}
     fds = [*range(3, 41), 999]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     print("flooding", flush=True)
     end = time.monotonic() + duration
     seq = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not stop:
         seq += 1
         batch = [message(family, CMD_READY, 0),
                  accept_reply(family, seq, fds[seq % len(fds)]),

@@ -37,6 +37,7 @@ class FakeNl:
         # READY seen (and consumed) while waiting for an ACCEPT or DONE
         # answer, as genl.HandshakeSocket notes it.
         self.ready = False
+        self.flooded = False  # see genl.HandshakeSocket.drain
         self.ready_during_done: list[upcall.AcceptedRequest] = []
 
     def fileno(self) -> int:

@@ -284,3 +284,26 @@ def test_accepts_per_turn_are_bounded(sup, listener):
     for p in peers:
         p.close()
     run_until(s, lambda: len(nl.dones) == n)
+
+
+def test_flooded_namespace_is_paused_others_served(sup, listener, attacker):
+    """A namespace whose socket is flooded with forgeries is not listened
+    to for FLOOD_PAUSE: its flood costs the loop a slice per pause, and
+    the other namespaces keep being served meanwhile."""
+    from tlshd.supervisor import loop
+
+    s, nl, ns = sup
+    hs = genl.HandshakeSocket(FAMILY, "tenant")
+    tenant = s.add_namespace("tenant", ns.config_path, nlsock=hs)
+    run_until(s, lambda: ready(ns) and ready(tenant))
+    for _ in range(4 * genl.MAX_DRAIN):
+        attacker.sendto(ready_msg(), (0, GROUP_BIT))
+    s.step(0.1)
+    assert tenant.paused_until is not None
+    assert hs.foreign == genl.MAX_DRAIN  # one slice, then the pause
+    fd, peer = connected_fd(listener)
+    peer.close()
+    nl.submit(fd, timeout_ms=20000)
+    run_until(s, lambda: nl.dones)  # the other namespace is served
+    run_until(s, lambda: tenant.paused_until is None and hs.foreign
+              >= 2 * genl.MAX_DRAIN, timeout=5 * loop.FLOOD_PAUSE + 5)
