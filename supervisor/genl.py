@@ -10,13 +10,20 @@ caller creates one HandshakeSocket per served namespace while inside it.
 
 Only the kernel is heard.  Whoever holds CAP_NET_ADMIN over a served
 namespace's user namespace (the root of an unprivileged container) can
-find our port id in its /proc/net/netlink and send to it, or multicast to
-the tlshd group.  So each socket is connected to the kernel (port 0),
-which makes the kernel refuse other senders' unicasts with ECONNREFUSED,
-every datagram's source port is checked (multicasts still arrive from
-anyone allowed to send them), the work done per wake-up is bounded, and
-the SOCKFD of an ACCEPT reply must be the TCP socket the kernel has just
-installed in our fd table.
+find our port ids in its /proc/net/netlink and send to them, or multicast
+to the tlshd group.  So:
+
+- each namespace has two sockets, both connected to the kernel (port 0),
+  which makes the kernel refuse other senders' unicasts (ECONNREFUSED):
+  one joins the tlshd group and only hears READY; the other joins no
+  group and carries ACCEPT and DONE, so that nothing but the kernel's
+  answers ever reaches it, and a flood of multicasts cannot push those
+  answers out of a full receive buffer;
+- every datagram's source port is checked (multicasts to the group still
+  arrive from anyone allowed to send them) and the work per wake-up is
+  bounded;
+- the SOCKFD of an ACCEPT reply must be the TCP socket the kernel has
+  just installed in our fd table.
 """
 
 from __future__ import annotations
@@ -57,9 +64,8 @@ TRANSACT_TIMEOUT = 2.0
 # queued and the selector reports the socket again on the next step.
 MAX_DRAIN = 64
 # Datagrams read while waiting for the kernel's answer to one ACCEPT or
-# DONE.  The answer queues behind whatever was queued before it, at most
-# a receive buffer's worth; past this the socket is not sane.
-MAX_TRANSACT_READS = 4096
+# DONE.  Only stale answers (to a request that timed out) can come first.
+MAX_TRANSACT_READS = 64
 RCVBUF = 1 << 20
 # How often the "dropped datagrams not from the kernel" line may repeat.
 FOREIGN_LOG_INTERVAL = 10.0
@@ -255,30 +261,45 @@ def check_sockfd(fd: int, expected: int | None) -> str | None:
     return None
 
 
+def _kernel_socket() -> socket.socket:
+    """A generic netlink socket that only the kernel can unicast to."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                         NETLINK_GENERIC)
+    try:
+        sock.bind((0, 0))
+        sock.connect((0, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class HandshakeSocket:
-    """A handshake netlink socket joined to the tlshd group.
+    """A namespace's handshake netlink sockets: READY in, ACCEPT and DONE.
 
     Create it while the calling thread is inside the namespace to serve.
+    ``fileno()`` is the READY socket's, for the caller's selector.
     """
 
     def __init__(self, family: FamilyInfo, label: str = "") -> None:
         self.family = family
         self.label = label
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
-                                  NETLINK_GENERIC)
+        self.txn = _kernel_socket()
         try:
-            self.sock.bind((0, 0))
-            # Unicasts from anyone but the kernel are now refused.
-            self.sock.connect((0, 0))
+            self.sock = _kernel_socket()
+        except BaseException:
+            self.txn.close()
+            raise
+        try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                  RCVBUF)
             # Until this membership exists the kernel fails this namespace's
             # consumers at once with ESRCH.
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP,
                                  family.group_id)
-            self.sock.setblocking(False)
         except BaseException:
-            self.sock.close()
+            self.close()
             raise
         self.seq = 0
         self.ready = False
@@ -298,18 +319,19 @@ class HandshakeSocket:
 
     def close(self) -> None:
         self.sock.close()
+        self.txn.close()
 
     def leave_group(self) -> None:
         """Stop receiving READY; the socket can still send DONE."""
         self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP,
                              self.family.group_id)
 
-    def _recv(self) -> bytes | None:
+    def _recv(self, sock: socket.socket) -> bytes | None:
         """One datagram from the kernel; None if another sender's.
 
         Raises BlockingIOError when nothing is queued.
         """
-        data, (port, _groups) = self.sock.recvfrom(65536)
+        data, (port, _groups) = sock.recvfrom(65536)
         if port == 0:
             return data
         self.foreign += 1
@@ -325,7 +347,7 @@ class HandshakeSocket:
         return None
 
     def _note(self, msg: upcall.NlMsg) -> None:
-        """Remember a READY notification seen while waiting for a reply."""
+        """Remember a READY notification."""
         if msg.type == self.family.family_id:
             try:
                 cmd, _ = upcall.genl_payload(msg)
@@ -344,7 +366,7 @@ class HandshakeSocket:
         for _ in range(MAX_DRAIN):
             reads += 1
             try:
-                data = self._recv()
+                data = self._recv(self.sock)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -367,31 +389,25 @@ class HandshakeSocket:
 
     def _transact(self, data: bytes, seq: int) -> list[upcall.NlMsg]:
         """Send one request; return the messages answering it."""
-        self.sock.send(data)
+        self.txn.send(data)
         answers: list[upcall.NlMsg] = []
         for _ in range(MAX_TRANSACT_READS):
             # The kernel answers ACCEPT and DONE within send(): try the
             # (non-blocking) receive first and wait only if it has not.
             try:
-                datagram = self._recv()
+                datagram = self._recv(self.txn)
             except BlockingIOError:
-                r, _, _ = select.select([self.sock], [], [],
+                r, _, _ = select.select([self.txn], [], [],
                                         TRANSACT_TIMEOUT)
                 if not r:
                     raise TimeoutError(
                         "no netlink answer from the kernel") from None
                 continue
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.ready = True
-                    continue
-                raise
             if datagram is None:
                 continue
             for msg in upcall.split_messages(datagram):
                 if msg.seq != seq:
-                    self._note(msg)
-                    continue
+                    continue  # a late answer to an earlier request
                 answers.append(msg)
                 if msg.type in (upcall.NLMSG_ERROR, upcall.NLMSG_DONE):
                     return answers
@@ -411,7 +427,7 @@ class HandshakeSocket:
         checked to be the TCP socket the kernel has just installed.
         """
         seq = self._next_seq()
-        expected = lowest_free_fd(self.sock.fileno())
+        expected = lowest_free_fd(self.txn.fileno())
         answers = self._transact(
             upcall.encode_accept(self.family.family_id, seq), seq)
         for msg in answers:

@@ -415,12 +415,13 @@ class Supervisor:
         self.accept_noted()
 
     def accept_noted(self) -> None:
-        """ACCEPT where a READY was read while waiting for an answer.
+        """ACCEPT where a READY was noted but not yet acted on.
 
-        A READY that arrives while an ACCEPT or DONE waits for its reply
-        is consumed there (and noted); the socket is then no longer
-        readable and the selector would never report it: the consumer
-        would wait for its own timeout (NVMe: 10 s per queue).
+        A namespace that used up its turn's ACCEPTs, or whose READYs were
+        read while the socket showed nothing more (an ENOBUFS overrun), is
+        noted ready: its socket may not be readable again, and without
+        this its consumers would wait for their own timeout (NVMe: 10 s
+        per queue).
         """
         for ns in list(self.namespaces):
             if ns.nlsock.ready and ns.paused_until is None:
@@ -592,6 +593,17 @@ class Supervisor:
               and req_id in worker.inflight
               and self._may_look_up(self.inflight[req_id])):
             self.answer_lookup(worker, self.inflight[req_id], msg.identity)
+        elif (isinstance(msg, (protocol.HandshakeAnswer, protocol.PskLookup))
+              and req_id in worker.expired):
+            # Its deadline passed here first: a slow worker (a loaded
+            # machine), not a hostile one.  Its other requests stay with
+            # it; a lookup is not answered (the worker's own deadline
+            # has passed too).
+            if isinstance(msg, protocol.HandshakeAnswer):
+                worker.expired.discard(req_id)
+                log.info("Worker %d (netns %s) answered request %d after "
+                         "its deadline; ignored", worker.pid, ns.label,
+                         req_id)
         else:
             log.error("Worker %d (netns %s) sent an unexpected %s (request "
                       "%d); killing it", worker.pid, ns.label,
@@ -875,6 +887,7 @@ class Supervisor:
                       req.req_id, req.ns.label)
             if req.worker is not None:
                 req.worker.inflight.discard(req.req_id)
+                req.worker.expired.add(req.req_id)
                 self._close_if_idle(req.worker)
             elif req in req.ns.pending:
                 req.ns.pending.remove(req)

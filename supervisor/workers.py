@@ -42,6 +42,9 @@ class Worker:
     ready: bool = False
     retiring: bool = False
     inflight: set[int] = field(default_factory=set)
+    # Requests it held when their deadline passed here; its late answers
+    # to them are expected, not a protocol violation.
+    expired: set[int] = field(default_factory=set)
     returncode: int | None = None
 
     def kill(self) -> None:

@@ -68,7 +68,8 @@ def test_flood_from_a_user_namespace_leaves_others_served(
         time.sleep(2)  # the flood is under way
         r = nfs.mount("", "tls")
         print("mount during the flood: ok %s, %.2f s" % (r.ok, r.seconds))
-        assert r.ok, r.output
+        assert r.ok, "%s\n%s\n%s" % (r.output, tlshd.since(mark)[-4000:],
+                                     trace.completions())
         nfs.write_and_read_back()
         nfs.umount()
         assert attacker.poll() is None, "the flood ended before the mount"
@@ -100,6 +101,11 @@ def test_flood_from_a_user_namespace_leaves_others_served(
     assert "Traceback" not in log and "Error while handling" not in log
     # The kernel's own record: the mount's two handshakes, both status 0,
     # and no DONE for anything the attacker named.
+    events = trace.events()
+    t0 = events[0].stamp if events else 0.0
+    for e in events:
+        print("  %8.3f %-24s %-12s req=%s sk=%s status=%s" % (
+            e.stamp - t0, e.event, e.comm, e.req, e.sk, e.status))
     done = trace.completions()
     assert len(done) == 2 and all(c.status == 0 for c in done), done
     print("supervisor fds %d -> %d" % (fds_before, fds_after))

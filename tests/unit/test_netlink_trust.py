@@ -91,11 +91,12 @@ def test_unicast_from_another_sender_is_refused(hs, attacker):
 
 def test_forged_accept_reply_unicast_is_refused(hs, attacker):
     """A forged ACCEPT reply for the next (predictable) sequence number,
-    naming one of our own fds: refused by the kernel, and the ACCEPT sees
-    only the kernel's answer."""
-    with pytest.raises(ConnectionRefusedError):
-        attacker.sendto(accept_reply(hs.seq + 1, hs.fileno()),
-                        (port_of(hs), 0))
+    naming one of our own fds, to either socket: refused by the kernel,
+    and the ACCEPT sees only the kernel's answer."""
+    for port in (port_of(hs), int(hs.txn.getsockname()[0])):
+        with pytest.raises(ConnectionRefusedError):
+            attacker.sendto(accept_reply(hs.seq + 1, hs.fileno()),
+                            (port, 0))
     with pytest.raises(OSError) as exc:
         hs.accept()
     assert exc.value.errno == errno.ENOENT  # the kernel's own answer
@@ -116,13 +117,45 @@ def test_multicast_ready_from_a_process_is_dropped(hs, attacker, caplog):
 
 
 def test_multicast_accept_reply_is_dropped(hs, attacker):
-    """A forged ACCEPT reply multicast just before our ACCEPT is queued
-    ahead of the kernel's answer: it must not be taken for it."""
+    """A forged ACCEPT reply multicast just before our ACCEPT: it never
+    reaches the socket that waits for the kernel's answer, and the READY
+    socket drops it."""
     attacker.sendto(accept_reply(hs.seq + 1, hs.fileno()), (0, GROUP_BIT))
     with pytest.raises(OSError) as exc:
         hs.accept()
     assert exc.value.errno == errno.ENOENT
+    assert hs.drain() is False
     assert hs.foreign == 1
+
+
+def test_multicast_flood_cannot_crowd_out_the_kernels_answers(hs,
+                                                              attacker):
+    """The READY socket's buffer full of forgeries: ACCEPT and DONE still
+    get the kernel's answers at once (their socket is in no group)."""
+    last = -1
+    for _ in range(1000):  # until the buffer is full: it stops growing
+        for _ in range(100):
+            attacker.sendto(ready_msg(), (0, GROUP_BIT))
+        queued = _queued(hs)
+        if queued == last:
+            break
+        last = queued
+    assert queued >= genl.RCVBUF  # full (the kernel doubles SO_RCVBUF)
+    for _ in range(3):
+        with pytest.raises(OSError) as exc:
+            hs.accept()
+        assert exc.value.errno == errno.ENOENT
+
+
+def _queued(hs: genl.HandshakeSocket) -> int:
+    """Bytes queued on the READY socket (/proc/net/netlink's Rmem)."""
+    port = port_of(hs)
+    with open("/proc/self/net/netlink") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2]) == port:
+                return int(fields[4])
+    return 0
 
 
 def test_flood_is_read_in_bounded_slices(hs, attacker):

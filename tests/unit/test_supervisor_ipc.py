@@ -273,3 +273,27 @@ def test_answer_naming_a_key_it_was_not_given(sup, listener, peerid):
     served_by_a_worker(s, nl, ns, listener)
     for p in peers:
         p.close()
+
+
+def test_late_answer_after_deadline_is_not_a_violation(sup, listener):
+    """A worker slowed down by a loaded machine answers after the
+    supervisor gave up on the request: the answer is ignored, the worker
+    and its other requests are left alone (before, it was killed and
+    every request it held failed with EIO)."""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    (fd_a, fd_b), peers = hold_requests(s, nl, ns, listener, 2)
+    worker = ns.worker
+    id_a = min(worker.inflight)
+    s.inflight[id_a].deadline = 0.0  # overdue, as if the loop was slow
+    run_until(s, lambda: nl.dones)
+    assert nl.dones == [(fd_a, errno.ETIMEDOUT, ())]
+    send_as_worker(worker, answer(id_a, errno.ETIMEDOUT), 0)
+    for _ in range(10):
+        s.step(0.05)
+    assert worker.returncode is None and ns.worker is worker
+    assert len(nl.dones) == 1 and len(worker.inflight) == 1
+    for p in peers:
+        p.close()
+    run_until(s, lambda: len(nl.dones) == 2)
+    assert nl.dones[1][0] == fd_b and ns.worker is worker
