@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 
 from tlshd.shared import keys, protocol
 
 log = logging.getLogger(__name__)
 
-PROCESS_KEYRING_NAME = "_pid"
+PROCESS_KEYRING_NAME = b"_pid"
+GLOBAL_KEYRINGS = tuple(name.encode() for name in keys.WELL_KNOWN_KEYRINGS)
 
 
 def _hex(serial: int) -> str:
@@ -59,8 +59,7 @@ def client_psks(peerids: tuple[int, ...]
     psks, skipped = [], []
     for serial in peerids:
         try:
-            _type, description = keys.describe(serial)
-            identity = description.encode()
+            identity = keys.describe(serial).description
             if not identity or len(identity) > protocol.MAX_STR:
                 raise OSError(errno.EKEYREJECTED,
                               "identity of %d bytes" % len(identity))
@@ -136,17 +135,17 @@ def search_keyrings(request_keyring: int) -> list[int]:
     """
     rings = [request_keyring] if request_keyring else []
     try:
-        raw = keys.read(keys.KEY_SPEC_SESSION_KEYRING)
+        members = keys.keyring_members(keys.KEY_SPEC_SESSION_KEYRING)
     except OSError as e:
         log.error("Cannot list the session keyring: %s", e.strerror)
         return rings
-    for i in range(0, len(raw) - 3, 4):
-        serial = int.from_bytes(raw[i : i + 4], sys.byteorder, signed=True)
+    for serial in members:
         try:
-            key_type, description = keys.describe(serial)
+            info = keys.describe(serial)
         except OSError:
             continue
-        if (key_type == "keyring" and description != PROCESS_KEYRING_NAME
+        if (info.key_type == "keyring"
+                and info.description != PROCESS_KEYRING_NAME
                 and serial not in rings):
             rings.append(serial)
     for name in keys.WELL_KNOWN_KEYRINGS:
@@ -167,12 +166,13 @@ def namespace_keyrings(request_keyring: int,
     rings = []
     if request_keyring:
         try:
-            _type, description = keys.describe(request_keyring)
+            info = keys.describe(request_keyring)
         except OSError as e:
             log.error("Cannot describe the request's keyring %s: %s",
                       _hex(request_keyring), e.strerror or str(e))
         else:
-            if description not in keys.WELL_KNOWN_KEYRINGS:
+            # Dot names are the kernel's: no user can forge a global one.
+            if info.description not in GLOBAL_KEYRINGS:
                 rings.append(request_keyring)
     for name in named:
         try:
