@@ -197,7 +197,8 @@ def test_supervisor_psk_material_and_lookup() -> None:
         big = keys.add("user", "id-big", b"B" * 65, request)  # no PSK
 
         psks, skipped = keymaterial.client_psks(
-            (k_req, hidden, 0x7fff0000, big))
+            (k_req, hidden, 0x7fff0000, big),
+            keymaterial.Scope(request, initial=True))
         rings = keymaterial.search_keyrings(request)
         found = {i: (p.serial if (p := keymaterial.lookup_psk(
                          rings, i.encode(), key_type="user")) else None)
