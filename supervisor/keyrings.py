@@ -66,5 +66,6 @@ def link_keyring(name: str) -> bool:
             log.error("Cannot link keyring '%s' (%08x): %s", name, serial,
                       e)
             return False
-        log.info("Keyring '%s' linked into our session keyring.", name)
+        log.info("Keyring '%s' (%08x) linked into our session keyring.",
+                 name, serial)
     return True
