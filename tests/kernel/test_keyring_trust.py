@@ -126,17 +126,24 @@ def attacker() -> Iterator[Attacker]:
     a.close()
 
 
-def proc_keys_line(serial: int) -> bytes:
-    """The line /proc/keys begins with ``serial`` (b"" if none)."""
+def proc_keys_line(serial: int, description: bytes) -> bytes:
+    """The /proc/keys line of key ``serial`` described ``description``
+    (b"" if none): not a line forged to begin with the same serial."""
     listing = Path("/proc/keys").read_bytes()
-    m = re.search(rb"^%08x .*$" % serial, listing, re.MULTILINE)
-    return m.group(0) if m else b""
+    for line in listing.split(b"\n"):
+        fields = line.split(None, 8)
+        if (len(fields) == 9 and fields[0] == b"%08x" % serial
+                and fields[8].startswith(description + b": ")):
+            return line
+    return b""
 
 
-def usage(serial: int) -> int:
+def usage(serial: int, description: bytes) -> int:
     """The key's reference count, /proc/keys' third field: one per
     keyring it is linked in (here, only the attacker's session keyring)."""
-    return int(proc_keys_line(serial).split()[2])
+    line = proc_keys_line(serial, description)
+    assert line, "key %08x not in /proc/keys" % serial
+    return int(line.split()[2])
 
 
 def planted_connect(tlshd, psk_keys, identity: str, label: str) -> None:
@@ -178,8 +185,9 @@ def check_forged_nvme_line(tlshd, psk_keys, attacker: Attacker, real: int,
     assert "%08x" % attacker.planted not in log
     # Linked in the daemon's session keyring it would hold one more
     # reference than the attacker's own link.
-    print("planted keyring: %s" % proc_keys_line(attacker.planted).decode())
-    assert usage(attacker.planted) == 1
+    print("planted keyring:",
+          proc_keys_line(attacker.planted, b"planted").decode())
+    assert usage(attacker.planted, b"planted") == 1
 
     mark = tlshd.mark()
     planted_connect(tlshd, psk_keys, PLANTED_ID, "planted")
@@ -196,8 +204,10 @@ def test_non_utf8_and_squatted_keyrings(target, tlshd, nvme_trace,
                                         psk_keys, attacker):
     """tlshd starts and serves beside a keyring whose description is not
     UTF-8, and refuses a configured keyring name that nobody squatted."""
-    raw = proc_keys_line(attacker.bad)
-    assert b"\xff\xfe" in raw, raw  # what crashed the text parse
+    # What crashed the text parse: invalid UTF-8 in root's /proc/keys.
+    listing = Path("/proc/keys").read_bytes()
+    assert re.search(rb"^%08x .* keyring +bad-\xff\xfe-\n\xc3\(: empty$"
+                     % attacker.bad, listing, re.MULTILINE), listing
     good = psk_keys.add(nvme.identity("01"), os.urandom(32))
     config = nvme.CONFIG.replace(
         "[authenticate]\n", "[authenticate]\nkeyrings=%s\n" % SQUAT_NAME)
@@ -209,6 +219,6 @@ def test_non_utf8_and_squatted_keyrings(target, tlshd, nvme_trace,
     assert refusal in log, log[-3000:]
     assert "%08x" % attacker.squat not in re.findall(
         r"Keyring '.*' \((\w+)\) linked", log)
-    assert usage(attacker.squat) == 1
+    assert usage(attacker.squat, SQUAT_NAME.encode()) == 1
     planted_connect(tlshd, psk_keys, SQUAT_ID, "squat")
     nvme.good_connect(tlshd, good, 1, "real key beside the attacker's")
