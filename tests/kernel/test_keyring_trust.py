@@ -31,7 +31,6 @@ import secrets
 import string
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -78,10 +77,14 @@ all=0x3f3f3f3f   # every right for possessor, user, group and other
 planted=$(keyctl newring planted @s)
 psk=$(keyctl add psk "$PLANTED_ID" "$SECRET" "$planted")
 forger=$(keyctl newring "$(printf "$FORGED" "$planted")" @s)
-bad=$(keyctl newring $'bad-\xff\xfe-\n\xc3(' @s)
+bad=0
+if [ -n "$NON_UTF8" ]; then
+    bad=$(keyctl newring $'bad-\xff\xfe-\n\xc3(' @s)
+    keyctl setperm "$bad" $all
+fi
 squat=$(keyctl newring "$SQUAT_NAME" @s)
 squat_psk=$(keyctl add psk "$SQUAT_ID" "$SECRET" "$squat")
-for k in $planted $psk $forger $bad $squat $squat_psk; do
+for k in $planted $psk $forger $squat $squat_psk; do
     keyctl setperm "$k" $all
 done
 echo "$planted $psk $forger $bad $squat $squat_psk"
@@ -90,9 +93,10 @@ read -r _ || true   # until the test closes our stdin
 
 
 class Attacker:
-    """The keys nobody planted, alive until close()."""
+    """The keys nobody planted, alive until close(); the keyring that is
+    not UTF-8 only if ``non_utf8`` (else ``bad`` is 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, non_utf8: bool) -> None:
         def drop() -> None:
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
@@ -100,7 +104,8 @@ class Attacker:
             keys.join_session_keyring(None)
 
         env = dict(os.environ, PLANTED_ID=PLANTED_ID, SQUAT_ID=SQUAT_ID,
-                   SQUAT_NAME=SQUAT_NAME, SECRET=SECRET, FORGED=FORGED)
+                   SQUAT_NAME=SQUAT_NAME, SECRET=SECRET, FORGED=FORGED,
+                   NON_UTF8="1" if non_utf8 else "")
         self.proc = subprocess.Popen(
             ["bash", "-c", PLANT], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -117,13 +122,6 @@ class Attacker:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(10)
-
-
-@pytest.fixture
-def attacker() -> Iterator[Attacker]:
-    a = Attacker()
-    yield a
-    a.close()
 
 
 def proc_keys_line(serial: int, description: bytes) -> bytes:
@@ -162,7 +160,7 @@ def test_forged_nvme_line_is_never_linked(target, tlshd, nvme_trace,
                                           psk_keys):
     real = nvme.nvme_keyring()  # before anything is planted
     good = psk_keys.add(nvme.identity("01"), os.urandom(32))
-    attacker = Attacker()
+    attacker = Attacker(non_utf8=False)
     try:
         check_forged_nvme_line(tlshd, psk_keys, attacker, real, good)
     finally:
@@ -201,14 +199,23 @@ def check_forged_nvme_line(tlshd, psk_keys, attacker: Attacker, real: int,
 
 
 def test_non_utf8_and_squatted_keyrings(target, tlshd, nvme_trace,
-                                        psk_keys, attacker):
+                                        psk_keys):
     """tlshd starts and serves beside a keyring whose description is not
     UTF-8, and refuses a configured keyring name that nobody squatted."""
+    good = psk_keys.add(nvme.identity("01"), os.urandom(32))
+    attacker = Attacker(non_utf8=True)
+    try:
+        check_non_utf8_and_squatted(tlshd, psk_keys, attacker, good)
+    finally:
+        attacker.close()
+
+
+def check_non_utf8_and_squatted(tlshd, psk_keys, attacker: Attacker,
+                                good: int) -> None:
     # What crashed the text parse: invalid UTF-8 in root's /proc/keys.
     listing = Path("/proc/keys").read_bytes()
     assert re.search(rb"^%08x .* keyring +bad-\xff\xfe-\n\xc3\(: empty$"
                      % attacker.bad, listing, re.MULTILINE), listing
-    good = psk_keys.add(nvme.identity("01"), os.urandom(32))
     config = nvme.CONFIG.replace(
         "[authenticate]\n", "[authenticate]\nkeyrings=%s\n" % SQUAT_NAME)
     assert SQUAT_NAME in config
