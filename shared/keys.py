@@ -8,15 +8,27 @@ are raised as OSError with the kernel's errno.
 
 Who possesses what in tlshd: the supervisor joins a session keyring of its
 own and links into it its process keyring (where the kernel links each
-ACCEPT request's keyring) and the well-known keyrings; workers inherit that
-session keyring, so they possess those keyrings and the keys inside them.
+ACCEPT request's keyring) and the well-known keyrings.  Workers possess
+nothing: each joins a new, empty session keyring and may not call keyctl
+at all; the supervisor reads keys for them (tlshd.supervisor.keymaterial).
+
+Key descriptions are attacker-controlled bytes: any local user can create a
+keyring and make it visible to root, with any description but one starting
+with '.' (the kernel reserves those to itself).  A description may contain
+newlines and need not be UTF-8.  So descriptions are handled as bytes, and
+/proc/keys is read only for candidate serials, each confirmed by
+KEYCTL_DESCRIBE before use (see :func:`find_keyrings`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
+import re
+import sys
+from dataclasses import dataclass
 
 # keyctl / add_key syscall numbers per architecture.
 _NR_KEYCTL = {"x86_64": 250, "aarch64": 219}
@@ -43,6 +55,14 @@ PSK_KEY_TYPE = "psk"
 
 # Largest payload read: user keys hold at most 32767 bytes.
 MAX_PAYLOAD = 65536
+
+# Key serials are positive 32-bit ints (key_serial_t); negative ids are the
+# KEY_SPEC_* specials, which must never come from parsed text.
+MAX_SERIAL = 0x7FFFFFFF
+
+log = logging.getLogger(__name__)
+
+_SERIAL = re.compile(rb"([0-9a-f]{8}) ")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -91,14 +111,46 @@ def read(serial: int) -> bytes:
     return _read_buffer(KEYCTL_READ, serial)
 
 
-def describe(serial: int) -> tuple[str, str]:
-    """Return (type, description) of key ``serial`` (VIEW permission)."""
-    raw = _read_buffer(KEYCTL_DESCRIBE, serial).rstrip(b"\0").decode()
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What KEYCTL_DESCRIBE tells about a key.
+
+    ``description`` stays bytes: its owner chose it, and it may hold any
+    byte but NUL (newlines, ';', invalid UTF-8).  ``key_type`` is the name
+    of a type the kernel registered, so it is plain text.
+    """
+
+    key_type: str
+    uid: int
+    gid: int
+    perm: int
+    description: bytes
+
+
+def describe(serial: int) -> KeyInfo:
+    """Describe key ``serial`` (VIEW permission); OSError if we cannot, or
+    if the kernel's answer does not parse (it always should)."""
+    raw = _read_buffer(KEYCTL_DESCRIBE, serial)
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
     # "type;uid;gid;perm;description": the description may contain ';'.
-    parts = raw.split(";", 4)
-    if len(parts) != 5:
-        raise OSError(22, "unexpected key description %r" % raw)
-    return parts[0], parts[4]
+    parts = raw.split(b";", 4)
+    try:
+        if len(parts) != 5:
+            raise ValueError("%d fields" % len(parts))
+        return KeyInfo(key_type=parts[0].decode("ascii"),
+                       uid=int(parts[1]), gid=int(parts[2]),
+                       perm=int(parts[3], 16), description=parts[4])
+    except ValueError as e:  # UnicodeDecodeError included
+        raise OSError(22, "unexpected description of key %d: %r (%s)"
+                      % (serial, raw[:100], e)) from None
+
+
+def keyring_members(serial: int) -> list[int]:
+    """The serials linked directly in keyring ``serial`` (READ)."""
+    raw = read(serial)
+    return [int.from_bytes(raw[i : i + 4], sys.byteorder, signed=True)
+            for i in range(0, len(raw) - 3, 4)]
 
 
 def search(keyring: int, key_type: str, description: str | bytes) -> int:
@@ -143,23 +195,55 @@ def add(key_type: str, description: str | bytes, payload: bytes,
                     buf, len(payload), keyring)
 
 
-def parse_proc_keys(text: str, key_type: str, name: str) -> list[int]:
-    """Serials of the keys of ``key_type`` described ``name`` in a
-    /proc/keys listing (one key per line: serial, flags, usage, expiry,
-    perm, uid, gid, type, "description: summary")."""
+def proc_keys_candidates(listing: bytes, name: bytes) -> list[int]:
+    """Serials of the /proc/keys lines that mention ``name``: candidates
+    for a key of that description, nothing more.
+
+    Each key is one line, "serial flags usage expiry perm uid gid type
+    description: summary", but a description may contain newlines, so a
+    user can print lines of any content, naming any serial.  The kernel
+    prints every key's own line starting with its real serial and whole
+    description, so a real key is always among the candidates; forged
+    lines only add candidates, and callers confirm each with describe().
+    """
     found = []
-    for line in text.splitlines():
-        fields = line.split(None, 8)
-        if len(fields) < 9 or fields[7] != key_type:
+    for line in listing.split(b"\n"):
+        # The kernel prints the serial as "%08x"; anything else in the
+        # first field is the tail of someone's description.
+        first = _SERIAL.match(line)
+        if first is None or name not in line:
             continue
-        description = fields[8].rpartition(": ")[0] or fields[8]
-        if description == name:
-            found.append(int(fields[0], 16))
+        serial = int(first.group(1), 16)
+        if 0 < serial <= MAX_SERIAL and serial not in found:
+            found.append(serial)
     return found
 
 
 def find_keyrings(name: str, proc_keys: str = "/proc/keys") -> list[int]:
-    """Keyrings named ``name`` that we may view, as ktls-utils finds them
-    (a scan of /proc/keys: request_key cannot find unpossessed keyrings)."""
-    with open(proc_keys) as f:
-        return parse_proc_keys(f.read(), "keyring", name)
+    """The root-owned keyrings described exactly ``name`` that we may view.
+
+    Like ktls-utils, the search is a scan of /proc/keys (request_key cannot
+    find unpossessed keyrings), but here it only yields candidates; each is
+    kept if KEYCTL_DESCRIBE says: type keyring, description ``name``, owner
+    uid 0.  The owner check matters for names without a leading dot, which
+    any user may give a keyring of their own ("squatting"); a non-root
+    keyring of the name is refused with an error logged.  Raises OSError
+    only if /proc/keys cannot be read.
+    """
+    wanted = name.encode()
+    with open(proc_keys, "rb") as f:
+        listing = f.read()
+    found = []
+    for serial in proc_keys_candidates(listing, wanted):
+        try:
+            info = describe(serial)
+        except OSError:
+            continue  # gone since, not viewable, or a forged serial
+        if info.key_type != "keyring" or info.description != wanted:
+            continue
+        if info.uid != 0:
+            log.error("Refusing keyring '%s' (serial %08x): owned by uid %d,"
+                      " not root", name, serial, info.uid)
+            continue
+        found.append(serial)
+    return found

@@ -257,9 +257,11 @@ class HandshakeRequest:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PskLookup:
     """A server worker asks for the PSK of an identity its client offered
-    (request id: the handshake's).  The supervisor searches the request's
-    keyring and the daemon's keyrings from inside the worker's namespace,
-    so a worker sees only the one key it needs, and only its namespace's.
+    (request id: the handshake's).  The supervisor searches the keyrings
+    the request's namespace may use (tlshd.supervisor.keymaterial: the
+    kernel's search does not tell namespaces apart in a global keyring
+    such as ``.nvme``, so the supervisor scopes it), so a worker sees only
+    the one key it needs, and only its namespace's.
     """
 
     TYPE: ClassVar[Msg] = Msg.PSK_LOOKUP

@@ -13,7 +13,10 @@ and links into it:
   (before 6.17) and even when the nvme modules were loaded after tlshd
   started (vm-harness pitfall 13);
 - ``.nvme``, ``.nfs``, ``.nfsd`` when they exist, and the keyrings named in
-  ``[authenticate] keyrings=``, as ktls-utils does.
+  ``[authenticate] keyrings=``, as ktls-utils does, but only keyrings
+  owned by root and confirmed by KEYCTL_DESCRIBE (tlshd.shared.keys.
+  find_keyrings): /proc/keys alone can be forged by any user, and a name
+  without a leading dot can be taken by any user's keyring.
 
 What a server PSK lookup *searches* is a separate, explicit list: see
 tlshd.supervisor.keymaterial.search_keyrings.
@@ -63,5 +66,6 @@ def link_keyring(name: str) -> bool:
             log.error("Cannot link keyring '%s' (%08x): %s", name, serial,
                       e)
             return False
-        log.info("Keyring '%s' linked into our session keyring.", name)
+        log.info("Keyring '%s' (%08x) linked into our session keyring.",
+                 name, serial)
     return True

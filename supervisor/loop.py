@@ -830,8 +830,11 @@ class Supervisor:
         """Read the kernel keys ``req`` names, for the worker (which can
         read none); None after answering the request if that fails."""
         accepted = req.request
+        # Serials are read only from the keyrings its namespace may use.
+        scope = keymaterial.Scope(accepted.keyring or 0, req.ns.initial,
+                                  req.ns.cfg.keyrings)
         try:
-            cert, key = keymaterial.x509_from_keys(accepted.certs)
+            cert, key = keymaterial.x509_from_keys(accepted.certs, scope)
         except OSError as e:
             log.error("Failed to read certificate keys for request %d in "
                       "netns %s: %s", req.req_id, req.ns.label, e)
@@ -841,7 +844,8 @@ class Supervisor:
         psks: list[protocol.PskMaterial] = []
         if (accepted.auth_mode == uapi.AuthMode.PSK
                 and accepted.msg_type == uapi.MsgType.CLIENTHELLO):
-            psks, skipped = keymaterial.client_psks(accepted.peerids)
+            psks, skipped = keymaterial.client_psks(accepted.peerids,
+                                                    scope)
             for why in skipped:
                 log.error("Cannot use PSK %s [netns %s]", why, req.ns.label)
         return cert, key, tuple(psks)

@@ -6,8 +6,9 @@ A worker possesses no kernel keys (see tlshd.supervisor.keymaterial):
   serials, read by the supervisor; they are offered in turn;
 - server (NVMe target): the worker parses the ClientHello and asks the
   supervisor for each offered identity (PSK_LOOKUP, at most
-  ``protocol.MAX_LOOKUPS`` per request); the supervisor searches from
-  inside this worker's namespace and answers with that one key or none.
+  ``protocol.MAX_LOOKUPS`` per request); the supervisor searches the
+  keyrings this worker's namespace may use (scoped by the supervisor:
+  ``.nvme`` is global) and answers with that one key or none.
 """
 
 from __future__ import annotations

@@ -285,9 +285,9 @@ def test_worker_of_a_cannot_read_b_nvme_psk(netns_lab):
     consumers' keyrings into the supervisor's process keyring), so a
     worker that inherited it would possess every namespace's PSKs.
     Workers join an empty session keyring and may not call keyctl; the
-    supervisor reads keys for them and searches a server's PSK from
-    inside the request's namespace, where the kernel matches only keys
-    that namespace created.
+    supervisor reads keys for them and searches a server's PSK only in
+    the keyrings the request's namespace may use (the kernel's search of
+    the global .nvme does not tell namespaces apart).
     """
     lab = netns_lab
     r = subprocess.run(["modprobe", "nvme-keyring"], check=False)

@@ -73,7 +73,7 @@ def test_basic_operations() -> None:
         k = keys.add("user", "NVMe0R01 h;with;semicolons s", b"\\x01" * 32,
                      ring)
         print(json.dumps({
-            "describe": keys.describe(k),
+            "describe": repr(keys.describe(k)),
             "read": keys.read(k).hex(),
             "search": keys.search(S, "user", "NVMe0R01 h;with;semicolons s")
                       == k,
@@ -85,7 +85,9 @@ def test_basic_operations() -> None:
             "members": keys.read(ring) == k.to_bytes(4, sys.byteorder),
         }))
     """)
-    assert out["describe"] == ["user", "NVMe0R01 h;with;semicolons s"]
+    assert out["describe"] == repr(keys.KeyInfo(
+        key_type="user", uid=0, gid=0, perm=0x3F010000,
+        description=b"NVMe0R01 h;with;semicolons s"))
     assert out["read"] == "01" * 32
     assert out["search"] and out["search_bytes"] and out["members"]
     assert out["missing"] == "ENOKEY"
@@ -123,20 +125,25 @@ def test_root_needs_possession() -> None:
     assert out["after"] == ["ok", "ok"]
 
 
-def test_parse_proc_keys() -> None:
+def test_proc_keys_candidates() -> None:
+    """Lines that begin with a serial and mention the name, whatever they
+    say about type and description: describe() decides."""
     text = (
-        "2487cc1f I------     1 perm 1f1f0000     0     0 keyring   "
-        ".nvme: empty\n"
-        "12345678 I--Q---     1 perm 3f010000     0     0 psk       "
-        "NVMe0R01 nqn.a:b nqn.c:d: 32\n"
-        "0000abcd I------     1 perm 1f1f0000     0     0 keyring   "
-        ".nvme-other: 1\n"
-        "garbage\n"
+        b"2487cc1f I------     1 perm 1f1f0000     0     0 keyring   "
+        b".nvme: empty\n"
+        b"12345678 I--Q---     1 perm 3f010000     0     0 psk       "
+        b"NVMe0R01 nqn.a:b nqn.c:d: 32\n"
+        b"0000abcd I------     1 perm 1f1f0000     0     0 keyring   "
+        b".nvme-other: 1\n"
+        b"fffffffd I------     1 perm 1f1f0000     0     0 keyring   "
+        b".nvme: empty\n"  # our session keyring's KEY_SPEC id: never
+        b"x\xff\xfe .nvme\n"
+        b"garbage\n"
     )
-    assert keys.parse_proc_keys(text, "keyring", ".nvme") == [0x2487CC1F]
-    assert keys.parse_proc_keys(text, "psk", "NVMe0R01 nqn.a:b nqn.c:d") == [
-        0x12345678]
-    assert keys.parse_proc_keys(text, "keyring", ".nfs") == []
+    assert keys.proc_keys_candidates(text, b".nvme") == [0x2487CC1F, 0xABCD]
+    assert keys.proc_keys_candidates(
+        text, b"NVMe0R01 nqn.a:b nqn.c:d") == [0x12345678]
+    assert keys.proc_keys_candidates(text, b".nfs") == []
 
 
 def test_supervisor_session_keyring() -> None:
@@ -190,7 +197,8 @@ def test_supervisor_psk_material_and_lookup() -> None:
         big = keys.add("user", "id-big", b"B" * 65, request)  # no PSK
 
         psks, skipped = keymaterial.client_psks(
-            (k_req, hidden, 0x7fff0000, big))
+            (k_req, hidden, 0x7fff0000, big),
+            keymaterial.Scope(request, initial=True))
         rings = keymaterial.search_keyrings(request)
         found = {i: (p.serial if (p := keymaterial.lookup_psk(
                          rings, i.encode(), key_type="user")) else None)

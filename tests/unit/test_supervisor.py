@@ -361,7 +361,7 @@ def test_client_psks_come_with_the_request(sup, listener, monkeypatch):
     s, nl, ns = sup
     read: list[tuple[int, ...]] = []
 
-    def client_psks(peerids):
+    def client_psks(peerids, scope):
         read.append(peerids)
         return [protocol.PskMaterial(serial=0x99, identity=PSK_ID,
                                      secret=PSK_SECRET)], []
