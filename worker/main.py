@@ -198,4 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         server.serve()
     except PeerGone:
         pass
+    except Exception:
+        # stderr is /dev/null by now: the traceback goes to the
+        # supervisor, which logs it as one line.
+        log.exception("Worker failed")
+        return 70  # EX_SOFTWARE
     return 0
