@@ -247,13 +247,76 @@ def parse(text: str, path: str = "<string>") -> Config:
 
 
 def load(path: str) -> Config:
-    """Read and parse ``path``; raises ConfigError if that fails."""
+    """Read and parse ``path``; raises ConfigError if that fails, or if
+    someone other than root could have written it."""
     try:
         with open(path, "rb") as f:
+            check_owner(path, os.fstat(f.fileno()))
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError("Failed to read %s: %s" % (path, e.strerror)) from e
     return parse_bytes(raw, path)
+
+
+def check_owner(path: str, st: os.stat_result) -> None:
+    """Refuse a configuration file another user could have written.
+
+    It names the keys and CAs a root process trusts, so it must be as
+    safe as they are: owned by root (or by whoever runs us, so that a
+    user can run the tests), writable by its owner only; OpenSSH checks
+    its users' files the same way.  (Checked on the open file, so a
+    rename in between cannot swap it.)
+    """
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError("%s: bad owner: uid %d, must be root"
+                          % (path, st.st_uid))
+    if st.st_mode & 0o022:
+        raise ConfigError("%s: bad permissions: mode %04o is group- or "
+                          "world-writable" % (path, st.st_mode & 0o7777))
+
+
+# Private keys already warned about, by path: once per process is enough.
+_warned_keys: set[str] = set()
+
+
+def key_file_problem(path: str, owners: set[int]) -> str | None:
+    """Why private key ``path`` is not private, or None.
+
+    A key should be readable by its owner alone, and owned by root or by
+    the worker user (``owners``); other users could read it otherwise.
+    Only a warning, as OpenSSH's "UNPROTECTED PRIVATE KEY FILE" would
+    break existing set-ups (ktls-utils does not check).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # loading it will report that
+    if st.st_uid not in owners:
+        return ("private key %s is owned by uid %d, not by root or the "
+                "worker user" % (path, st.st_uid))
+    if st.st_mode & 0o077:
+        return ("private key %s is readable or writable by group or other "
+                "(mode %04o); chmod 600 it" % (path, st.st_mode & 0o7777))
+    return None
+
+
+def key_problems(cfg: Config, owners: set[int]) -> dict[str, str]:
+    """The private keys of ``cfg`` others could read: path -> why."""
+    problems = {}
+    for role in (cfg.client, cfg.server):
+        if role.private_key is not None:
+            problem = key_file_problem(role.private_key, owners)
+            if problem is not None:
+                problems[role.private_key] = problem
+    return problems
+
+
+def warn_key_files(cfg: Config, owners: set[int]) -> None:
+    """Warn about private keys others could read, once per path."""
+    for path, problem in key_problems(cfg, owners).items():
+        if path not in _warned_keys:
+            _warned_keys.add(path)
+            log.warning("%s: %s", cfg.path, problem)
 
 
 def parse_bytes(raw: bytes, path: str) -> Config:

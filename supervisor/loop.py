@@ -28,6 +28,7 @@ from tlshd.supervisor import (
     netns,
     sdnotify,
     upcall,
+    workercheck,
 )
 from tlshd.supervisor.backoff import Backoff
 from tlshd.supervisor.workers import Template, Worker, spawn_worker
@@ -583,7 +584,7 @@ class Supervisor:
             self.sel.unregister(worker.channel)
             return
         if isinstance(msg, protocol.LogRecord):
-            log.log(msg.level, "%s [netns %s]", msg.text, ns.label)
+            worker.logs.emit(msg.level, msg.text)
         elif isinstance(msg, protocol.Hello) and not worker.ready:
             self.answer_hello(ns, worker, msg)
         elif (isinstance(msg, protocol.HandshakeAnswer)
@@ -680,6 +681,17 @@ class Supervisor:
 
     def answer_hello(self, ns: Namespace, worker: Worker,
                      hello: protocol.Hello) -> None:
+        wrong = workercheck.verify_hello(worker.pid, hello, self.worker_ids)
+        if wrong:
+            # Lying about its sandbox, or not sandboxed as told: a worker
+            # not to be trusted with a request.  Its exit (pidfd) is then
+            # handled as any worker's death.
+            log.error("Worker %d (netns %s) is not what it claims or must "
+                      "be: %s; killing it", worker.pid, ns.label,
+                      "; ".join(wrong))
+            worker.kill()
+            self.sel.unregister(worker.channel)
+            return
         worker.ready = True
         log.info("Worker %d for netns %s ready: uid %d gid %d CapEff %016x "
                  "NoNewPrivs %d Seccomp %d", worker.pid, ns.label, hello.uid,

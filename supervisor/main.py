@@ -12,7 +12,7 @@ from importlib import metadata
 
 import setproctitle
 
-from tlshd.shared import config, tlsstat
+from tlshd.shared import config, linux, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import control, genl, keyrings, ktlswarm, sdnotify
@@ -95,16 +95,20 @@ def check_config(cfg: config.Config) -> int:
                 paths.append(candidate)
     paths += [p for p in (cfg.netns_default, cfg.netns_unnamed) if p]
     failures = 0
-    for path in paths:
-        result = subprocess.run(
-            [sys.executable, "-m", "tlshd.worker", "--check", "--config",
-             path], check=False, stdin=subprocess.DEVNULL)
-        failures += result.returncode != 0
+    # The worker user may own private keys: tell the checking worker.
+    uid: list[str] = []
     try:
-        worker_ids(cfg.worker_user)
+        ids = worker_ids(cfg.worker_user)
+        if ids is not None:
+            uid = ["--uid", str(ids[0])]
     except ConfigError as e:
         print(e)
         failures += 1
+    for path in paths:
+        result = subprocess.run(
+            [sys.executable, "-m", "tlshd.worker", "--check", "--config",
+             path, *uid], check=False, stdin=subprocess.DEVNULL)
+        failures += result.returncode != 0
     print("%d configuration file(s) checked, %d with problems"
           % (len(paths), failures))
     return 1 if failures else 0
@@ -112,6 +116,11 @@ def check_config(cfg: config.Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Root, holding every namespace's key material on its way to the
+    # workers: no core dump of it, and no ptrace or /proc/PID/mem reading
+    # by a process of another (or the workers') uid.  Before the title,
+    # which tests wait for.
+    linux.set_dumpable(False)
     setproctitle.setproctitle("tlshd: supervisor")
     tlshd_log.setup(args.stderr, debug=False)
     # Before anything forks (no worker inherits systemd's notify socket),
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(path)
     except ConfigError as e:
         log.error("%s", e)
+        if args.check_config:  # the log may be syslog: say it here too
+            print(e)
         return os.EX_CONFIG
     if args.check_config:
         return check_config(cfg)

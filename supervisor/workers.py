@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tlshd.shared import linux, protocol
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import ProtocolError
+from tlshd.supervisor.workerlog import WorkerLog
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class Worker:
     # to them are expected, not a protocol violation.
     expired: set[int] = field(default_factory=set)
     returncode: int | None = None
+    # What it logs goes through here: sanitised and rate-limited.
+    logs: WorkerLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.logs = WorkerLog(self.pid, self.label)
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: immune to pid reuse."""
@@ -60,6 +66,7 @@ class Worker:
         self.returncode = os.waitstatus_to_exitcode(status)
         os.close(self.pidfd)
         self.channel.close()
+        self.logs.close()  # what was dropped, if anything, now
         return self.returncode
 
 

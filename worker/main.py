@@ -65,32 +65,49 @@ def _settings(role: config.RoleConfig) -> RoleSettings:
                         ciphersuites=role.ciphersuites)
 
 
-def load_engine(path: str) -> Engine:
+def key_owners(uid: int | None) -> set[int]:
+    """Who may own a private key: root, us, the user we drop to."""
+    return {0, os.geteuid()} | ({uid} if uid is not None else set())
+
+
+def load_engine(path: str, uid: int | None = None) -> Engine:
+    """The TLS engine for configuration ``path``; warns about private
+    keys that the worker user ``uid`` and root do not keep private."""
     cfg = config.load(path)
+    config.warn_key_files(cfg, key_owners(uid))
+    return engine_for(cfg)
+
+
+def engine_for(cfg: config.Config) -> Engine:
     reuse = (ReuseSettings(lifetime=cfg.session_lifetime,
                            cache_size=cfg.session_cache_size)
              if cfg.session_reuse else None)
     return Engine(_settings(cfg.client), _settings(cfg.server), reuse=reuse)
 
 
-def check(path: str) -> int:
+def check(path: str, uid: int | None) -> int:
     """Load ``path`` and every credential it names, as a worker would."""
     try:
-        load_engine(path)
+        cfg = config.load(path)
+        engine_for(cfg)
     except (ConfigError, CredentialError) as e:
         print("%s: %s" % (path, e))
         return os.EX_CONFIG
+    for problem in config.key_problems(cfg, key_owners(uid)).values():
+        print("%s: warning: %s" % (path, problem))
     print("%s: ok" % path)
     return 0
 
 
 def boot(args: argparse.Namespace, channel: Channel,
-         lock: threading.Lock) -> tuple[Server, protocol.Hello]:
+         lock: threading.Lock,
+         keep_stdio: bool = False) -> tuple[Server, protocol.Hello]:
     """Steps 2-4: enter the namespace, load, start the pool, lock down.
 
     Raises ConfigError or CredentialError when the configuration or a
     credential is unusable.  Shared with the kernel tests' sandbox probe,
-    which must boot exactly as a worker does.
+    which must boot exactly as a worker does (``keep_stdio``: but keeps
+    its stdout and stderr to report on).
     """
     if args.netns_fd is not None:
         # First, while still root: every socket, DNS lookup and keyring
@@ -106,10 +123,31 @@ def boot(args: argparse.Namespace, channel: Channel,
     except OSError as e:
         log.warning("Cannot join an empty session keyring (%s); keyctl is "
                     "forbidden once sandboxed all the same", e)
-    engine = load_engine(args.config)
+    engine = load_engine(args.config, args.uid)
     server = Server(channel, lock, engine, args.threads)
+    if not keep_stdio:
+        detach_stdio()
     hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)
     return server, hello
+
+
+def detach_stdio() -> None:
+    """Point fds 0, 1 and 2 at /dev/null.
+
+    They are the supervisor's (exec'd workers) or the template's, and
+    lead to its stderr: the journal, or a terminal.  A compromised worker
+    must reach them only through the channel, whose log records the
+    supervisor sanitises and rate-limits.  Done just before the lock-down:
+    until then nothing here has parsed peer data, and a failure to boot
+    can still be seen there.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
 
 
 def _low_fd(fd: int) -> int:
@@ -129,7 +167,7 @@ def _low_fd(fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.check:
-        return check(args.config)
+        return check(args.config, args.uid)
     if args.channel_fd is None:
         raise SystemExit("tlshd-worker: --channel-fd is required")
     args.channel_fd = _low_fd(args.channel_fd)
@@ -160,4 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         server.serve()
     except PeerGone:
         pass
+    except Exception:
+        # stderr is /dev/null by now: the traceback goes to the
+        # supervisor, which logs it as one line.
+        log.exception("Worker failed")
+        return 70  # EX_SOFTWARE
     return 0

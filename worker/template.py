@@ -31,7 +31,7 @@ sslconf.use_worker_config()
 
 import setproctitle  # noqa: E402
 
-from tlshd.shared import protocol  # noqa: E402
+from tlshd.shared import linux, protocol  # noqa: E402
 from tlshd.shared.channel import Channel  # noqa: E402
 from tlshd.shared.errors import PeerGone  # noqa: E402
 from tlshd.worker import main as worker_main  # noqa: E402
@@ -109,6 +109,11 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="tlshd-worker-template")
     p.add_argument("--channel-fd", type=int, required=True)
     args = p.parse_args()
+    # Root, and the parent of every worker until it drops to the worker
+    # user: no core dump, and no ptrace or /proc/PID/mem by that user
+    # (exec made us dumpable again).  Before the title, which tests wait
+    # for.  Each forked worker inherits it until its own lock-down.
+    linux.set_dumpable(False)
     setproctitle.setproctitle("tlshd: worker template")
     # Everything imported so far lives as long as any worker: move it out
     # of the collector's reach, so that no worker's full collection walks

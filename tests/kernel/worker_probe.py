@@ -79,8 +79,9 @@ def main() -> None:
         "--channel-fd", str(theirs.fileno()), "--config", args.config,
         "--label", "probe", "--netns-fd", str(nsfd),
         "--uid", args.uid, "--gid", args.gid])
+    # stdio: our report goes to stdout, where a worker has /dev/null.
     _server, hello = worker_main.boot(wargs, Channel(theirs),
-                                      threading.Lock())
+                                      threading.Lock(), keep_stdio=True)
     _say("HELLO uid=%d gid=%d cap_eff=%x no_new_privs=%d seccomp=%d"
          % (hello.uid, hello.gid, hello.cap_eff, hello.no_new_privs,
             hello.seccomp))

@@ -50,3 +50,39 @@ def test_tlshdctl_without_daemon(tmp_path):
     r = run("tlshd.supervisor.ctl", "-S", str(tmp_path / "nope"), "status")
     assert r.returncode == 69
     assert "cannot reach tlshd" in r.stderr
+
+
+def test_check_config_refuses_writable_config(tmp_path):
+    conf = tmp_path / "config"
+    conf.write_text("[sandbox]\nuser=nobody\n")
+    conf.chmod(0o664)
+    r = run("tlshd.supervisor", "--check-config", "-c", str(conf))
+    assert r.returncode != 0
+    assert "%s: bad permissions: mode 0664" % conf in r.stdout
+
+
+def test_check_config_refuses_writable_netns_config(tmp_path, pki):
+    conf = tmp_path / "config"
+    conf.write_text("[sandbox]\nuser=nobody\n")
+    ns = tmp_path / "netns" / "a"
+    ns.mkdir(parents=True)
+    (ns / "config").write_text("[debug]\nloglevel=0\n")
+    (ns / "config").chmod(0o666)
+    r = run("tlshd.supervisor", "--check-config", "-c", str(conf))
+    assert r.returncode == 1
+    assert "netns/a/config: bad permissions: mode 0666" in r.stdout
+    assert "2 configuration file(s) checked, 1 with problems" in r.stdout
+
+
+def test_check_config_warns_about_readable_key(tmp_path, pki):
+    key = tmp_path / "key.pem"
+    key.write_bytes(pki.server.key.read_bytes())
+    key.chmod(0o640)
+    conf = tmp_path / "config"
+    conf.write_text("[sandbox]\nuser=nobody\n[authenticate.server]\n"
+                    "x509.certificate=%s\nx509.private_key=%s\n"
+                    % (pki.server.cert, key))
+    r = run("tlshd.supervisor", "--check-config", "-c", str(conf))
+    assert r.returncode == 0, r.stdout + r.stderr  # a warning only
+    assert "warning: private key %s is readable" % key in r.stdout
+    assert r.stdout.count(str(key)) == 1 and str(key) not in r.stderr

@@ -1,5 +1,8 @@
 """Configuration parsing, in ktls-utils' format."""
 
+import logging
+import os
+
 import pytest
 
 from tlshd.shared import config
@@ -112,3 +115,91 @@ def test_load_missing_file(tmp_path):
 
 def test_find_config_explicit_wins():
     assert config.find_config("/x/y") == "/x/y"
+
+
+# ---- file permissions (issue 15 part 4) -----------------------------------
+# A configuration file names the keys and CAs root trusts: one another
+# user could write is refused, as OpenSSH refuses such files.
+
+
+def test_root_owned_0644_is_loaded(tmp_path):
+    conf = tmp_path / "config"
+    conf.write_text("[debug]\nloglevel=1\n")
+    conf.chmod(0o644)
+    assert config.load(str(conf)).loglevel == 1
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620])
+def test_group_or_world_writable_config_is_refused(tmp_path, mode):
+    conf = tmp_path / "config"
+    conf.write_text("[debug]\nloglevel=1\n")
+    conf.chmod(mode)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(conf))
+    assert str(conf) in str(e.value)
+    assert "mode %04o" % mode in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_config_owned_by_another_user_is_refused(tmp_path):
+    conf = tmp_path / "config"
+    conf.write_text("[debug]\nloglevel=1\n")
+    conf.chmod(0o644)
+    os.chown(conf, 65534, 65534)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(conf))
+    assert str(conf) in str(e.value) and "uid 65534" in str(e.value)
+
+
+def own_key(tmp_path, pki, mode):
+    """A copy of the shared test key (a session fixture: left alone)."""
+    key = tmp_path / "key.pem"
+    key.write_bytes(pki.server.key.read_bytes())
+    key.chmod(mode)
+    return key
+
+
+def test_readable_private_key_is_warned_about_once(tmp_path, pki, caplog,
+                                                   monkeypatch):
+    from tlshd.worker import main as worker_main
+
+    monkeypatch.setattr(config, "_warned_keys", set(), raising=False)
+    caplog.set_level(logging.WARNING)
+    key = own_key(tmp_path, pki, 0o644)
+    conf = tmp_path / "config"
+    conf.write_text("[authenticate.server]\nx509.certificate=%s\n"
+                    "x509.private_key=%s\n" % (pki.server.cert, key))
+    for _ in range(3):  # e.g. three namespaces' workers, or reloads
+        worker_main.load_engine(str(conf))
+    warned = [r.getMessage() for r in caplog.records
+              if str(key) in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "mode 0644" in warned[0]
+    # Private to its owner: no warning.
+    monkeypatch.setattr(config, "_warned_keys", set())
+    caplog.clear()
+    key.chmod(0o600)
+    worker_main.load_engine(str(conf))
+    assert not caplog.records
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_private_key_of_another_user_is_warned_about(tmp_path, pki, caplog,
+                                                     monkeypatch):
+    from tlshd.worker import main as worker_main
+
+    monkeypatch.setattr(config, "_warned_keys", set(), raising=False)
+    caplog.set_level(logging.WARNING)
+    key = own_key(tmp_path, pki, 0o600)
+    os.chown(key, 65534, 65534)
+    conf = tmp_path / "config"
+    conf.write_text("[authenticate.server]\nx509.certificate=%s\n"
+                    "x509.private_key=%s\n" % (pki.server.cert, key))
+    worker_main.load_engine(str(conf))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "owned by uid 65534" in warned[0], warned
+    # The worker user may own it.
+    monkeypatch.setattr(config, "_warned_keys", set())
+    caplog.clear()
+    worker_main.load_engine(str(conf), uid=65534)
+    assert not caplog.records

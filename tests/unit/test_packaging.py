@@ -157,3 +157,11 @@ def test_deb_maintainer_scripts(deb: Path, tmp_path: Path) -> None:
             < postinst.index("deb-systemd-invoke"))
     assert "systemd-tmpfiles" in postinst
     assert "deb-systemd-helper enable 'tlshd.service'" in postinst
+
+
+def test_unit_allows_no_core_dumps() -> None:
+    """The daemon and its workers hold private keys and session secrets:
+    no core file of them, even before they make themselves
+    non-dumpable."""
+    unit = (PACKAGING / "tlshd.service").read_text().splitlines()
+    assert "LimitCORE=0" in unit
