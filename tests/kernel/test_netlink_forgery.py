@@ -70,6 +70,7 @@ def test_flood_from_a_user_namespace_leaves_others_served(
         print("mount during the flood: ok %s, %.2f s" % (r.ok, r.seconds))
         assert r.ok, "%s\n%s\n%s" % (r.output, tlshd.since(mark)[-4000:],
                                      trace.completions())
+        assert tlshd.proc.poll() is None, "the supervisor died"
         nfs.write_and_read_back()
         nfs.umount()
         assert attacker.poll() is None, "the flood ended before the mount"
@@ -83,33 +84,34 @@ def test_flood_from_a_user_namespace_leaves_others_served(
             attacker.kill()
             attacker.wait()
     counts = json.loads(out.strip().splitlines()[-1])
-    print("attacker: %s" % counts)
-    # The attack happened: multicasts got through to the socket...
-    assert counts["multicast_sent"] > 1000, counts
-    # ...unicasts never did: the socket is connected to the kernel.
-    assert counts["unicast_sent"] == 0, counts
-    assert counts["unicast_refused"] > 1000, counts
-    assert tlshd.proc.poll() is None, "the supervisor died"
     log = tlshd.since(mark)
     dropped = [int(n) for n in re.findall(
         r"Dropped (\d+) netlink message\(s\) not sent by the kernel in "
         r"netns %s" % label, log)]
-    print("supervisor log: %d 'Dropped' lines, %d messages" % (
-        len(dropped), sum(dropped)))
-    assert dropped and sum(dropped) > 0
-    assert "Unusable ACCEPT reply" not in log
-    assert "Traceback" not in log and "Error while handling" not in log
-    # The kernel's own record: the mount's two handshakes, both status 0,
-    # and no DONE for anything the attacker named.
     events = trace.events()
     t0 = events[0].stamp if events else 0.0
     for e in events:
         print("  %8.3f %-24s %-12s req=%s sk=%s status=%s" % (
             e.stamp - t0, e.event, e.comm, e.req, e.sk, e.status))
+    print("attacker: %s" % counts)
+    print("supervisor log: %d 'Dropped' lines, %d messages" % (
+        len(dropped), sum(dropped)))
+    print("supervisor fds %d -> %d" % (fds_before, fds_after))
+    # What the tenants see first: the supervisor alive with the fds it
+    # had, and the kernel's own record of the mount's two handshakes,
+    # both status 0, and no DONE for anything the attacker named.
+    assert tlshd.proc.poll() is None, "the supervisor died"
+    assert fds_after == fds_before
     done = trace.completions()
     assert len(done) == 2 and all(c.status == 0 for c in done), done
-    print("supervisor fds %d -> %d" % (fds_before, fds_after))
-    assert fds_after == fds_before
+    # The attack happened: multicasts got through to the socket...
+    assert counts["multicast_sent"] > 1000, counts
+    # ...unicasts never did: the sockets are connected to the kernel.
+    assert counts["unicast_sent"] == 0, counts
+    assert counts["unicast_refused"] > 1000, counts
+    assert dropped and sum(dropped) > 0
+    assert "Unusable ACCEPT reply" not in log
+    assert "Traceback" not in log and "Error while handling" not in log
 
 
 def test_user_namespace_not_served_by_default(pki, tlshd, tmp_path):
