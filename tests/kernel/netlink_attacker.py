@@ -32,6 +32,7 @@ NETLINK_GENERIC = 16
 HDR = struct.Struct("=IHHII")
 CMD_READY, CMD_ACCEPT = 1, 2
 A_SOCKFD, A_MESSAGE_TYPE, A_AUTH_MODE, A_PEER_IDENTITY = 1, 3, 5, 6
+SWEEP = 5000
 
 
 def target(timeout: float) -> tuple[int, int]:
@@ -84,7 +85,10 @@ def main() -> int:
     end = time.monotonic() + duration
     seq = 0
     while time.monotonic() < end and not stop:
-        seq += 1
+        # The supervisor numbers its requests 1, 2, 3...: sweep the first
+        # SWEEP numbers over and over, so that some forged reply is queued
+        # when it sends the request with that number.
+        seq = seq % SWEEP + 1
         batch = [message(family, CMD_READY, 0),
                  accept_reply(family, seq, fds[seq % len(fds)]),
                  accept_reply(family, seq + 1, fds[(seq + 7) % len(fds)])]
