@@ -463,11 +463,14 @@ def namespace_warnings(cfg: Config) -> list[str]:
 
 def hidden_by_service(path: str) -> str | None:
     """The tlshd.service setting that hides ``path`` from the daemon."""
-    for candidate in dict.fromkeys((path, os.path.realpath(path))):
+    real = os.path.realpath(path)
+    for candidate in dict.fromkeys((path, real)):
         for prefix, setting in SERVICE_HIDDEN:
             if candidate == prefix or candidate.startswith(prefix + "/"):
-                return "%s is under %s, which tlshd.service hides from the " \
-                       "daemon (%s)" % (path, prefix, setting)
+                shown = (path if candidate == path
+                         else "%s (a link to %s)" % (path, real))
+                return ("%s is under %s, which tlshd.service hides from "
+                        "the daemon (%s)" % (shown, prefix, setting))
     return None
 
 
