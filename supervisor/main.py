@@ -142,6 +142,8 @@ class _Check:
         self.failed = 0
         self.warnings = 0
         self.as_service = os.geteuid() == 0
+        # The worker user may own private keys: tell the checking worker.
+        self.uid: list[str] = []
 
     def warn(self, location: str, text: str) -> None:
         self.warnings += 1
@@ -162,7 +164,6 @@ class _Check:
         for warning in warnings:
             self.warn(*_split(warning, path))
         errors = 0
-        uid: list[str] = []
         if main:
             for tags in config.tags_files(cfg):
                 self.warn(path, "%s: session tags (tls-session-tags(7)) "
@@ -173,12 +174,12 @@ class _Check:
                 ids = (worker_ids(cfg.worker_user) if self.as_service
                        else None)
                 if ids is not None:
-                    uid = ["--uid", str(ids[0])]
+                    self.uid = ["--uid", str(ids[0])]
             except ConfigError as e:
                 errors += 1
                 print("%s: [sandbox] user: %s" % (
                     path if line is None else "%s:%d" % (path, line), e))
-        errors += self.credentials(path, uid)
+        errors += self.credentials(path, self.uid)
         self.verdict(path, errors)
         return cfg
 
