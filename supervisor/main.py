@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import pwd
@@ -80,38 +81,182 @@ def worker_ids(user: str) -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
-def check_config(cfg: config.Config) -> int:
+# The capabilities packaging/tlshd.service leaves the daemon
+# (CapabilityBoundingSet=): KILL, SETGID, SETUID, NET_ADMIN, SYS_ADMIN.
+# Not CAP_DAC_OVERRIDE nor CAP_DAC_READ_SEARCH: root reads a file only
+# through its owner, group or other bits, like any user.
+SERVICE_CAPABILITIES = (5, 6, 7, 12, 21)
+_PR_CAPBSET_DROP = 24
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32),
+                ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def service_privileges() -> None:
+    """Keep only tlshd.service's capabilities (in a child, before exec).
+
+    Dropped from the bounding set too: root regains its permitted set
+    from it at exec.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in SERVICE_CAPABILITIES and libc.prctl(
+                _PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    mask = sum(1 << cap for cap in SERVICE_CAPABILITIES)
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)(_CapData(mask, mask, 0), _CapData(0, 0, 0))
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def _split(warning: str, path: str) -> tuple[str, str]:
+    """``path:line: text`` (or ``path: text``) -> location, text."""
+    rest = warning[len(path):] if warning.startswith(path) else ""
+    colon = rest.find(": ")
+    if colon < 0:
+        return path, warning
+    return path + rest[:colon], rest[colon + 2:]
+
+
+class _Check:
+    """tlshd --check-config: every problem on stdout, one line each.
+
+    Errors are ``FILE[:LINE]: text``, warnings ``FILE[:LINE]: warning:
+    text``; each configuration file ends with ``FILE: ok`` or ``FILE: N
+    error(s)``, and the last line counts exactly those.
+    """
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.failed = 0
+        self.warnings = 0
+        self.as_service = os.geteuid() == 0
+        # The worker user may own private keys: tell the checking worker.
+        self.uid: list[str] = []
+
+    def warn(self, location: str, text: str) -> None:
+        self.warnings += 1
+        print("%s: warning: %s" % (location, text))
+
+    def file(self, path: str, main: bool) -> config.Config | None:
+        self.files += 1
+        try:
+            cfg = config.load(path, warn=False)
+        except ConfigError as e:
+            print(e)
+            self.verdict(path, 1)
+            return None
+        warnings = list(cfg.warnings)
+        if not main:
+            warnings += config.namespace_warnings(cfg)
+        warnings += config.service_warnings(cfg)
+        for warning in warnings:
+            self.warn(*_split(warning, path))
+        errors = 0
+        if main:
+            for tags in config.tags_files(cfg):
+                self.warn(path, "%s: session tags (tls-session-tags(7)) "
+                          "are not supported by this tlshd; the file has "
+                          "no effect" % tags)
+            line = cfg.line("sandbox", "user")
+            try:
+                ids = (worker_ids(cfg.worker_user) if self.as_service
+                       else None)
+                if ids is not None:
+                    self.uid = ["--uid", str(ids[0])]
+            except ConfigError as e:
+                errors += 1
+                print("%s: [sandbox] user: %s" % (
+                    path if line is None else "%s:%d" % (path, line), e))
+        errors += self.credentials(path, self.uid)
+        self.verdict(path, errors)
+        return cfg
+
+    def credentials(self, path: str, uid: list[str]) -> int:
+        """Load the file's credentials in a worker process, with the
+        service's privileges; print what it reports, count errors."""
+        argv = [sys.executable, "-m", "tlshd.worker", "--check", "--config",
+                path, *uid]
+        sys.stdout.flush()
+        try:
+            result = subprocess.run(
+                argv, check=False, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True,
+                preexec_fn=service_privileges if self.as_service else None)
+        except subprocess.SubprocessError as e:
+            print("note: cannot drop to tlshd.service's capabilities (%s): "
+                  "files are read with all of root's" % e)
+            self.as_service = False
+            result = subprocess.run(argv, check=False,
+                                    stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True)
+        errors = 0
+        for line in result.stdout.splitlines():
+            if ": warning: " in line:
+                self.warnings += 1
+            else:
+                errors += 1
+            print(line)
+        if result.stderr:
+            sys.stderr.write(result.stderr)
+            sys.stderr.flush()
+        if result.returncode != 0 and not errors:
+            print("%s: the checking worker failed (exit status %d)"
+                  % (path, result.returncode))
+            errors = 1
+        return errors
+
+    def verdict(self, path: str, errors: int) -> None:
+        if errors:
+            self.failed += 1
+            print("%s: %d error(s)" % (path, errors))
+        else:
+            print("%s: ok" % path)
+
+
+def check_config(path: str) -> int:
     """Check every configuration file the daemon could use.
 
-    Credentials are loaded by a worker process in check mode, exactly as a
-    serving worker would load them; this process never opens a private key.
+    Credentials are loaded by a worker process in check mode, as a
+    serving worker would load them, with the capabilities tlshd.service
+    leaves the daemon (when run as root); this process never opens a
+    private key.  Exit status 0, or 1 if any file has errors; warnings
+    alone do not count.
     """
-    paths = [cfg.path]
-    netns_dir = os.path.join(os.path.dirname(cfg.path), "netns")
+    check = _Check()
+    if not check.as_service:
+        print("note: not running as root: files are read with uid %d's "
+              "permissions, not tlshd.service's" % os.geteuid())
+    cfg = check.file(path, main=True)
+    paths = []
+    netns_dir = os.path.join(os.path.dirname(path), "netns")
     if os.path.isdir(netns_dir):
         for name in sorted(os.listdir(netns_dir)):
             candidate = os.path.join(netns_dir, name, "config")
             if os.path.exists(candidate):
                 paths.append(candidate)
-    paths += [p for p in (cfg.netns_default, cfg.netns_unnamed) if p]
-    failures = 0
-    # The worker user may own private keys: tell the checking worker.
-    uid: list[str] = []
-    try:
-        ids = worker_ids(cfg.worker_user)
-        if ids is not None:
-            uid = ["--uid", str(ids[0])]
-    except ConfigError as e:
-        print(e)
-        failures += 1
-    for path in paths:
-        result = subprocess.run(
-            [sys.executable, "-m", "tlshd.worker", "--check", "--config",
-             path, *uid], check=False, stdin=subprocess.DEVNULL)
-        failures += result.returncode != 0
-    print("%d configuration file(s) checked, %d with problems"
-          % (len(paths), failures))
-    return 1 if failures else 0
+    if cfg is not None:
+        paths += [p for p in (cfg.netns_default, cfg.netns_unnamed) if p]
+    for other in dict.fromkeys(paths):
+        if other != path:
+            check.file(other, main=False)
+    summary = ("%d configuration file(s) checked, %d with problems"
+               % (check.files, check.failed))
+    if check.warnings:
+        summary += ", %d warning(s)" % check.warnings
+    print(summary)
+    return 1 if check.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,20 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     # which tests wait for.
     linux.set_dumpable(False)
     setproctitle.setproctitle("tlshd: supervisor")
-    tlshd_log.setup(args.stderr, debug=False)
+    # --check-config reports on the terminal, whatever the log setup.
+    tlshd_log.setup(args.stderr or args.check_config, debug=False)
     # Before anything forks (no worker inherits systemd's notify socket),
     # after logging is set up (a bad address is warned about there).
     notify_address = sdnotify.take_address()
     path = config.find_config(args.config)
+    if args.check_config:
+        return check_config(path)
     try:
         cfg = config.load(path)
     except ConfigError as e:
         log.error("%s", e)
-        if args.check_config:  # the log may be syslog: say it here too
-            print(e)
         return os.EX_CONFIG
-    if args.check_config:
-        return check_config(cfg)
     tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
     log.info("Built from tlshd (Python) %s", _version())
     preload_modules()

@@ -72,8 +72,10 @@ def key_owners(uid: int | None) -> set[int]:
 
 def load_engine(path: str, uid: int | None = None) -> Engine:
     """The TLS engine for configuration ``path``; warns about private
-    keys that the worker user ``uid`` and root do not keep private."""
-    cfg = config.load(path)
+    keys that the worker user ``uid`` and root do not keep private.
+    (The file's own warnings are the supervisor's to log: it has read
+    the file before starting this worker.)"""
+    cfg = config.load(path, warn=False)
     config.warn_key_files(cfg, key_owners(uid))
     return engine_for(cfg)
 
@@ -85,17 +87,54 @@ def engine_for(cfg: config.Config) -> Engine:
     return Engine(_settings(cfg.client), _settings(cfg.server), reuse=reuse)
 
 
-def check(path: str, uid: int | None) -> int:
-    """Load ``path`` and every credential it names, as a worker would."""
+class _PrintWarnings(logging.Handler):
+    """Check mode: the engine's warnings as ``PATH: warning: ...``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(logging.WARNING)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print("%s: warning: %s" % (self.path, record.getMessage()))
+
+
+def _without_dac_override() -> bool:
+    """Root without CAP_DAC_OVERRIDE, as under tlshd.service."""
+    if os.geteuid() != 0:
+        return False
     try:
-        cfg = config.load(path)
+        return not int(linux.proc_status().get("CapEff", "0"), 16) & 2
+    except (OSError, ValueError):
+        return False
+
+
+def check(path: str, uid: int | None) -> int:
+    """Load every credential ``path`` names, as a worker would.
+
+    Prints each problem, one line each, ``warning:`` for those that do
+    not stop the worker; tlshd --check-config prints the file's own
+    warnings and the verdict.
+    """
+    root = logging.getLogger()
+    root.addHandler(_PrintWarnings(path))
+    root.setLevel(logging.WARNING)
+    try:
+        cfg = config.load(path, warn=False)
         engine_for(cfg)
-    except (ConfigError, CredentialError) as e:
-        print("%s: %s" % (path, e))
+    except ConfigError as e:
+        print(e)
+        return os.EX_CONFIG
+    except CredentialError as e:
+        hint = ""
+        if (isinstance(e.__cause__, PermissionError)
+                and _without_dac_override()):
+            hint = (" (tlshd.service runs without CAP_DAC_OVERRIDE: root "
+                    "needs the file's owner, group or other read bit, and "
+                    "search bits on its directories)")
+        print("%s: %s%s" % (path, e, hint))
         return os.EX_CONFIG
     for problem in config.key_problems(cfg, key_owners(uid)).values():
         print("%s: warning: %s" % (path, problem))
-    print("%s: ok" % path)
     return 0
 
 

@@ -400,20 +400,38 @@ CONFIG_VALUES = ("0", "1", "0x10", "-1", "15", "0.05", "nan", "inf", "1e400",
                  " spaced ")
 
 
+# Pairs that parse: most lines, so that most seeds are valid files.
+CONFIG_GOOD = (("loglevel", "1"), ("tls", "0"), ("keyrings", ".nfs;.nvme;;"),
+               ("handshake_timeout", "15"), ("x509.crl", "/etc/crl.pem"),
+               ("x509.certificate", "/etc/tlshd/cert.pem"),
+               ("x509.ciphersuites", "TLS_AES_128_GCM_SHA256"),
+               ("unknown", "\u00e9"), ("user", " spaced "))
+
+
 def random_config(rng: random.Random) -> bytes:
     """Config text from the grammar: sections, keys, comments, oddities."""
     lines = []
+    used_in: dict[str, set[str]] = {}
     for _ in range(rng.randrange(1, 6)):
-        lines.append("[%s]" % rng.choice(CONFIG_SECTIONS))
+        section = rng.choice(CONFIG_SECTIONS)
+        lines.append("[%s]" % section)
+        # A repeated header continues its section (GLib).
+        used = used_in.setdefault(section, set())
         for _ in range(rng.randrange(0, 6)):
             r = rng.random()
-            if r < 0.7:
-                sep = rng.choice(("=", " = ", "= ", "="))
+            sep = rng.choice(("=", " = ", "= ", "="))
+            if r < 0.75:
+                key, value = rng.choice(CONFIG_GOOD)
+                if key in used:  # a key set twice is refused
+                    continue
+                used.add(key)
+                lines.append(key + sep + value)
+            elif r < 0.83:
                 lines.append(rng.choice(CONFIG_KEYS) + sep
                              + rng.choice(CONFIG_VALUES))
-            elif r < 0.8:
+            elif r < 0.93:
                 lines.append("# " + rng.choice(CONFIG_VALUES))
-            elif r < 0.9:
+            elif r < 0.96:  # not a key=value line: refused
                 lines.append("  continued " + rng.choice(CONFIG_VALUES))
             else:
                 lines.append("")

@@ -203,3 +203,169 @@ def test_private_key_of_another_user_is_warned_about(tmp_path, pki, caplog,
     caplog.clear()
     worker_main.load_engine(str(conf), uid=65534)
     assert not caplog.records
+
+
+# ---- issue 19: messages an administrator can act on ------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[debug]\nloglevel=verbose\n",
+     "/etc/t:2: [debug] loglevel: 'verbose' is not a whole number"),
+    ("[debug]\nloglevel=-1\n",
+     "/etc/t:2: [debug] loglevel: -1 is out of range (0 to 2147483647)"),
+    ("no section\n",
+     "/etc/t:1: 'no section' is not a [section] header, a key=value line "
+     "or a # comment"),
+    ("# c\nkey=1\n[debug]\n", "/etc/t:2: key= comes before any [section]"),
+    ("[debug\n", "/etc/t:1: malformed section header '[debug'"),
+    ("[debug]\nloglevel=1\n\nloglevel=2\n",
+     "/etc/t:4: [debug] loglevel is set twice (first on line 2)"),
+    ("[authenticate]\nsession_lifetime=0\n",
+     "/etc/t:2: [authenticate] session_lifetime: 0 is out of range "
+     "(1 to 604800)"),
+    ("[netns]\nunnamed_userns=yes\n",
+     "/etc/t:2: [netns] unnamed_userns: 'yes' is not true or false"),
+    ("[authenticate]\n  handshake_timeout = 0.01\n",
+     "/etc/t:2: [authenticate] handshake_timeout: 0.01 is out of range "
+     "(0.1 to 600)"),
+])
+def test_errors_name_file_line_section_and_key(text, message):
+    with pytest.raises(ConfigError) as e:
+        config.parse(text, "/etc/t")
+    assert str(e.value) == message
+
+
+def test_errors_are_one_line():
+    # configparser's dumps spanned lines: several syslog records each.
+    for text in ("[a]\nx\n", "[a]\n\tcontinued\n", "[debug]\nloglevel=\x01\n",
+                 "[a\n]\n"):
+        with pytest.raises(ConfigError) as e:
+            config.parse(text, "/etc/t")
+        assert "\n" not in str(e.value) and str(e.value).startswith(
+            "/etc/t:")
+
+
+def test_unknown_names_warned_once_each_with_line():
+    cfg = config.parse("""\
+[authentcate]
+keyrigns=.nfs
+[debug]
+foo=1
+[authentcate]
+[sandbox]
+usr=x
+""", "/etc/t")
+    assert cfg.warnings == (
+        "/etc/t:1: unknown section [authentcate] ignored (did you mean "
+        "[authenticate]?)",
+        "/etc/t:4: unknown key foo in [debug] ignored",
+        "/etc/t:7: unknown key usr in [sandbox] ignored (did you mean "
+        "user?)",
+    )
+
+
+def test_upstream_samples_have_nothing_to_warn_about():
+    assert config.parse(KTLS_UTILS_SAMPLE).warnings == ()
+    with open(os.path.join(os.path.dirname(__file__), "..", "..",
+                           "packaging", "config")) as f:
+        assert config.parse(f.read()).warnings == ()
+
+
+def test_upstream_settings_without_effect_are_named():
+    cfg = config.parse("""\
+[debug]
+tls=0
+nl=1
+delay_done=2
+[authenticate.client]
+x509.pq.certificate=/etc/pq.pem
+x509.pq.private_key=
+[authenticate.server]
+x509.client_auth=1
+""", "/etc/t")
+    assert cfg.warnings == (
+        "/etc/t:3: [debug] nl has no effect in this tlshd: ktls-utils' "
+        "libnl debug level",
+        "/etc/t:4: [debug] delay_done has no effect in this tlshd: "
+        "ktls-utils' testing aid",
+        "/etc/t:6: [authenticate.client] x509.pq.certificate has no effect "
+        "in this tlshd: post-quantum (ML-DSA) certificates are not "
+        "supported",
+        "/etc/t:9: [authenticate.server] x509.client_auth has no effect in "
+        "this tlshd: not supported (nor by released ktls-utils)",
+    )
+
+
+def test_key_urls_are_warned_about_without_their_secrets():
+    cfg = config.parse("[authenticate.server]\nx509.certificate=/etc/c.pem\n"
+                       "x509.private_key=pkcs11:object=k;pin-value=1234\n",
+                       "/etc/t")
+    assert cfg.server.private_key is None
+    assert cfg.warnings == (
+        "/etc/t:3: [authenticate.server] x509.private_key: pkcs11: URLs "
+        "(PKCS#11 tokens and the like) are not supported by this tlshd; "
+        "the setting has no effect",)
+
+
+@pytest.mark.parametrize("section, key", [
+    ("authenticate.client", "x509.truststore"),
+    ("authenticate.server", "x509.crl"),
+    ("authenticate.server", "x509.certificate"),
+    ("authenticate.client", "x509.private_key"),
+    ("netns", "default"),
+    ("netns", "unnamed"),
+])
+def test_relative_paths_are_refused(section, key):
+    for value in ("cert.pem", "./cert.pem", "../etc/x", "~/x"):
+        with pytest.raises(ConfigError) as e:
+            config.parse("[%s]\n%s=%s\n" % (section, key, value), "/etc/t")
+        assert str(e.value) == (
+            "/etc/t:2: [%s] %s: %r is not an absolute path (relative paths "
+            "are refused)" % (section, key, value))
+    cfg = config.parse("[%s]\n%s=/etc/x\n" % (section, key), "/etc/t")
+    assert [(p.section, p.key, p.value, p.line) for p in cfg.paths] == [
+        (section, key, "/etc/x", 2)]
+
+
+def test_repeated_section_header_continues_it():
+    # GLib (ktls-utils) merges them: appending a [authenticate.server]
+    # to the shipped file, which has an empty one, must work.
+    cfg = config.parse("[authenticate.server]\n[debug]\nloglevel=1\n"
+                       "[authenticate.server]\nx509.crl=/etc/crl.pem\n")
+    assert cfg.server.crl == "/etc/crl.pem" and cfg.loglevel == 1
+    assert cfg.warnings == ()
+
+
+def test_load_logs_warnings_once(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(config, "_warned", set())
+    caplog.set_level(logging.WARNING)
+    conf = tmp_path / "config"
+    conf.write_text("[debug]\nfoo=1\n")
+    conf.chmod(0o644)
+    config.load(str(conf), warn=False)  # workers, --check-config
+    assert not caplog.records
+    for _ in range(3):  # start-up, the initial namespace, reloads
+        config.load(str(conf))
+    assert [r.getMessage() for r in caplog.records] == [
+        "%s:2: unknown key foo in [debug] ignored" % conf]
+
+
+def test_namespace_file_main_only_settings():
+    cfg = config.parse("[netns]\n[debug]\nloglevel=0\n[sandbox]\nuser=x\n",
+                       "/etc/n")
+    assert config.namespace_warnings(cfg) == [
+        "/etc/n:1: [netns] has no effect in a namespace's file (read from "
+        "the main file only)",
+        "/etc/n:4: [sandbox] has no effect in a namespace's file (read "
+        "from the main file only)"]
+
+
+def test_files_hidden_by_the_service(monkeypatch):
+    assert config.hidden_by_service("/etc/tlshd/key.pem") is None
+    assert "(ProtectHome=yes)" in config.hidden_by_service("/home/a/k.pem")
+    assert "(PrivateTmp=yes)" in config.hidden_by_service("/var/tmp/k")
+    assert config.hidden_by_service("/tmpfoo/k") is None
+    monkeypatch.setattr(os.path, "realpath", lambda p: "/root/key.pem")
+    assert config.hidden_by_service("/etc/tlshd/key.pem") == (
+        "/etc/tlshd/key.pem (a link to /root/key.pem) is under /root, which "
+        "tlshd.service hides from the daemon (ProtectHome=yes)")
