@@ -710,7 +710,7 @@ def in_netns(name: str) -> Iterator[None]:
 
 def tlshd_group_joined(name: str, group_id: int) -> bool:
     """Does some NETLINK_GENERIC socket in netns ``name`` listen to the
-    tlshd group (vm-harness §6 step 5)?  Call from the main thread:
+    tlshd group (docs/vm-harness.md, pitfall 10)?  Call from the main thread:
     /proc/self/net follows the thread-group leader's namespace."""
     try:
         with in_netns(name):
