@@ -1,4 +1,4 @@
-#!/work/main/.venv/bin/python
+#!/usr/bin/env python3
 """Which layer of the worker's handshake path costs what (guest or host).
 
 Builds the worker's Engine from a throwaway configuration and runs one

@@ -1,4 +1,4 @@
-#!/work/main/.venv/bin/python
+#!/usr/bin/env python3
 """The benchmark's guest half: our tlshd against the reference, one VM.
 
 Runs as root inside the VM (bench/run boots it).  Everything is set up
@@ -275,7 +275,8 @@ def handshake_group_id() -> int:
 
 
 def group_listeners(group_id: int) -> int:
-    """NETLINK_GENERIC sockets joined to the tlshd group (vm-harness §6)."""
+    """NETLINK_GENERIC sockets joined to the tlshd group (docs/vm-harness.md,
+    pitfall 10)."""
     bit = 1 << (group_id - 1)
     n = 0
     for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:

@@ -4,7 +4,7 @@
 Runs as root inside the VM (it creates namespaces and starts tlshd):
 
     tools/vm-run --kernel 6.12 --smp 2 --mem 8192 --timeout 3600 -- \\
-        /work/main/.venv/bin/python bench/netns_memory.py
+        .venv/bin/python bench/netns_memory.py
 
 For each count N: N-1 named namespaces (``ip netns add``) plus the initial
 one, all served through ``[netns] default=`` with one set of throwaway

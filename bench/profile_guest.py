@@ -1,4 +1,4 @@
-#!/work/main/.venv/bin/python
+#!/usr/bin/env python3
 """Where our per-handshake time goes, inside the VM.
 
     bench/run --profile            (boots the VM and runs this instead)

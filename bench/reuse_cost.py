@@ -1,4 +1,4 @@
-#!/work/main/.venv/bin/python
+#!/usr/bin/env python3
 """CPU of one handshake pair (our client + our server engine), full vs
 session reuse, on loopback TCP in one process (no kTLS, no VM needed).
 

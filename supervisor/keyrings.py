@@ -11,7 +11,7 @@ and links into it:
   the process keyring of the process sending ACCEPT.  Reachable from the
   session keyring, also on kernels whose ACCEPT reply does not name it
   (before 6.17) and even when the nvme modules were loaded after tlshd
-  started (vm-harness pitfall 13);
+  started (docs/vm-harness.md, pitfall 13);
 - ``.nvme``, ``.nfs``, ``.nfsd`` when they exist, and the keyrings named in
   ``[authenticate] keyrings=``, as ktls-utils does, but only keyrings
   owned by root and confirmed by KEYCTL_DESCRIBE (tlshd.shared.keys.

@@ -3,7 +3,7 @@
 The first TLS_TX with a given cipher makes the kernel allocate its AEAD
 (``gcm(aes)``, ``rfc7539(chacha20,poly1305)``), and on Debian's 6.12 that
 loads ``gcm``, ``ghash_clmulni_intel``, ``cryptd`` and friends on demand:
-about 0.8 s under emulation (ktls-proof.md), paid by whichever handshake
+about 0.8 s under emulation (docs/kernel.md, kTLS), paid by whichever handshake
 comes first.  Doing it here, before the daemon listens, moves that cost to
 start-up.  The socket pair lives on loopback for a few milliseconds and
 carries no data; the key is all zeroes.

@@ -213,6 +213,13 @@ class Supervisor:
         self.namespaces.append(ns)
         self.sel.register(nlsock, selectors.EVENT_READ,
                           lambda: self.on_netlink(ns))
+        # The kernel may already hold requests for this namespace whose
+        # READY no one here heard: sent to a supervisor that then died
+        # (the pending list outlives its agent), or multicast to another
+        # listener before this socket joined.  No READY will come for
+        # them again, so ACCEPT until the kernel says none is pending
+        # (accept_noted, at the end of this turn of the loop).
+        nlsock.ready = True
         log.info("Listening for handshake requests in netns %s", label)
         return ns
 
@@ -422,7 +429,8 @@ class Supervisor:
         read while the socket showed nothing more (an ENOBUFS overrun), is
         noted ready: its socket may not be readable again, and without
         this its consumers would wait for their own timeout (NVMe: 10 s
-        per queue).
+        per queue).  So is a namespace whose group membership has just
+        started (add_namespace): requests may be pending from before.
         """
         for ns in list(self.namespaces):
             if ns.nlsock.ready and ns.paused_until is None:

@@ -6,8 +6,8 @@ and its stdout/stderr come back through two virtio-serial ports that qemu
 writes into FIFOs here.  The exit code is the command's own; 124 means
 the run timed out, 125 that the harness or the boot failed.
 
-Design and measurements: docs in /work/shared/docs/vm-harness.md; this
-file follows its section 4 and the pitfalls of its section 12.
+Design, measurements and the numbered pitfalls this file avoids:
+docs/vm-harness.md in this repository.
 Stdlib only: runs with /usr/bin/python3 before any venv exists.
 """
 

@@ -63,7 +63,7 @@ MAX_LIFETIME = 7 * 24 * 3600.0
 
 # TLS 1.3 suite -> (two-byte id, hash length): the PSK's hash is the
 # session's, and OpenSSL drops a PSK whose hash differs from the suite
-# it picks (python-tls.md section 5).
+# it picks: it chooses the suite first, then ignores a PSK of another hash.
 SUITE_IDS = {
     "TLS_AES_128_GCM_SHA256": (b"\x13\x01", 32),
     "TLS_AES_256_GCM_SHA384": (b"\x13\x02", 48),

@@ -24,9 +24,9 @@ each step and aborting (SystemExit) if one did not take:
 Anything the filter does not allow kills the whole process with SIGSYS:
 no files, no new sockets, no exec, no fork or threads, no setuid, ptrace,
 namespaces or bpf.  Python must therefore not touch the filesystem
-lazily after this point (style.md §6, pitfall 8); the one lazy reader in
-the standard library that error paths reach, linecache (source lines in
-tracebacks), is switched off here.
+lazily after this point (an import on first use would need openat); the
+one lazy reader in the standard library that error paths reach,
+linecache (source lines in tracebacks), is switched off here.
 
 Development only: TLSHD_SECCOMP_LOG=1 in the environment makes the
 default action SECCOMP_RET_LOG instead of a kill, so a missing syscall

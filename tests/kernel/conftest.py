@@ -254,6 +254,10 @@ class Tlshd:
         ensure_worker_user()
         self.conf.write_text(config_text)
         self.log_offset = 0
+        self._spawn(timeout)
+
+    def _spawn(self, timeout: float) -> None:
+        mark = self.mark() if self.logfile.exists() else 0
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)],
@@ -261,7 +265,19 @@ class Tlshd:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.wait_for(r"Worker \d+ for netns init ready", timeout)
+        self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+
+    def kill_and_restart(self, timeout: float = 120) -> tuple[float, float]:
+        """SIGKILL the supervisor and start it again at once with the same
+        configuration, as systemd's Restart=on-failure does (after its
+        RestartSec).  Returns when the new one's init worker is ready:
+        (time of the kill, time ready), time.monotonic()."""
+        assert self.proc is not None
+        killed = time.monotonic()
+        self.proc.kill()
+        self.proc.wait()
+        self._spawn(timeout)
+        return killed, time.monotonic()
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace")
@@ -694,7 +710,7 @@ def in_netns(name: str) -> Iterator[None]:
 
 def tlshd_group_joined(name: str, group_id: int) -> bool:
     """Does some NETLINK_GENERIC socket in netns ``name`` listen to the
-    tlshd group (vm-harness §6 step 5)?  Call from the main thread:
+    tlshd group (docs/vm-harness.md, pitfall 10)?  Call from the main thread:
     /proc/self/net follows the thread-group leader's namespace."""
     try:
         with in_netns(name):
@@ -945,7 +961,10 @@ class NetnsLab:
         ``not_pid[label]``); return label -> worker pid."""
         end = time.monotonic() + timeout
         while True:
-            rows = self.status()
+            try:
+                rows = self.status()
+            except (OSError, ValueError):  # restarting (fault matrix)
+                rows = {}
             pids = {
                 label: rows[label]["worker_pid"]
                 for label in labels

@@ -153,7 +153,7 @@ def test_accept_and_done_need_cap_net_admin(
     handshake_family: dict[int, bytes],
 ) -> None:
     # Both carry GENL_ADMIN_PERM: the privileged supervisor must send
-    # DONE as well as ACCEPT (vm-harness.md section 3).
+    # DONE as well as ACCEPT (docs/kernel.md, Privilege).
     ops = op_flags(handshake_family)
     assert ops[HANDSHAKE_CMD_ACCEPT] & GENL_ADMIN_PERM
     assert ops[HANDSHAKE_CMD_DONE] & GENL_ADMIN_PERM

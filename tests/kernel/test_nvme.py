@@ -484,7 +484,7 @@ def test_nvme_cli_generated_key_and_connect(target, tlshd, nvme_trace,
 
 
 def test_modules_loaded_after_tlshd(target, tlshd, nvme_trace, psk_keys):
-    """vm-harness pitfall 13: with the nvme modules loaded after the
+    """docs/vm-harness.md pitfall 13: with the nvme modules loaded after the
     daemon, .nvme did not exist to be linked at start-up. The consumers'
     ACCEPT links it into the supervisor's process keyring, which the
     workers possess, so both ends still find their PSK."""

@@ -17,8 +17,9 @@ sockets.  Then:
 Re-keying needs Linux 6.14 or later.  On older kernels (6.12) the tests
 report "not applicable" (skip, marked ``not_applicable``) and one test
 checks that the support probe says so.  ``SSL_key_update`` is not bound by
-cryptography; it is found in the wheel's ELF symbol table (test-only hack,
-python-tls.md section 1).
+cryptography; it is found in the wheel's ELF symbol table (test-only hack:
+OpenSSL is linked into cryptography's extension with hidden symbols, but
+the wheel is not stripped; see ``_elf_symbol`` below).
 """
 
 from __future__ import annotations

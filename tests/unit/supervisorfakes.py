@@ -76,12 +76,16 @@ class FakeNl:
 
     def submit(self, sockfd: int, timeout_ms: int | None = None,
                msg_type: int = uapi.MsgType.CLIENTHELLO,
-               auth: int = uapi.AuthMode.UNAUTH) -> None:
+               auth: int = uapi.AuthMode.UNAUTH,
+               ready: bool = True) -> None:
+        """Queue a request and multicast READY; ``ready=False``: the
+        READY went to someone else (a supervisor that has since died)."""
         self.queue.append(upcall.AcceptedRequest(
             sockfd=sockfd, msg_type=msg_type, auth_mode=auth,
             timeout_ms=timeout_ms, peerids=(), certs=(),
             peername="127.0.0.1", keyring=None))
-        self.w.send(b"R")  # READY
+        if ready:
+            self.w.send(b"R")  # READY
 
 
 def tcp_listener() -> Iterator[socket.socket]:
@@ -98,15 +102,18 @@ def connected_fd(listener: socket.socket) -> tuple[int, socket.socket]:
     return cli.detach(), peer
 
 
-def serving(tmp_path: Path) -> Iterator[tuple[Supervisor, FakeNl, Namespace]]:
+def serving(tmp_path: Path, nl: FakeNl | None = None
+            ) -> Iterator[tuple[Supervisor, FakeNl, Namespace]]:
     """Body of a ``sup`` fixture: a Supervisor serving one namespace
-    through FakeNl; stopped, shut down and its signals restored after."""
+    through FakeNl (``nl``, which may hold requests already); stopped,
+    shut down and its signals restored after."""
     conf = tmp_path / "tlshd.conf"
     conf.write_text("[authenticate]\nhandshake_timeout=2\n"
                     "[authenticate.client]\n[authenticate.server]\n")
     cfg = config.load(str(conf))
     s = Supervisor(cfg, genl.FamilyInfo(0x21, 5))
-    nl = FakeNl()
+    if nl is None:
+        nl = FakeNl()
     ns = s.add_namespace("init", str(conf), nlsock=nl)
     yield s, nl, ns
     s.stop()

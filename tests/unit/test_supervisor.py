@@ -296,6 +296,32 @@ def test_ready_consumed_while_waiting_for_done(sup, listener):
     assert took < 1.5, took  # well before the 2 s request deadline
 
 
+def test_request_pending_before_join_is_accepted(tmp_path, listener):
+    """A restarted supervisor (or a namespace served from now on) ACCEPTs
+    what the kernel already holds: requests whose READY went to the
+    supervisor that died.  No READY comes for them again; without an
+    ACCEPT at join they wait for the consumer's own timeout."""
+    nl = FakeNl()
+    fds = []
+    for _ in range(2):
+        fd, peer = connected_fd(listener)
+        peer.close()  # the handshake then fails quickly
+        nl.submit(fd, ready=False)
+        fds.append(fd)
+    gen = serving(tmp_path, nl)
+    s, nl, _ns = next(gen)
+    try:
+        run_until(s, lambda: not nl.queue, timeout=5)
+        assert len(s.inflight) + len(nl.dones) == 2
+        run_until(s, lambda: len(nl.dones) == 2)
+        assert sorted(d[0] for d in nl.dones) == sorted(fds)
+        assert all(status != 0 for _fd, status, _auth in nl.dones)
+        # Once the queue is empty the loop does not keep asking.
+        assert not nl.ready
+    finally:
+        next(gen, None)
+
+
 # ---- PSK material: read by the supervisor, never by the worker ----------
 
 PSK_ID = b"NVMe0R01 nqn.2014-08.org.example:host nqn.2014-08.org.example:sub"
