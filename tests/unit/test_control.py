@@ -86,7 +86,7 @@ def _controlled(s: Any, tmp_path: Path) -> str:
     return path
 
 
-def _in_thread(s: Any, fn: Any, timeout: float = 60) -> Any:
+def _in_thread(s: Any, fn: Any, timeout: float = 180) -> Any:
     """``fn()`` in a thread while the supervisor's loop runs here."""
     import threading
 
@@ -129,7 +129,7 @@ def test_tlshdctl_reload_waits_for_the_new_workers(sup: Any,
     run_until(s, lambda: ready(ns) and ready(a))
     old = (ns.worker.pid, a.worker.pid)
     path = _controlled(s, tmp_path)
-    out = _in_thread(s, lambda: ctl.reload(path, 30))
+    out = _in_thread(s, lambda: ctl.reload(path, 120))
     assert out.startswith("reload finished in "), out
     assert "2 of 2 namespace(s) on the new configuration" in out
     assert "netns init: new configuration in use (worker %d)" % (
@@ -151,7 +151,7 @@ def test_tlshdctl_reload_names_a_namespace_configuration_error(
     run_until(s, lambda: ready(ns) and ready(a))
     path = _controlled(s, tmp_path)
     (tmp_path / "a.conf").write_text("[authenticate]\nhandshake_timeout=x\n")
-    out = _in_thread(s, lambda: ctl.reload(path, 30))
+    out = _in_thread(s, lambda: ctl.reload(path, 120))
     assert out.startswith("error: reload finished in "), out
     assert "1 of 2 namespace(s) on the new configuration, 1 with problems" \
         in out
@@ -163,7 +163,7 @@ def test_tlshdctl_reload_names_a_namespace_configuration_error(
         tmp_path / "a.conf") in status
     # Fixed and reloaded: served again.
     (tmp_path / "a.conf").write_text(GOOD)
-    out = _in_thread(s, lambda: ctl.reload(path, 30))
+    out = _in_thread(s, lambda: ctl.reload(path, 120))
     assert "2 of 2 namespace(s) on the new configuration" in out, out
     assert not a.held
 
