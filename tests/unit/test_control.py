@@ -199,7 +199,7 @@ def test_status_shows_the_credential_error_that_holds_a_namespace(
     bad.write_text("not a certificate\n")
     a = _second_namespace(s, tmp_path, "[authenticate.server]\n"
                           f"x509.certificate={bad}\nx509.private_key={bad}\n")
-    run_until(s, lambda: ready(ns) and a.held)
+    run_until(s, lambda: ready(ns) and a.held, timeout=120)
     status = _in_thread(s, lambda: ctl.query(path, "status"))
     held = [line for line in status.splitlines()
             if line.startswith("  held:")]
