@@ -1,9 +1,15 @@
 """The supervisor's control socket: what ``tlshdctl`` reads.
 
 A root-only AF_UNIX stream socket (mode 0600 in a 0700 directory).  A
-client sends one command line ("status", "status-json" or "metrics") and
-reads the answer until EOF.  The supervisor is single-threaded, so a
-client gets a short time to send its line, and answers are small.
+client sends one command line ("status", "status-json", "metrics",
+"reload" or "reload-status") and reads the answer until EOF.  The
+supervisor is single-threaded, so a client gets a short time to send its
+line, and answers are small.
+
+"reload" does what SIGHUP does and answers at once; new workers then load
+the new configuration in the background.  Until each namespace has taken
+it up (or failed to), "reload" and "reload-status" answer "pending";
+then the report (see ReloadWatch), which tlshdctl polls for.
 
 Certificates named by a namespace's configuration are read here for their
 subject and expiry dates only; private keys are never opened by the
@@ -24,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 
 from tlshd.shared import config
+from tlshd.shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from tlshd.supervisor.loop import Namespace, Supervisor
+    from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,42 @@ def warn_expiring(label: str, cfg: config.Config) -> None:
                         "expires in %.0f days" % left)
 
 
+class WorkerErrors(logging.Handler):
+    """Remembers the last error each namespace's workers logged.
+
+    A worker that cannot load its credentials logs why, then exits with
+    EX_CONFIG and its namespace is held: ``status`` and ``reload`` show
+    that line as the reason.  Worker records reach the supervisor's log
+    through workerlog.WorkerLog.emit as (text, netns label).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2:
+            self.last[str(args[1])] = str(args[0])
+
+
+WORKER_ERRORS = WorkerErrors()
+WORKER_LOGGER = "tlshd.supervisor.workerlog"
+
+
+def held_reason(ns: Namespace) -> str:
+    """Why a held namespace is held, as well as can be told now."""
+    try:
+        config.load(ns.config_path)
+    except ConfigError as e:
+        return str(e)
+    last = WORKER_ERRORS.last.get(ns.label)
+    if last:
+        return "its worker could not load the configuration: %s" % last
+    return ("configuration error (%s loads now: tlshdctl reload)"
+            % ns.config_path)
+
+
 def namespace_status(ns: Namespace) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC)
     worker = ns.worker
@@ -99,6 +143,7 @@ def namespace_status(ns: Namespace) -> dict[str, Any]:
         "inode": ns.key[1] if ns.key else None,
         "config": ns.config_path,
         "held": ns.held,
+        "held_reason": held_reason(ns) if ns.held else "",
         "worker_pid": worker.pid if worker else None,
         "worker_ready": bool(worker and worker.ready),
         "worker_uptime": (round(time.monotonic() - worker.started, 1)
@@ -121,8 +166,10 @@ def render_status(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         out.append("netns %s (inode %s)%s" % (
-            r["netns"], r["inode"], "  HELD: configuration error"
+            r["netns"], r["inode"], "  HELD until a reload"
             if r["held"] else ""))
+        if r["held"]:
+            out.append("  held:      %s" % r.get("held_reason", ""))
         out.append("  config:    %s" % r["config"])
         if r["worker_pid"]:
             out.append("  worker:    pid %d, %s, up %.0f s, %d restart(s)" % (
@@ -187,6 +234,75 @@ def render_metrics(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(eq=False)
+class Watched:
+    ns: Namespace
+    old: Worker | None  # its worker when the reload began
+    restarts: int
+
+
+class ReloadWatch:
+    """One reload asked for over the socket, until each namespace has
+    taken up the new configuration or failed to."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        # Only what the new workers log counts as the reason they failed.
+        for ns in sup.namespaces:
+            WORKER_ERRORS.last.pop(ns.label, None)
+        self.watched = [Watched(ns, ns.worker, ns.restarts)
+                        for ns in sup.namespaces]
+        self.problems = sup.reload()
+        # The main configuration did not load: nothing was reloaded.
+        self.failed = any(p.startswith("Reload failed")
+                          for p in self.problems)
+
+    def _state(self, sup: Supervisor, w: Watched) -> tuple[str, str]:
+        """("pending" | "ok" | "problem", what to print)."""
+        ns = w.ns
+        name = "netns %s" % ns.label
+        if ns.removed:
+            return "ok", "%s: gone" % name
+        if ns.held:
+            return "problem", "%s: HELD: %s" % (name, held_reason(ns))
+        last = WORKER_ERRORS.last.get(ns.label, "")
+        why = ": %s" % last if last else " (see the log)"
+        spawning = any(n is ns for n, _ in sup.spawning.values())
+        worker = ns.worker
+        if ns.restarts != w.restarts:
+            return "problem", ("%s: its new worker failed to start%s"
+                               % (name, why))
+        if ns.successor is not None or spawning or (
+                worker is not None and worker is not w.old
+                and not worker.ready) or (
+                worker is None and ns.restart_at is not None):
+            return "pending", ""
+        if worker is not None and worker is w.old:
+            return "problem", ("%s: keeps its previous configuration, the "
+                               "new worker failed%s" % (name, why))
+        if worker is not None:
+            return "ok", ("%s: new configuration in use (worker %d)"
+                          % (name, worker.pid))
+        return "problem", "%s: no worker%s" % (name, why)
+
+    def report(self, sup: Supervisor) -> str:
+        if self.failed:
+            return "".join("error: %s\n" % p for p in self.problems)
+        states = [self._state(sup, w) for w in self.watched]
+        if any(state == "pending" for state, _ in states):
+            return "pending\n"
+        if self.finished is None:
+            self.finished = time.monotonic()
+        bad = sum(state == "problem" for state, _ in states)
+        head = ("reload finished in %.1f s: %d of %d namespace(s) on the "
+                "new configuration" % (self.finished - self.started,
+                                       len(states) - bad, len(states)))
+        if bad:
+            head = "error: %s, %d with problems" % (head, bad)
+        return "\n".join([head] + [text for _, text in states]) + "\n"
+
+
 class ControlServer:
     """Listening socket; ``handle`` answers one client synchronously."""
 
@@ -206,11 +322,14 @@ class ControlServer:
         os.chmod(path, 0o600)
         self.sock.listen(8)
         self.sock.setblocking(False)
+        self.reload_watch: ReloadWatch | None = None
+        logging.getLogger(WORKER_LOGGER).addHandler(WORKER_ERRORS)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        logging.getLogger(WORKER_LOGGER).removeHandler(WORKER_ERRORS)
         self.sock.close()
         try:
             os.unlink(self.path)
@@ -225,8 +344,18 @@ class ControlServer:
         with conn:
             conn.settimeout(CLIENT_TIMEOUT)
             try:
-                command = conn.recv(MAX_COMMAND).decode(errors="replace")
-                conn.sendall(answer(sup, command.strip()).encode())
+                command = conn.recv(MAX_COMMAND).decode(
+                    errors="replace").strip()
+                if command == "reload":
+                    log.info("Reload asked for over the control socket")
+                    self.reload_watch = ReloadWatch(sup)
+                if command in ("reload", "reload-status"):
+                    text = (self.reload_watch.report(sup)
+                            if self.reload_watch is not None
+                            else "error: no reload asked for\n")
+                else:
+                    text = answer(sup, command)
+                conn.sendall(text.encode())
             except OSError as e:
                 log.debug("control client: %s", e)
 
@@ -239,5 +368,5 @@ def answer(sup: Supervisor, command: str) -> str:
         return json.dumps(rows, indent=2) + "\n"
     if command == "metrics":
         return render_metrics(rows)
-    return "error: unknown command %r (status, status-json, metrics)\n" % (
-        command[:MAX_COMMAND])
+    return ("error: unknown command %r (status, status-json, metrics, "
+            "reload, reload-status)\n" % command[:MAX_COMMAND])

@@ -168,6 +168,25 @@ def _done_policy(replies: tuple[Any, ...]) -> dict[int, int]:
     return dict(policies.get(done_policy_idx, {}))
 
 
+def unavailable_message(e: Exception) -> str:
+    """Why the handshake family could not be resolved, for an admin."""
+    code = getattr(e, "code", None)
+    if not isinstance(code, int):
+        code = getattr(e, "errno", None)
+    if code == errno.ENOENT:
+        why = ('this kernel has no "%s" netlink family'
+               % uapi.HANDSHAKE_FAMILY_NAME)
+    else:
+        why = "cannot ask the kernel for it: %s" % (
+            os.strerror(code) if isinstance(code, int) and code > 0 else e)
+    tls = ("" if os.path.isdir("/sys/module/tls") else
+           "; the tls module (CONFIG_TLS) is not loaded either, and kTLS "
+           "needs it")
+    return ("Kernel handshake service is not available: %s.  tlshd needs "
+            "Linux 6.4 or later built with CONFIG_NET_HANDSHAKE=y%s"
+            % (why, tls))
+
+
 def probe_family() -> FamilyInfo:
     """Resolve the handshake family in the current network namespace.
 
@@ -184,9 +203,7 @@ def probe_family() -> FamilyInfo:
             nl.bind(uapi.HANDSHAKE_FAMILY_NAME, genlmsg)
             fam = nl.discovery(uapi.HANDSHAKE_FAMILY_NAME)
         except Exception as e:
-            raise ConfigError(
-                "Kernel handshake service is not available (%s)" % e
-            ) from e
+            raise ConfigError(unavailable_message(e)) from e
         family_id = int(_get(fam, "CTRL_ATTR_FAMILY_ID"))
         groups = {
             g.get_attr("CTRL_ATTR_MCAST_GRP_NAME"):

@@ -66,6 +66,14 @@ MAX_ACCEPTS_PER_TURN = 16
 # slice per pause instead of all its time, and the CPU stays with the
 # handshakes of the other namespaces.
 FLOOD_PAUSE = 0.2
+# Signals the loop catches (through the wake-up fd): SIGTERM and SIGINT
+# stop, SIGHUP and SIGUSR1 reload, SIGCHLD wakes the loop.  A stray
+# SIGUSR2 or SIGALRM is logged and otherwise ignored, instead of killing
+# the daemon (their default action) and every handshake in flight.
+# SIGPIPE stays ignored (Python's start-up); see tlshd(8), SIGNALS.
+IGNORED_SIGNALS = (signal.SIGUSR2, signal.SIGALRM)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                   signal.SIGUSR1, signal.SIGCHLD, *IGNORED_SIGNALS)
 
 
 def ktls_attached(sockfd: int) -> bool:
@@ -172,8 +180,7 @@ class Supervisor:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup_r = r
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                    signal.SIGCHLD):
+        for sig in HANDLED_SIGNALS:
             # The handler does nothing: the wake-up fd carries the signal
             # number into the selector, where the real work happens.
             signal.signal(sig, lambda *_: None)
@@ -461,8 +468,12 @@ class Supervisor:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop()
-            elif signum == signal.SIGHUP:
+            elif signum in (signal.SIGHUP, signal.SIGUSR1):
+                # SIGUSR1 as in ktls-utils' tlshd: a reload, not a death.
                 self.reload()
+            elif signum in IGNORED_SIGNALS:
+                log.warning("%s ignored (SIGHUP or SIGUSR1 reloads, "
+                            "SIGTERM stops)", signal.Signals(signum).name)
 
     def stop(self) -> None:
         if self.stopping is not None:
@@ -480,18 +491,23 @@ class Supervisor:
                 self.complete(req, errno.ETIMEDOUT, ())
             ns.pending.clear()
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
         """Re-read the configuration; new workers take the new requests.
 
         A successor worker starts with the new configuration while the
         current one keeps serving; once the successor is ready it takes
         over, and the old worker finishes what it holds, then exits.
+
+        Returns what went wrong at once (the main configuration, or a
+        namespace's, does not load); a successor that cannot load its
+        credentials fails later (see control.ReloadWatch).
         """
         try:
             self.cfg = config.load(self.cfg.path)
         except ConfigError as e:
             log.error("Reload failed, keeping the old configuration: %s", e)
-            return
+            return ["Reload failed, keeping the old configuration: %s" % e]
+        problems = []
         log.info("Reloading configuration from %s", self.cfg.path)
         now = time.monotonic()
         self._unserved.clear()
@@ -502,6 +518,7 @@ class Supervisor:
                 control.warn_expiring(ns.label, ns.cfg)
             except ConfigError as e:
                 log.error("netns %s: %s", ns.label, e)
+                problems.append("netns %s: %s" % (ns.label, e))
                 ns.held = True
             ns.backoff.failures = 0
             if ns.successor is not None:
@@ -514,6 +531,7 @@ class Supervisor:
             elif not ns.held:
                 self.start_worker(ns, now, successor=True)
         self.scan()
+        return problems
 
     def retire(self, ns: Namespace, worker: Worker) -> None:
         worker.retiring = True

@@ -38,7 +38,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="configuration file (default %s)"
                         % config.DEFAULT_PATH)
     p.add_argument("-s", "--stderr", action="store_true",
-                   help="log to stderr instead of syslog")
+                   help="log to stderr instead of syslog (ktls-utils "
+                        "logs to both), each line with its severity: "
+                        "a word such as \"error:\", or the journal's "
+                        "<N> prefix when stderr is the journal")
     p.add_argument("--check-config", action="store_true",
                    help="load every namespace's configuration and "
                         "credentials, report problems, and exit")

@@ -1,4 +1,5 @@
-"""SIGHUP: configuration and certificates re-read, nothing in flight lost."""
+"""SIGHUP and SIGUSR1: configuration and certificates re-read, nothing in
+flight lost."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import pytest
 pytestmark = pytest.mark.kernel
 
 
-def test_sighup_during_mount_loop_drops_nothing(pki, tlshd, trace, nfs):
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1],
+                         ids=["SIGHUP", "SIGUSR1"])
+def test_reload_signal_during_mount_loop_drops_nothing(pki, tlshd, trace,
+                                                       nfs, signum):
     tlshd.start(pki.config())
     results = []
     stop = threading.Event()
 
     def hup_storm():
         while not stop.is_set():
-            tlshd.proc.send_signal(signal.SIGHUP)
+            tlshd.proc.send_signal(signum)
             stop.wait(3.0)
 
     storm = threading.Thread(target=hup_storm)
@@ -36,13 +40,15 @@ def test_sighup_during_mount_loop_drops_nothing(pki, tlshd, trace, nfs):
         storm.join()
     done = trace.completions()
     reloads = tlshd.log().count("Reloading configuration")
-    print("mounts ok: %d/%d, reloads: %d, handshakes: %d, statuses: %s, "
+    print("%s: mounts ok: %d/%d, reloads: %d, handshakes: %d, statuses: %s, "
           "max hs seconds %.2f" % (
+              signal.Signals(signum).name,
               sum(r.ok for r in results), len(results), reloads, len(done),
               sorted({c.status for c in done}),
               max(c.seconds for c in done)))
     assert all(r.ok for r in results), [r.output for r in results]
     assert reloads >= 2
+    assert tlshd.proc.poll() is None  # SIGUSR1 once killed it
     assert len(done) == 2 * len(results)
     assert all(c.status == 0 for c in done)
 

@@ -22,7 +22,7 @@ import pytest
 
 from tlshd.shared import config, uapi
 from tlshd.supervisor import genl, upcall
-from tlshd.supervisor.loop import Namespace, Supervisor
+from tlshd.supervisor.loop import HANDLED_SIGNALS, Namespace, Supervisor
 
 
 class FakeNl:
@@ -128,8 +128,7 @@ def serving(tmp_path: Path, nl: FakeNl | None = None
     os.close(s.wakeup_r)
     os.close(s.home)
     s.sel.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                signal.SIGCHLD):
+    for sig in HANDLED_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
 
 

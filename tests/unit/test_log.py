@@ -1,0 +1,93 @@
+"""What ``tlshd -s`` prints, and the start-up error of a kernel without
+the handshake service."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+
+import pytest
+
+from tlshd.shared import log as tlshd_log
+from tlshd.shared.errors import ConfigError
+from tlshd.supervisor import genl
+
+
+def record(level: int, msg: str) -> logging.LogRecord:
+    r = logging.LogRecord("tlshd.x", level, __file__, 1, msg, None, None)
+    r.process = 42
+    return r
+
+
+@pytest.mark.parametrize("level,line", [
+    (logging.DEBUG, "tlshd[42]: debug: m"),
+    (logging.INFO, "tlshd[42]: m"),
+    (logging.WARNING, "tlshd[42]: warning: m"),
+    (logging.ERROR, "tlshd[42]: error: m"),
+    (logging.CRITICAL, "tlshd[42]: critical: m"),
+])
+def test_terminal_lines_name_their_severity(level, line):
+    assert tlshd_log.StderrFormatter(journal=False).format(
+        record(level, "m")) == line
+
+
+@pytest.mark.parametrize("level,prio", [
+    (logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4),
+    (logging.ERROR, 3), (logging.CRITICAL, 2)])
+def test_journal_lines_carry_the_sd_daemon_prefix(level, prio):
+    fmt = tlshd_log.StderrFormatter(journal=True)
+    assert fmt.format(record(level, "m")) == "<%d>tlshd[42]: m" % prio
+    # Every line of a multi-line record: journald reads each on its own.
+    assert fmt.format(record(level, "a\nb")) == "<%d>tlshd[42]: a\n<%d>b" % (
+        prio, prio)
+
+
+def test_journal_stream_must_be_stderr_itself(monkeypatch, tmp_path):
+    f = open(tmp_path / "err", "w")
+    monkeypatch.setattr(sys, "stderr", f)
+    st = os.fstat(f.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev, st.st_ino))
+    assert tlshd_log.stderr_is_journal()
+    # Inherited by a child whose stderr went elsewhere: not the journal.
+    monkeypatch.setenv("JOURNAL_STREAM", "%d:%d" % (st.st_dev,
+                                                    st.st_ino + 1))
+    assert not tlshd_log.stderr_is_journal()
+    monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+    assert not tlshd_log.stderr_is_journal()
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert not tlshd_log.stderr_is_journal()
+    f.close()
+
+
+class NoFamily(Exception):
+    """What pyroute2's NetlinkError carries: the errno as ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code, os.strerror(code))
+        self.code = code
+
+
+def test_missing_handshake_family_names_what_is_needed(monkeypatch):
+    """Not an errno tuple: the kernel version and option it takes."""
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    def bind(self, *args):
+        raise NoFamily(errno.ENOENT)
+
+    monkeypatch.setattr(GenericNetlinkSocket, "bind", bind)
+    with pytest.raises(ConfigError) as e:
+        genl.probe_family()
+    text = str(e.value)
+    assert text.startswith("Kernel handshake service is not available: "
+                           'this kernel has no "handshake" netlink family')
+    assert "Linux 6.4 or later built with CONFIG_NET_HANDSHAKE=y" in text
+    assert "(2," not in text
+    if not os.path.isdir("/sys/module/tls"):
+        assert "the tls module (CONFIG_TLS) is not loaded" in text
+
+
+def test_other_netlink_errors_are_named():
+    text = genl.unavailable_message(NoFamily(errno.EPERM))
+    assert "cannot ask the kernel for it: Operation not permitted" in text
