@@ -155,12 +155,12 @@ def test_tlshdctl_reload_names_a_namespace_configuration_error(
     assert out.startswith("error: reload finished in "), out
     assert "1 of 2 namespace(s) on the new configuration, 1 with problems" \
         in out
-    assert ("netns a: HELD: %s: handshake_timeout 'x' is not a number"
-            % (tmp_path / "a.conf")) in out
+    assert ("netns a: HELD: %s:2: [authenticate] handshake_timeout: 'x' is "
+            "not a number" % (tmp_path / "a.conf")) in out
     status = _in_thread(s, lambda: ctl.query(path, "status"))
     assert "netns a (inode None)  HELD until a reload" in status
-    assert "  held:      %s: handshake_timeout 'x' is not a number" % (
-        tmp_path / "a.conf") in status
+    assert ("  held:      %s:2: [authenticate] handshake_timeout: 'x' is "
+            "not a number" % (tmp_path / "a.conf")) in status
     # Fixed and reloaded: served again.
     (tmp_path / "a.conf").write_text(GOOD)
     out = _in_thread(s, lambda: ctl.reload(path, 120))
