@@ -215,11 +215,10 @@ class Supervisor:
             cfg, held = config.Config(path=config_path), True
         ns = Namespace(label, config_path, nlsock, cfg, key, nsfd,
                        held=held, initial=nsfd is None
-                       or self._fd_key(nsfd) == self._fd_key(self.home))
+                       or self._fd_key(nsfd) == self._home_key)
         control.warn_expiring(label, cfg)
         self.namespaces.append(ns)
-        self.sel.register(nlsock, selectors.EVENT_READ,
-                          lambda: self.on_netlink(ns))
+        self._watch(ns)
         # The kernel may already hold requests for this namespace whose
         # READY no one here heard: sent to a supervisor that then died
         # (the pending list outlives its agent), or multicast to another
@@ -820,6 +819,11 @@ class Supervisor:
         # More may be pending: carry on after the other namespaces' turn.
         ns.nlsock.ready = True
 
+    def _watch(self, ns: Namespace) -> None:
+        """Listen to ``ns``'s READY socket."""
+        self.sel.register(ns.nlsock, selectors.EVENT_READ,
+                          lambda: self.on_netlink(ns))
+
     def _unwatch(self, ns: Namespace) -> None:
         """Stop listening to ``ns``'s netlink socket (for good)."""
         if ns.paused_until is None:
@@ -831,8 +835,7 @@ class Supervisor:
         for ns in self.namespaces:
             if ns.paused_until is not None and now >= ns.paused_until:
                 ns.paused_until = None
-                self.sel.register(ns.nlsock, selectors.EVENT_READ,
-                                  lambda ns=ns: self.on_netlink(ns))
+                self._watch(ns)
 
     def _owned(self, sockfd: int) -> bool:
         return any(r.sockfd == sockfd for r in self.inflight.values())
