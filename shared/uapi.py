@@ -1,8 +1,10 @@
 """Kernel uAPI constants for the ``handshake`` generic netlink family.
 
 Mirrors include/uapi/linux/handshake.h (generated from
-Documentation/netlink/specs/handshake.yaml).  Names keep the kernel's
-spelling so that one grep finds both the C and the Python side.
+Documentation/netlink/specs/handshake.yaml), plus the two kTLS socket
+option names (TCP_ULP, SOL_TLS) that the supervisor and worker share.
+Names keep the kernel's spelling so that one grep finds both the C and
+the Python side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class MsgType(enum.IntEnum):
     # Proposed (KeyUpdate series, not merged): re-key an existing session.
     CLIENTKEYUPDATE = 3
     SERVERKEYUPDATE = 4
+
+
+# The message types that re-key an existing session (no handshake).
+KEY_UPDATE_MSGS = (MsgType.CLIENTKEYUPDATE, MsgType.SERVERKEYUPDATE)
 
 
 class KeyUpdateType(enum.IntEnum):
@@ -87,10 +93,13 @@ HANDSHAKE_MAX_PEER_IDS = 5
 # TLS_NO_PEERID: REMOTE_AUTH value meaning "none".
 TLS_NO_PEERID = 0
 # What ktls-utils reports for a verified x.509 client certificate: NFSD
-# only needs a non-zero peer id to set XPT_PEER_AUTH (xprtsec=mtls).
+# only needs a non-zero peer id to set XPT_PEER_AUTH (xprtsec=mtls), and
+# the kernel must not parse client certificates (ktls-utils efeda80).
 TLS_X509_PEERID = 0xFFFFFFFF
 
 # setsockopt(IPPROTO_TCP, TCP_ULP, "tls") attaches kTLS to a TCP socket;
 # getsockopt with the same names tells which upper-layer protocol it has.
 TCP_ULP = 31
 TLS_ULP_NAME = b"tls"
+# <linux/socket.h>: the level of the kTLS socket options (TLS_TX, TLS_RX).
+SOL_TLS = 282

@@ -16,11 +16,11 @@ import socket
 import struct
 import time
 
+from tlshd.shared.uapi import SOL_TLS, TCP_ULP
+
 log = logging.getLogger(__name__)
 
-# <linux/tcp.h>, <linux/tls.h>
-TCP_ULP = 31
-SOL_TLS = 282
+# <linux/tls.h>
 TLS_TX = 1
 TLS_1_3_VERSION = 0x0304
 # cipher type -> sizeof(struct tls12_crypto_info_*)

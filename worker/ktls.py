@@ -20,12 +20,13 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from tlshd.shared import uapi
+# Re-exported: the kTLS socket options are defined once, in shared/uapi.
+from tlshd.shared.uapi import SOL_TLS as SOL_TLS
+from tlshd.shared.uapi import TCP_ULP as TCP_ULP
+from tlshd.shared.uapi import TLS_ULP_NAME as TLS_ULP_NAME
 
 # <netinet/tcp.h>, <linux/tls.h>: kernel names so one grep covers C and Python.
 SOL_TCP = socket.IPPROTO_TCP
-TCP_ULP = uapi.TCP_ULP
-SOL_TLS = 282
 TLS_TX = 1
 TLS_RX = 2
 TLS_TX_ZEROCOPY_RO = 3
@@ -41,8 +42,6 @@ TLS_CIPHER_AES_GCM_128 = 51
 TLS_CIPHER_AES_GCM_256 = 52
 TLS_CIPHER_AES_CCM_128 = 53
 TLS_CIPHER_CHACHA20_POLY1305 = 54
-
-TLS_ULP_NAME = uapi.TLS_ULP_NAME
 
 # TLS 1.3 record nonces are always 12 bytes (RFC 8446 section 5.3).
 IV_LEN = 12
@@ -112,11 +111,6 @@ def _suite(cipher: str) -> _Suite:
 def hash_name(cipher: str) -> str:
     """Return the hashlib name of the suite's hash ("sha256", "sha384")."""
     return _suite(cipher).hash_name
-
-
-def key_length(cipher: str) -> int:
-    """Return the AEAD key length of the suite in bytes."""
-    return _suite(cipher).key_len
 
 
 def _hkdf_expand(prk: bytes, info: bytes, length: int, hash: str) -> bytes:

@@ -52,14 +52,14 @@ from typing import Generic, TypeVar
 
 from OpenSSL import SSL
 
+from tlshd.shared.config import (
+    DEFAULT_SESSION_CACHE_SIZE,
+    DEFAULT_SESSION_LIFETIME,
+)
+
 REUSE_ALPN = b"tlshd-reuse/1"
 EXPORTER_LABEL = b"EXPORTER-tlshd-session-reuse"
 IDENTITY_PREFIX = b"tlshd-reuse "
-
-DEFAULT_LIFETIME = 3600.0
-DEFAULT_CACHE_SIZE = 256
-# RFC 8446 4.6.1 caps ticket lifetimes at seven days; so do we.
-MAX_LIFETIME = 7 * 24 * 3600.0
 
 # TLS 1.3 suite -> (two-byte id, hash length): the PSK's hash is the
 # session's, and OpenSSL drops a PSK whose hash differs from the suite
@@ -77,8 +77,8 @@ class ReuseSettings:
     """``[authenticate] session_reuse`` is on: how long a PSK may be used
     (seconds, both ends) and how many entries each end keeps."""
 
-    lifetime: float = DEFAULT_LIFETIME
-    cache_size: int = DEFAULT_CACHE_SIZE
+    lifetime: float = DEFAULT_SESSION_LIFETIME
+    cache_size: int = DEFAULT_SESSION_CACHE_SIZE
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,8 @@ class BoundedTable(Generic[K, V]):
     returned).  Ages count from when the entry was stored, never from
     its last use."""
 
-    def __init__(self, size: int = DEFAULT_CACHE_SIZE,
-                 lifetime: float = DEFAULT_LIFETIME,
+    def __init__(self, size: int = DEFAULT_SESSION_CACHE_SIZE,
+                 lifetime: float = DEFAULT_SESSION_LIFETIME,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if size < 1:
             raise ValueError("table size must be at least 1")

@@ -48,6 +48,7 @@ from typing import Any, NoReturn
 
 from tlshd.shared import linux, protocol, seccomp
 from tlshd.shared.seccomp import Eq, NoBits, allow, allow_args, allow_if
+from tlshd.shared.uapi import SOL_TLS, TCP_ULP
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ SECCOMP_LOG_ENV = "TLSHD_SECCOMP_LOG"
 # <sys/mman.h>: kernel names, so one grep covers C and Python.
 SOL_SOCKET = socket.SOL_SOCKET
 IPPROTO_TCP = socket.IPPROTO_TCP
-SOL_TLS = 282
 TCP_NODELAY = 1
-TCP_ULP = 31
 FIONBIO = 0x5421
 F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
 PROT_EXEC = 0x4

@@ -32,9 +32,6 @@ from tlshd.worker.tlsengine import Engine, Outcome
 
 log = logging.getLogger(__name__)
 
-# Python ignores SO_PROTOCOL on socket objects it wraps; ask the kernel.
-IPPROTO_QUIC = 261
-KEY_UPDATE_MSGS = (uapi.MsgType.CLIENTKEYUPDATE, uapi.MsgType.SERVERKEYUPDATE)
 
 
 @dataclass
@@ -80,6 +77,7 @@ def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
     ``lookups``: how a server PSK handshake asks the supervisor for keys.
     """
     deadline = time.monotonic() + request.timeout_ms / 1000.0
+    # Python ignores SO_PROTOCOL on socket objects it wraps; ask the kernel.
     proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
     if proto != socket.IPPROTO_TCP:
         log.error("Unsupported socket protocol %d", proto)
@@ -173,7 +171,7 @@ def handle(engine: Engine, job: Job,
     handshake's secrets are kept for later re-keys and the answer names
     their session id.
     """
-    if job.request.msg_type in KEY_UPDATE_MSGS:
+    if job.request.msg_type in uapi.KEY_UPDATE_MSGS:
         return handle_key_update(sessions, job)
     sock = socket.socket(fileno=job.fd)
     peer = _peer_address(sock)

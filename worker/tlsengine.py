@@ -50,7 +50,6 @@ from tlshd.worker.resumption import (
 )
 from tlshd.worker.sslconf import openssl_conf_path
 from tlshd.worker.tlsoutcome import (
-    REMOTE_AUTH_VERIFIED_CERT,
     DeadlineExpired,
     Outcome,
     Session,
@@ -62,7 +61,6 @@ from tlshd.worker.verify import CredentialError, EngineError
 
 __all__ = [
     "DEFAULT_CIPHERSUITES",
-    "REMOTE_AUTH_VERIFIED_CERT",
     "CredentialError",
     "Engine",
     "EngineError",

@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL, crypto
 
+from tlshd.shared import uapi
 from tlshd.worker import ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
-
-# REMOTE_AUTH for a verified client certificate: NFSD only needs non-zero,
-# and the kernel must not parse client certificates (ktls-utils efeda80).
-REMOTE_AUTH_VERIFIED_CERT = 0xFFFFFFFF
 
 HS_NEW_SESSION_TICKET = 4
 HS_FINISHED = 20
@@ -213,7 +210,7 @@ def success(conn: SSL.Connection, s: Session, *, server: bool) -> Outcome:
     server_cert = conn.get_certificate() if server else peer
     remote_auth: tuple[int, ...] = ()
     if server and peer is not None and s.verify_failure is None:
-        remote_auth = (REMOTE_AUTH_VERIFIED_CERT,)
+        remote_auth = (uapi.TLS_X509_PEERID,)
     description = (
         f"(TLS1.3)-({group})-({cert_texts(server_cert)[0]})"
         f"-({_CIPHER_SHORT.get(cipher, cipher)})"

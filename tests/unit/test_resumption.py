@@ -18,6 +18,7 @@ import pytest
 from OpenSSL import SSL
 from test_tlsengine import prove_pair
 
+from tlshd.shared.uapi import TLS_X509_PEERID
 from tlshd.worker.resumption import (
     REUSE_ALPN,
     ClientCache,
@@ -27,7 +28,7 @@ from tlshd.worker.resumption import (
     derive,
     peer_key,
 )
-from tlshd.worker.tlsengine import REMOTE_AUTH_VERIFIED_CERT, Engine, Outcome
+from tlshd.worker.tlsengine import Engine, Outcome
 
 REUSE = ReuseSettings(lifetime=60, cache_size=8)
 
@@ -148,7 +149,7 @@ def test_reused_mtls_keeps_remote_auth(pki: Any, run_pair: Any) -> None:
     for resumed in (False, True):
         pair = ok(run_pair(eng, eng, use_certificate=True))
         assert pair.server.resumed == resumed
-        assert pair.server.remote_auth == (REMOTE_AUTH_VERIFIED_CERT,)
+        assert pair.server.remote_auth == (TLS_X509_PEERID,)
         assert pair.server.peer_subject == "CN=client.example"
         prove_pair(pair)
 
@@ -164,7 +165,7 @@ def test_not_offered_to_other_name_or_credentials(pki: Any,
     # nfsd gets the certificate's REMOTE_AUTH.
     mtls = ok(run_pair(eng, eng, use_certificate=True))
     assert not mtls.server.resumed
-    assert mtls.server.remote_auth == (REMOTE_AUTH_VERIFIED_CERT,)
+    assert mtls.server.remote_auth == (TLS_X509_PEERID,)
     # An anonymous reuse never carries that REMOTE_AUTH.
     anon = ok(run_pair(eng, eng))
     assert anon.server.resumed and anon.server.remote_auth == ()

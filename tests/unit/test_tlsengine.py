@@ -18,9 +18,9 @@ import pytest
 from OpenSSL import SSL
 from recordlayer import RecordLayer, recv_app_data, send_app_data
 
+from tlshd.shared.uapi import TLS_X509_PEERID
 from tlshd.worker import ktls
 from tlshd.worker.tlsengine import (
-    REMOTE_AUTH_VERIFIED_CERT,
     Engine,
     Outcome,
 )
@@ -80,7 +80,7 @@ def test_mutual_tls(pki: Any, run_pair: Any, suite: str) -> None:
     assert pair.client.status == 0, pair.client.reason
     assert pair.server.status == 0, pair.server.reason
     assert pair.server.cipher == suite
-    assert pair.server.remote_auth == (REMOTE_AUTH_VERIFIED_CERT,)
+    assert pair.server.remote_auth == (TLS_X509_PEERID,)
     assert pair.server.peer_subject == "CN=client.example"
     assert pair.client.remote_auth == ()
     prove_pair(pair)
@@ -134,7 +134,7 @@ def test_x509_from_kernel_der(pki: Any, run_pair: Any) -> None:
     assert pair.server.status == 0, pair.server.reason
     assert pair.server.peer_subject == "CN=der-client"
     assert pair.client.peer_subject == "CN=der-server"
-    assert pair.server.remote_auth == (REMOTE_AUTH_VERIFIED_CERT,)
+    assert pair.server.remote_auth == (TLS_X509_PEERID,)
     prove_pair(pair)
 
 
@@ -335,7 +335,7 @@ def test_our_server_against_plain_pyopenssl_client(
         assert out.status == 0, out.reason
         assert out.cipher == suite
         assert out.remote_auth == (
-            (REMOTE_AUTH_VERIFIED_CERT,) if mtls else ()
+            (TLS_X509_PEERID,) if mtls else ()
         )
         tx, rx = layers(out)
         assert recv_app_data(rx, ssock) == b"plain client says hi"

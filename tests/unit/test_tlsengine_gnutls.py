@@ -26,7 +26,8 @@ from recordlayer import (
     send_app_data,
 )
 
-from tlshd.worker.tlsengine import REMOTE_AUTH_VERIFIED_CERT, Engine
+from tlshd.shared.uapi import TLS_X509_PEERID
+from tlshd.worker.tlsengine import Engine
 
 pytestmark = [
     pytest.mark.skipif(
@@ -267,7 +268,7 @@ def test_gnutls_cli_against_our_server(
             assert out.cipher == suite
             assert out.tx.seq == 0 and out.rx.seq == 0
             assert out.remote_auth == (
-                (REMOTE_AUTH_VERIFIED_CERT,) if mtls else ()
+                (TLS_X509_PEERID,) if mtls else ()
             )
             if mtls:
                 assert out.peer_subject == "CN=client.example"
