@@ -34,14 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
+from tlshd.shared.config import RoleConfig  # noqa: E402
 from tlshd.worker.tlsengine import (  # noqa: E402
     Engine,
     ReuseSettings,
-    RoleSettings,
 )
 
 
-def credentials(d: Path) -> tuple[RoleSettings, RoleSettings]:
+def credentials(d: Path) -> tuple[RoleConfig, RoleConfig]:
     now = datetime.datetime.now(datetime.UTC)
     day = datetime.timedelta(days=1)
 
@@ -72,7 +72,7 @@ def credentials(d: Path) -> tuple[RoleSettings, RoleSettings]:
         (d / f"{leaf}.key").write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
-        out.append(RoleSettings(truststore=str(d / "ca.pem"),
+        out.append(RoleConfig(truststore=str(d / "ca.pem"),
                                 certificate=str(d / f"{leaf}.pem"),
                                 private_key=str(d / f"{leaf}.key")))
     return out[1], out[0]
@@ -115,7 +115,7 @@ def measure(eng: Engine, mtls: bool, n: int) -> tuple[float, int]:
     return statistics.median(batches), reused
 
 
-def nonparticipating(client: RoleSettings, server: RoleSettings,
+def nonparticipating(client: RoleConfig, server: RoleConfig,
                      n: int) -> tuple[float, float, int]:
     """Our client with the switch off and on against a server that keeps
     no PSK (our engine with the switch off: it ignores the ALPN offer,

@@ -16,7 +16,7 @@ Extensions (absent from ktls-utils, all optional):
   [authenticate.client|server] x509.ciphersuites = OpenSSL TLS 1.3 suite
       list restricting what this end offers or accepts.
   [authenticate] session_reuse = true|false (default false): TLS 1.3
-      session reuse between tlshd instances (tlshd.worker.resumption);
+      session reuse between tlshd instances (tlshd.worker.sessionreuse);
       session_lifetime = seconds a reuse PSK lives (default 3600, at most
       604800); session_cache_size = entries each end keeps (default 256).
 
@@ -34,19 +34,28 @@ Namespaces (top-level file only; see tlshd.conf(5)):
       most, the initial one included (default 1024).
   [sandbox] user = the unprivileged user workers run as (default tlshd).
 
-Parsing only: nothing here opens a certificate or a key.  The worker that
+Parsing only: nothing here opens a certificate or a key.  The key-file
+syntax is tlshd.shared.keyfile; the checks of the files a configuration
+names (private key modes, paths tlshd.service hides, ktls-utils tag
+files) are tlshd.shared.configchecks.  The worker that
 serves a namespace loads the files its own configuration names.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tlshd.shared.errors import ConfigError
+# Re-exported: the checks of what a configuration names, and ConfigError,
+# are reached as config.X.
+from tlshd.shared.configchecks import hidden_by_service as hidden_by_service
+from tlshd.shared.configchecks import key_problems as key_problems
+from tlshd.shared.configchecks import service_warnings as service_warnings
+from tlshd.shared.configchecks import tags_files as tags_files
+from tlshd.shared.configchecks import warn_key_files as warn_key_files
+from tlshd.shared.errors import ConfigError as ConfigError
+from tlshd.shared.keyfile import KeyFile
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +131,6 @@ _PATH_KEYS = {
 }
 # Read from the main file only (tlshd.conf(5)).
 MAIN_FILE_ONLY = ("netns", "sandbox")
-# Where ktls-utils reads its session tags (tls-session-tags(7)).
-TAGS_DIR = "/etc/tlshd/tags.d"
-# What tlshd.service hides from the daemon: path prefix -> the setting.
-SERVICE_HIDDEN = (
-    ("/home", "ProtectHome=yes"),
-    ("/root", "ProtectHome=yes"),
-    ("/run/user", "ProtectHome=yes"),
-    ("/tmp", "PrivateTmp=yes"),
-    ("/var/tmp", "PrivateTmp=yes"),
-)
-
-
 @dataclass(frozen=True)
 class RoleConfig:
     """Credentials for one end: ``[authenticate.client]`` or ``.server``."""
@@ -203,164 +200,7 @@ def find_config(explicit: str | None) -> str:
     return DEFAULT_PATH
 
 
-def _show(text: str, limit: int = 60) -> str:
-    """``text`` quoted for a one-line message, shortened if long."""
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return repr(text)
-
-
-def _is_url(value: str) -> bool:
-    """A URL scheme prefix, as ktls-utils tells key URLs from paths."""
-    if not value[:1].isascii() or not value[:1].isalpha():
-        return False
-    for ch in value[1:]:
-        if ch == ":":
-            return True
-        if not (ch.isascii() and (ch.isalnum() or ch in "+-.")):
-            return False
-    return False
-
-
-def _fmt(number: float) -> str:
-    return "%d" % number if number == int(number) else "%g" % number
-
-
-def _hint(name: str, known: Iterable[str], fmt: str = "%s") -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return " (did you mean %s?)" % (fmt % close[0]) if close else ""
-
-
-@dataclass(frozen=True)
-class _Value:
-    text: str
-    line: int
-
-
-class _KeyFile:
-    """A GLib key file, read into sections of key -> value and line."""
-
-    def __init__(self, text: str, path: str) -> None:
-        self.path = path
-        self.sections: dict[str, dict[str, _Value]] = {}
-        self.section_lines: dict[str, int] = {}
-        self.warnings: list[str] = []
-        current: str | None = None
-        for number, raw in enumerate(text.split("\n"), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("["):
-                name = line[1:-1]
-                if (not line.endswith("]") or not name or "[" in name
-                        or "]" in name or not name.isprintable()):
-                    raise self.error(number, "malformed section header %s"
-                                     % _show(line))
-                current = name
-                # Repeated headers continue the section, as in GLib.
-                self.sections.setdefault(name, {})
-                self.section_lines.setdefault(name, number)
-                continue
-            key, eq, value = line.partition("=")
-            key = key.strip()
-            if not eq or not key:
-                raise self.error(number, "%s is not a [section] header, a "
-                                 "key=value line or a # comment"
-                                 % _show(line))
-            if current is None:
-                raise self.error(number, "%s= comes before any [section]"
-                                 % key)
-            old = self.sections[current].get(key)
-            if old is not None:
-                raise self.error(number, "[%s] %s is set twice (first on "
-                                 "line %d)" % (current, key, old.line))
-            self.sections[current][key] = _Value(value.strip(), number)
-
-    def error(self, line: int, message: str) -> ConfigError:
-        return ConfigError("%s:%d: %s" % (self.path, line, message))
-
-    def warn(self, line: int, message: str) -> None:
-        self.warnings.append("%s:%d: %s" % (self.path, line, message))
-
-    def value(self, section: str, key: str) -> _Value | None:
-        return self.sections.get(section, {}).get(key)
-
-    def get(self, section: str, key: str) -> str:
-        value = self.value(section, key)
-        return "" if value is None else value.text
-
-    def check_names(self) -> None:
-        """Warn once about each unknown section and key."""
-        for section, keys in self.sections.items():
-            if section not in _KEYS:
-                self.warn(self.section_lines[section],
-                          "unknown section [%s] ignored%s"
-                          % (section, _hint(section, _KEYS, "[%s]")))
-                continue
-            no_effect = _NO_EFFECT.get(section, {})
-            for key, value in keys.items():
-                if key in _KEYS[section]:
-                    continue
-                why = no_effect.get(key)
-                if why is None:
-                    self.warn(value.line, "unknown key %s in [%s] ignored%s"
-                              % (key, section,
-                                 _hint(key, [*_KEYS[section], *no_effect])))
-                elif value.text not in ("", "0"):
-                    self.warn(value.line, "[%s] %s has no effect in this "
-                              "tlshd: %s" % (section, key, why))
-
-    def number(self, section: str, key: str, default: float,
-               low: float, high: float, integer: bool) -> float:
-        value = self.value(section, key)
-        if value is None or value.text == "":
-            return default
-        try:
-            number = int(value.text, 10) if integer else float(value.text)
-        except ValueError:
-            raise self.error(value.line, "[%s] %s: %s is not a%s number"
-                             % (section, key, _show(value.text),
-                                " whole" if integer else "")) from None
-        if not low <= number <= high:
-            raise self.error(value.line, "[%s] %s: %s is out of range "
-                             "(%s to %s)" % (section, key, value.text,
-                                             _fmt(low), _fmt(high)))
-        return number
-
-    def boolean(self, section: str, key: str, default: bool) -> bool:
-        """A GLib key-file boolean: true/false (1/0 accepted, as GLib
-        does)."""
-        value = self.value(section, key)
-        if value is None or value.text == "":
-            return default
-        if value.text in ("true", "1"):
-            return True
-        if value.text in ("false", "0"):
-            return False
-        raise self.error(value.line, "[%s] %s: %s is not true or false"
-                         % (section, key, _show(value.text)))
-
-    def path_value(self, section: str, key: str) -> str | None:
-        """A file name: absolute, or refused (relative to what? the
-        service runs in /, a shell wherever it is)."""
-        value = self.value(section, key)
-        if value is None or value.text == "":
-            return None
-        if key == "x509.private_key" and _is_url(value.text):
-            # Only the scheme: a PKCS#11 URL may carry a PIN.
-            self.warn(value.line, "[%s] %s: %s URLs (PKCS#11 tokens and "
-                      "the like) are not supported by this tlshd; the "
-                      "setting has no effect"
-                      % (section, key, value.text.split(":", 1)[0] + ":"))
-            return None
-        if not value.text.startswith("/"):
-            raise self.error(value.line, "[%s] %s: %s is not an absolute "
-                             "path (relative paths are refused)"
-                             % (section, key, _show(value.text)))
-        return value.text
-
-
-def _role(kf: _KeyFile, section: str) -> RoleConfig:
+def _role(kf: KeyFile, section: str) -> RoleConfig:
     values: dict[str, str] = {}
     for key, field_name in _ROLE_KEYS.items():
         if key in _PATH_KEYS[section]:
@@ -379,8 +219,8 @@ def parse(text: str, path: str = "<string>") -> Config:
     keys, ktls-utils settings without effect here) are returned in the
     Config's ``warnings``, each naming the file and line.
     """
-    kf = _KeyFile(text, path)
-    kf.check_names()
+    kf = KeyFile(text, path)
+    kf.check_names(_KEYS, _NO_EFFECT)
     keyrings = tuple(k.strip() for k in kf.get("authenticate",
                                                "keyrings").split(";")
                      if k.strip())
@@ -461,46 +301,6 @@ def namespace_warnings(cfg: Config) -> list[str]:
     return found
 
 
-def hidden_by_service(path: str) -> str | None:
-    """The tlshd.service setting that hides ``path`` from the daemon."""
-    real = os.path.realpath(path)
-    for candidate in dict.fromkeys((path, real)):
-        for prefix, setting in SERVICE_HIDDEN:
-            if candidate == prefix or candidate.startswith(prefix + "/"):
-                shown = (path if candidate == path
-                         else "%s (a link to %s)" % (path, real))
-                return ("%s is under %s, which tlshd.service hides from "
-                        "the daemon (%s)" % (shown, prefix, setting))
-    return None
-
-
-def service_warnings(cfg: Config) -> list[str]:
-    """Files named by ``cfg`` that tlshd.service cannot see at all."""
-    found = []
-    for setting in cfg.paths:
-        why = hidden_by_service(setting.value)
-        if why is not None:
-            found.append("%s:%d: [%s] %s: %s" % (cfg.path, setting.line,
-                                                  setting.section,
-                                                  setting.key, why))
-    return found
-
-
-def tags_files(cfg: Config) -> list[str]:
-    """ktls-utils session tag files (tls-session-tags(7)) on this host."""
-    found = []
-    dirs = dict.fromkeys((os.path.join(os.path.dirname(cfg.path),
-                                       "tags.d"), TAGS_DIR))
-    for directory in dirs:
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        found += [os.path.join(directory, n) for n in names
-                  if n.endswith((".yml", ".yaml"))]
-    return found
-
-
 def load(path: str, warn: bool = True) -> Config:
     """Read and parse ``path``; raises ConfigError if that fails, or if
     someone other than root could have written it.
@@ -535,50 +335,6 @@ def check_owner(path: str, st: os.stat_result) -> None:
     if st.st_mode & 0o022:
         raise ConfigError("%s: bad permissions: mode %04o is group- or "
                           "world-writable" % (path, st.st_mode & 0o7777))
-
-
-# Private keys already warned about, by path: once per process is enough.
-_warned_keys: set[str] = set()
-
-
-def key_file_problem(path: str, owners: set[int]) -> str | None:
-    """Why private key ``path`` is not private, or None.
-
-    A key should be readable by its owner alone, and owned by root or by
-    the worker user (``owners``); other users could read it otherwise.
-    Only a warning, as OpenSSH's "UNPROTECTED PRIVATE KEY FILE" would
-    break existing set-ups (ktls-utils does not check).
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # loading it will report that
-    if st.st_uid not in owners:
-        return ("private key %s is owned by uid %d, not by root or the "
-                "worker user" % (path, st.st_uid))
-    if st.st_mode & 0o077:
-        return ("private key %s is readable or writable by group or other "
-                "(mode %04o); chmod 600 it" % (path, st.st_mode & 0o7777))
-    return None
-
-
-def key_problems(cfg: Config, owners: set[int]) -> dict[str, str]:
-    """The private keys of ``cfg`` others could read: path -> why."""
-    problems = {}
-    for role in (cfg.client, cfg.server):
-        if role.private_key is not None:
-            problem = key_file_problem(role.private_key, owners)
-            if problem is not None:
-                problems[role.private_key] = problem
-    return problems
-
-
-def warn_key_files(cfg: Config, owners: set[int]) -> None:
-    """Warn about private keys others could read, once per path."""
-    for path, problem in key_problems(cfg, owners).items():
-        if path not in _warned_keys:
-            _warned_keys.add(path)
-            log.warning("%s: %s", cfg.path, problem)
 
 
 def parse_bytes(raw: bytes, path: str) -> Config:

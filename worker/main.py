@@ -14,6 +14,7 @@ the supervisor then holds this namespace until it is told to reload.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -29,17 +30,29 @@ from tlshd.shared.channel import Channel
 from tlshd.shared.errors import ConfigError, PeerGone
 from tlshd.worker import sandbox
 from tlshd.worker.serve import ChannelLogHandler, Server
-from tlshd.worker.tlsengine import (
-    CredentialError,
-    Engine,
-    ReuseSettings,
-    RoleSettings,
-)
+from tlshd.worker.tlsengine import CredentialError, Engine, ReuseSettings
 
 log = logging.getLogger("tlshd.worker")
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class WorkerArgs:
+    """How to run one worker: parsed from the command line (an exec'd
+    worker, ``python -m tlshd.worker``) or built from a SPAWN_REQ (a
+    worker forked by the template, tlshd.worker.template)."""
+
+    config: str
+    channel_fd: int | None = None
+    netns_fd: int | None = None
+    label: str = "init"  # namespace name or inode, for the process title
+    uid: int | None = None  # unprivileged user to drop to once loaded
+    gid: int | None = None
+    threads: int = 16
+    debug: bool = False
+    check: bool = False  # load, report and exit (tlshd --check-config)
+
+
+def _parse_args(argv: list[str]) -> WorkerArgs:
     p = argparse.ArgumentParser(prog="tlshd-worker")
     p.add_argument("--channel-fd", type=int)
     p.add_argument("--check", action="store_true",
@@ -55,14 +68,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gid", type=int, default=None)
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--debug", action="store_true")
-    return p.parse_args(argv)
-
-
-def _settings(role: config.RoleConfig) -> RoleSettings:
-    return RoleSettings(truststore=role.truststore, crl=role.crl,
-                        certificate=role.certificate,
-                        private_key=role.private_key,
-                        ciphersuites=role.ciphersuites)
+    a = p.parse_args(argv)
+    return WorkerArgs(config=a.config, channel_fd=a.channel_fd,
+                      netns_fd=a.netns_fd, label=a.label, uid=a.uid,
+                      gid=a.gid, threads=a.threads, debug=a.debug,
+                      check=a.check)
 
 
 def key_owners(uid: int | None) -> set[int]:
@@ -84,7 +94,7 @@ def engine_for(cfg: config.Config) -> Engine:
     reuse = (ReuseSettings(lifetime=cfg.session_lifetime,
                            cache_size=cfg.session_cache_size)
              if cfg.session_reuse else None)
-    return Engine(_settings(cfg.client), _settings(cfg.server), reuse=reuse)
+    return Engine(cfg.client, cfg.server, reuse=reuse)
 
 
 class _PrintWarnings(logging.Handler):
@@ -138,7 +148,7 @@ def check(path: str, uid: int | None) -> int:
     return 0
 
 
-def boot(args: argparse.Namespace, channel: Channel,
+def boot(args: WorkerArgs, channel: Channel,
          lock: threading.Lock,
          keep_stdio: bool = False) -> tuple[Server, protocol.Hello]:
     """Steps 2-4: enter the namespace, load, start the pool, lock down.
@@ -204,16 +214,24 @@ def _low_fd(fd: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tlshd.worker``: parse the command line and run."""
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     if args.check:
         return check(args.config, args.uid)
+    return run(args)
+
+
+def run(args: WorkerArgs) -> int:
+    """Run one worker until its channel closes; returns the exit code.
+    The caller (main, or the template's forked child) exits with it."""
     if args.channel_fd is None:
         raise SystemExit("tlshd-worker: --channel-fd is required")
-    args.channel_fd = _low_fd(args.channel_fd)
-    if args.netns_fd is not None:
-        args.netns_fd = _low_fd(args.netns_fd)
+    channel_fd = _low_fd(args.channel_fd)
+    netns_fd = None if args.netns_fd is None else _low_fd(args.netns_fd)
+    args = dataclasses.replace(args, channel_fd=channel_fd,
+                               netns_fd=netns_fd)
     setproctitle.setproctitle("tlshd: worker [netns %s]" % args.label)
-    channel = Channel(socket.socket(fileno=args.channel_fd))
+    channel = Channel(socket.socket(fileno=channel_fd))
     lock = threading.Lock()  # one sender at a time on the channel
     handler = ChannelLogHandler(channel, lock)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -6,15 +6,16 @@ arrives, the kernel hands the record to whoever reads the socket (record
 type 22 in a ``TLS_GET_RECORD_TYPE`` control message) and then refuses to
 decrypt (``EKEYEXPIRED``) until the next RX key is installed.  The kernel
 never sees the traffic secrets, only keys and IVs, so the next generation
-(RFC 8446 section 7.2) can only come from whoever kept the secrets: this
-session object, which lives in the namespace's worker and nowhere else.
+(RFC 8446 section 7.2) can only come from whoever kept the secrets: a
+:class:`KtlsSocket`, which lives in the namespace's worker and nowhere
+else.
 
 Sending: a KeyUpdate handshake message goes out through kTLS as a record of
 type 22 (``sendmsg`` with a ``TLS_SET_RECORD_TYPE`` control message) under
 the current key; then the next TX key is installed.  Both happen under the
 TX lock, so no data record of another thread can slip in between.
 
-Receiving (:meth:`KtlsSession.recv`): application data is returned;
+Receiving (:meth:`KtlsSocket.recv`): application data is returned;
 handshake records are parsed (KeyUpdate and NewSessionTicket only); a
 KeyUpdate installs the next RX key at once and, if the peer asked for it,
 answers with our own KeyUpdate (update_not_requested) before any further
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from tlshd.shared.tlsstat import rekey_supported
 from tlshd.worker import ktls
 
-__all__ = ["KtlsSession", "RekeyError", "Secrets", "rekey_supported"]
+__all__ = ["KtlsSocket", "RekeyError", "Secrets", "rekey_supported"]
 
 CT_ALERT = 21
 CT_HANDSHAKE = 22
@@ -124,7 +125,7 @@ class Secrets:
                 % (self.cipher, self.tx_generation, self.rx_generation))
 
 
-class KtlsSession:
+class KtlsSocket:
     """A kTLS socket plus the traffic secrets that can re-key it.
 
     The socket must already carry kTLS keys built from ``secrets`` (at
@@ -142,7 +143,7 @@ class KtlsSession:
     def __init__(self, sock: socket.socket, secrets: Secrets) -> None:
         ktls.hash_name(secrets.cipher)  # ValueError for unknown suites
         if sock.gettimeout() is not None:
-            raise ValueError("KtlsSession needs a blocking socket (poll "
+            raise ValueError("KtlsSocket needs a blocking socket (poll "
                              "hides a received KeyUpdate)")
         self.sock = sock
         self.cipher = secrets.cipher
@@ -155,7 +156,7 @@ class KtlsSession:
         self._hs_buf = b""
 
     def __repr__(self) -> str:
-        return ("KtlsSession(fd=%d, cipher=%r, tx_generation=%d,"
+        return ("KtlsSocket(fd=%d, cipher=%r, tx_generation=%d,"
                 " rx_generation=%d)" % (self.sock.fileno(), self.cipher,
                                         self.tx_generation,
                                         self.rx_generation))

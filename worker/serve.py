@@ -19,15 +19,15 @@ import os
 import queue
 import socket
 import threading
-import time
 from dataclasses import dataclass
 
 from tlshd.shared import protocol, uapi
 from tlshd.shared.channel import Channel
 from tlshd.shared.errors import PeerGone
-from tlshd.worker import ktls, pskkeys
-from tlshd.worker.rekey import KtlsSession, RekeyError, Secrets
-from tlshd.worker.sessions import SessionTable
+from tlshd.worker import dispatch, ktls
+from tlshd.worker.psklookups import SupervisorLookups
+from tlshd.worker.rekey import KtlsSocket, RekeyError, Secrets
+from tlshd.worker.rekeytable import RekeyTable
 from tlshd.worker.tlsengine import Engine, Outcome
 
 log = logging.getLogger(__name__)
@@ -68,45 +68,7 @@ def _peer_address(sock: socket.socket) -> str:
     return str(addr[0]) if isinstance(addr, tuple) else str(addr)
 
 
-def run_handshake(engine: Engine, request: protocol.HandshakeRequest,
-                  sock: socket.socket,
-                  lookups: pskkeys.SupervisorLookups | None = None,
-                  req_id: int = 0) -> Outcome | int:
-    """Run the handshake the kernel asked for; an int is a local failure.
-
-    ``lookups``: how a server PSK handshake asks the supervisor for keys.
-    """
-    deadline = time.monotonic() + request.timeout_ms / 1000.0
-    # Python ignores SO_PROTOCOL on socket objects it wraps; ask the kernel.
-    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-    if proto != socket.IPPROTO_TCP:
-        log.error("Unsupported socket protocol %d", proto)
-        return errno.EOPNOTSUPP
-    # The certificate and key the consumer passed as kernel keys, which
-    # the supervisor read for us.
-    x509 = ((request.x509_cert, request.x509_key) if request.x509_cert
-            else None)
-    if request.auth_mode == uapi.AuthMode.PSK:
-        lookup = (None if lookups is None
-                  else lookups.for_request(req_id, deadline))
-        return pskkeys.psk_handshake(engine, request, sock, deadline,
-                                     lookup)
-    if request.msg_type == uapi.MsgType.CLIENTHELLO:
-        if request.auth_mode in (uapi.AuthMode.UNAUTH, uapi.AuthMode.X509):
-            return engine.client_handshake(
-                sock, peername=request.peername, x509=x509,
-                use_certificate=request.auth_mode == uapi.AuthMode.X509,
-                deadline=deadline)
-    elif request.msg_type == uapi.MsgType.SERVERHELLO:
-        if request.auth_mode == uapi.AuthMode.X509:
-            return engine.server_handshake(sock, x509=x509,
-                                           deadline=deadline)
-    log.error("Unsupported handshake: message type %d, auth mode %d",
-              request.msg_type, request.auth_mode)
-    return errno.EIO
-
-
-def run_key_update(sessions: SessionTable | None,
+def run_key_update(rekeys: RekeyTable | None,
                    request: protocol.HandshakeRequest,
                    sock: socket.socket) -> tuple[int, str]:
     """Re-key a kTLS socket for the kernel: (status, failure reason).
@@ -115,25 +77,25 @@ def run_key_update(sessions: SessionTable | None,
     the peer's KeyUpdate; move RX on.  RECEIVED_REQUEST_UPDATE: both, RX
     first (RFC 8446 4.6.3: answer before sending more data).
     """
-    if sessions is None:
+    if rekeys is None:
         return errno.EOPNOTSUPP, "re-key upcall not enabled"
     kind = request.key_update
     try:
-        with sessions.use(request.session_id) as slot:
-            session = KtlsSession(sock, slot.secrets)
+        with rekeys.use(request.session_id) as slot:
+            ktls_sock = KtlsSocket(sock, slot.secrets)
             try:
                 if kind in (uapi.KeyUpdateType.RECEIVED,
                             uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE):
-                    session.update_rx()
+                    ktls_sock.update_rx()
                 if kind in (uapi.KeyUpdateType.SEND,
                             uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE):
-                    session.send_key_update(False)
+                    ktls_sock.send_key_update(False)
             finally:
-                slot.secrets = session.secrets()
+                slot.secrets = ktls_sock.secrets()
             log.info("Session %08x re-keyed (%s): TX generation %d, RX "
                      "generation %d", request.session_id,
                      uapi.KeyUpdateType(kind).name,
-                     session.tx_generation, session.rx_generation)
+                     ktls_sock.tx_generation, ktls_sock.rx_generation)
     except KeyError:
         return errno.ENOKEY, "session %08x unknown or expired" % (
             request.session_id)
@@ -142,12 +104,12 @@ def run_key_update(sessions: SessionTable | None,
     return 0, ""
 
 
-def handle_key_update(sessions: SessionTable | None,
+def handle_key_update(rekeys: RekeyTable | None,
                       job: Job) -> protocol.HandshakeAnswer:
     """Run one key update job to its answer; always closes the fd."""
     sock = socket.socket(fileno=job.fd)
     try:
-        status, reason = run_key_update(sessions, job.request, sock)
+        status, reason = run_key_update(rekeys, job.request, sock)
     except Exception:
         log.exception("Key update crashed")
         status, reason = errno.EIO, "internal error"
@@ -161,63 +123,68 @@ def handle_key_update(sessions: SessionTable | None,
         session_id=job.request.session_id if status == 0 else 0)
 
 
+def install_keys(sock: socket.socket, result: Outcome, job: Job,
+                 rekeys: RekeyTable | None) -> tuple[int, str, int]:
+    """Hand a successful handshake's keys to kTLS: (status, failure
+    reason, session id of the secrets kept for re-keys or 0)."""
+    if result.tx is None or result.rx is None:
+        log.error("Handshake succeeded without traffic secrets")
+        return errno.EIO, result.reason, 0
+    try:
+        ktls.install(sock, result.tx, result.rx)
+    except OSError as e:
+        log.error("Failed to install kTLS keys: %s", e)
+        return errno.EIO, "kTLS install failed: %s" % e, 0
+    session_id = 0
+    if rekeys is not None and job.request.keep_secrets:
+        session_id = rekeys.add(Secrets(
+            result.cipher, result.tx.secret, result.rx.secret))
+    # Debug, as ktls-utils logs them (loglevel >= 1): at loglevel 0 each
+    # would be one more channel message and supervisor log write per
+    # handshake (docs/benchmarks.md).
+    log.debug("Session description: %s", result.description)
+    if result.peer_subject:
+        log.debug("Peer certificate: %s", result.peer_subject)
+    return 0, "", session_id
+
+
 def handle(engine: Engine, job: Job,
-           sessions: SessionTable | None = None,
-           lookups: pskkeys.SupervisorLookups | None = None
+           rekeys: RekeyTable | None = None,
+           lookups: SupervisorLookups | None = None
            ) -> protocol.HandshakeAnswer:
     """Run one job to its answer; always closes the job's fd.
 
-    With ``sessions`` and a request that asks for it, a successful
+    With ``rekeys`` and a request that asks for it, a successful
     handshake's secrets are kept for later re-keys and the answer names
     their session id.
     """
     if job.request.msg_type in uapi.KEY_UPDATE_MSGS:
-        return handle_key_update(sessions, job)
+        return handle_key_update(rekeys, job)
     sock = socket.socket(fileno=job.fd)
     peer = _peer_address(sock)
     name = job.request.peername or peer
     remote_auth: tuple[int, ...] = ()
-    reason = ""
     session_id = 0
     reused = False
     try:
-        result = run_handshake(engine, job.request, sock, lookups,
-                               job.req_id)
+        result = dispatch.run_handshake(engine, job.request, sock, lookups,
+                                        job.req_id)
         if isinstance(result, int):
             status = result
             reason = "local failure: %s" % os.strerror(status)
-        else:
-            reason = result.reason
-            status, remote_auth = result.status, result.remote_auth
-            if status == 0 and (result.tx is None or result.rx is None):
-                log.error("Handshake succeeded without traffic secrets")
-                status, remote_auth = errno.EIO, ()
-            if status == 0 and result.tx and result.rx:
-                try:
-                    ktls.install(sock, result.tx, result.rx)
-                except OSError as e:
-                    log.error("Failed to install kTLS keys: %s", e)
-                    status, remote_auth = errno.EIO, ()
-                    reason = "kTLS install failed: %s" % e
-            if (status == 0 and sessions is not None
-                    and job.request.keep_secrets and result.tx and result.rx):
-                session_id = sessions.add(Secrets(
-                    result.cipher, result.tx.secret, result.rx.secret))
-            if status == 0:
-                reused = result.resumed
-                # Debug, as ktls-utils logs them (loglevel >= 1): at
-                # loglevel 0 each would be one more channel message and
-                # supervisor log write per handshake (docs/benchmarks.md).
-                log.debug("Session description: %s", result.description)
-                if result.peer_subject:
-                    log.debug("Peer certificate: %s", result.peer_subject)
-            elif result.reason:
+        elif result.status != 0:
+            status, reason = result.status, result.reason
+            if result.reason:
                 log.error("Handshake with '%s' (%s): %s", name, peer,
                           result.reason)
+        else:
+            status, reason, session_id = install_keys(sock, result, job,
+                                                      rekeys)
+            if status == 0:
+                remote_auth, reused = result.remote_auth, result.resumed
     except Exception:
         log.exception("Handshake with '%s' (%s) crashed", name, peer)
-        status, remote_auth = errno.EIO, ()
-        reason = "internal error"
+        status, reason = errno.EIO, "internal error"
     finally:
         sock.close()
     log.info("Handshake with '%s' (%s) %s", name, peer,
@@ -225,7 +192,7 @@ def handle(engine: Engine, job: Job,
              if status == 0 else
              "failed: %s" % errno.errorcode.get(status, str(status)))
     return protocol.HandshakeAnswer(
-        status=status, remote_auth=remote_auth,
+        status=status, remote_auth=remote_auth if status == 0 else (),
         reason="" if status == 0 else reason[:protocol.MAX_REASON],
         session_id=session_id if status == 0 else 0)
 
@@ -241,8 +208,8 @@ class Server:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         # Secrets of sessions the kernel may ask to re-key; only this
         # process ever holds them.
-        self.sessions = SessionTable()
-        self.lookups = pskkeys.SupervisorLookups(self.send)
+        self.rekeys = RekeyTable()
+        self.lookups = SupervisorLookups(self.send)
         self.pool = [
             threading.Thread(target=self._work, name="handshake-%d" % i,
                              daemon=True)
@@ -260,7 +227,7 @@ class Server:
             job = self.jobs.get()
             if job is None:
                 return
-            answer = handle(self.engine, job, self.sessions, self.lookups)
+            answer = handle(self.engine, job, self.rekeys, self.lookups)
             try:
                 self.send(answer, job.req_id)
             except PeerGone:

@@ -38,15 +38,14 @@ from tlshd.worker import main as worker_main  # noqa: E402
 from tlshd.worker import tlsengine  # noqa: E402, F401  (import, not use)
 
 
-def _worker_argv(req: protocol.SpawnRequest, netns_fd: int,
-                 channel_fd: int) -> list[str]:
-    argv = ["--channel-fd", str(channel_fd), "--netns-fd", str(netns_fd),
-            "--config", req.config_path, "--label", req.label]
-    if req.uid != protocol.NO_ID and req.gid != protocol.NO_ID:
-        argv += ["--uid", str(req.uid), "--gid", str(req.gid)]
-    if req.debug:
-        argv.append("--debug")
-    return argv
+def _worker_args(req: protocol.SpawnRequest, netns_fd: int,
+                 channel_fd: int) -> worker_main.WorkerArgs:
+    """The worker a SPAWN_REQ asks for (NO_ID: keep our uid and gid)."""
+    drop = req.uid != protocol.NO_ID and req.gid != protocol.NO_ID
+    return worker_main.WorkerArgs(
+        config=req.config_path, channel_fd=channel_fd, netns_fd=netns_fd,
+        label=req.label, uid=req.uid if drop else None,
+        gid=req.gid if drop else None, debug=bool(req.debug))
 
 
 def _become_worker(req: protocol.SpawnRequest, fds: list[int],
@@ -55,7 +54,7 @@ def _become_worker(req: protocol.SpawnRequest, fds: list[int],
     os.close(own_channel)
     code = 70  # EX_SOFTWARE, if the worker raised
     try:
-        code = worker_main.main(_worker_argv(req, fds[0], fds[1]))
+        code = worker_main.run(_worker_args(req, fds[0], fds[1]))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
+from tlshd.shared.config import RoleConfig
 from tlshd.worker import verify
 from tlshd.worker.verify import (
     CredentialError,
@@ -175,3 +176,15 @@ def ephemeral_identity() -> Identity:
         .sign(key, hashes.SHA256())
     )
     return _build([cert], key)
+
+
+def role_identity(role: RoleConfig, name: str) -> Identity | None:
+    """The configured certificate and key of one role, if set."""
+    cert, key = role.certificate, role.private_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise CredentialError(
+            f"{name} certificate and private key must be set together"
+        )
+    return load_pem_identity(cert, key)

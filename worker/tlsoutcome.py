@@ -1,6 +1,6 @@
 """Per-handshake bookkeeping and the mapping of results to errno.
 
-A :class:`Session` collects what OpenSSL's callbacks report during one
+A :class:`HandshakeState` collects what OpenSSL's callbacks report during one
 handshake: traffic secrets (keylog), record counts after each side's
 Finished (message callback), alerts, and the first certificate
 verification failure. :func:`success` turns a completed handshake into an
@@ -128,7 +128,7 @@ KEPT_SECRETS = frozenset((b"CLIENT_TRAFFIC_SECRET_0",
 
 
 @dataclass
-class Session:
+class HandshakeState:
     """What the OpenSSL callbacks learn during one handshake."""
 
     secrets: dict[str, bytes] = field(default_factory=dict)
@@ -187,7 +187,8 @@ class DeadlineExpired(Exception):
     """The handshake did not finish before its deadline."""
 
 
-def success(conn: SSL.Connection, s: Session, *, server: bool) -> Outcome:
+def success(conn: SSL.Connection, s: HandshakeState, *,
+            server: bool) -> Outcome:
     """Check a completed handshake and collect its keys."""
     version = conn.get_protocol_version_name()
     cipher = conn.get_cipher_name() or ""
@@ -241,7 +242,7 @@ def _ssl_error_text(exc: SSL.Error) -> str:
     return "; ".join(p for p in parts if p) or type(exc).__name__
 
 
-def classify(s: Session, exc: BaseException) -> Outcome:
+def classify(s: HandshakeState, exc: BaseException) -> Outcome:
     """Map a failed handshake to tlshd's errno conventions."""
     if isinstance(exc, DeadlineExpired):
         return failed(errno.ETIMEDOUT, "handshake deadline expired")

@@ -3,7 +3,7 @@
 Two loopback endpoints get their keys the way the worker installs them:
 our Engine runs the handshake (client on one socket, server on the other,
 in two threads), ``ktls.install`` programs both directions, and
-``rekey.KtlsSession`` drives KeyUpdates on both.  The test owns the
+``rekey.KtlsSocket`` drives KeyUpdates on both.  The test owns the
 sockets.  Then:
 
 - 1000 re-keys of client-to-server with data before and after each, then
@@ -42,11 +42,12 @@ import pytest
 from OpenSSL import SSL
 
 from tlshd.shared import protocol, tlsstat, uapi
+from tlshd.shared.config import RoleConfig
 from tlshd.supervisor import genl
 from tlshd.worker import ktls, rekey, serve
-from tlshd.worker.rekey import KtlsSession, Secrets
-from tlshd.worker.sessions import SessionTable
-from tlshd.worker.tlsengine import Engine, Outcome, RoleSettings
+from tlshd.worker.rekey import KtlsSocket, Secrets
+from tlshd.worker.rekeytable import RekeyTable
+from tlshd.worker.tlsengine import Engine, Outcome
 
 pytestmark = pytest.mark.kernel
 
@@ -95,19 +96,19 @@ def deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def engine_settings(pki: Any) -> tuple[RoleSettings, RoleSettings]:
+def engine_settings(pki: Any) -> tuple[RoleConfig, RoleConfig]:
     ca = pki.path("ca.pem")
-    client = RoleSettings(truststore=ca)
-    server = RoleSettings(truststore=ca, certificate=pki.path("server.pem"),
+    client = RoleConfig(truststore=ca)
+    server = RoleConfig(truststore=ca, certificate=pki.path("server.pem"),
                           private_key=pki.path("server.key"))
     return client, server
 
 
-def make_engine(settings: tuple[RoleSettings, RoleSettings],
+def make_engine(settings: tuple[RoleConfig, RoleConfig],
                 suite: str | None = None) -> Engine:
     client, server = settings
     if suite is not None:
-        client = RoleSettings(truststore=client.truststore,
+        client = RoleConfig(truststore=client.truststore,
                               ciphersuites=suite)
     return Engine(client, server)
 
@@ -158,18 +159,18 @@ def bound_reads(sock: socket.socket) -> None:
                     struct.pack("=qq", IO_TIMEOUT, 0))
 
 
-def install(sock: socket.socket, out: Outcome) -> KtlsSession:
+def install(sock: socket.socket, out: Outcome) -> KtlsSocket:
     """What the worker does after a handshake, then a session on top."""
     assert out.status == 0, out.reason
     assert out.tx is not None and out.rx is not None
     ktls.install(sock, out.tx, out.rx)
     bound_reads(sock)
-    return KtlsSession(sock, Secrets(out.cipher, out.tx.secret,
+    return KtlsSocket(sock, Secrets(out.cipher, out.tx.secret,
                                      out.rx.secret))
 
 
 def engine_pair(engine: Engine, csock: socket.socket, ssock: socket.socket
-                ) -> tuple[KtlsSession, KtlsSession]:
+                ) -> tuple[KtlsSocket, KtlsSocket]:
     deadline = time.monotonic() + 60
     server = in_thread(lambda: engine.server_handshake(
         ssock, deadline=deadline))
@@ -196,7 +197,7 @@ def payload(rng: random.Random, limit: int = 4096) -> bytes:
     return rng.randbytes(rng.randrange(1, limit))
 
 
-def exchange(sender: KtlsSession, receiver: KtlsSession, rng: random.Random,
+def exchange(sender: KtlsSocket, receiver: KtlsSocket, rng: random.Random,
              tally: Tally, request: bool = False) -> None:
     """Data, KeyUpdate, data from ``sender``; ``receiver`` reads it all."""
     before, after = payload(rng), payload(rng)
@@ -216,7 +217,7 @@ def exchange(sender: KtlsSession, receiver: KtlsSession, rng: random.Random,
         tally.data_bytes += len(reply)
 
 
-def both_at_once(c: KtlsSession, s: KtlsSession, rng: random.Random,
+def both_at_once(c: KtlsSocket, s: KtlsSocket, rng: random.Random,
                  tally: Tally) -> None:
     """Both sides re-key before either reads: the KeyUpdates cross."""
     cdata, sdata = payload(rng), payload(rng)
@@ -230,7 +231,7 @@ def both_at_once(c: KtlsSession, s: KtlsSession, rng: random.Random,
     tally.data_bytes += len(cdata) + len(sdata)
 
 
-def check_generations(c: KtlsSession, s: KtlsSession) -> None:
+def check_generations(c: KtlsSocket, s: KtlsSocket) -> None:
     assert c.tx_generation == s.rx_generation
     assert s.tx_generation == c.rx_generation
 
@@ -243,7 +244,7 @@ def check_counters(d: dict[str, int], rekeys: int) -> None:
     assert d["TlsDecryptError"] == 0, d
 
 
-def timed_phase(name: str, c: KtlsSession, s: KtlsSession,
+def timed_phase(name: str, c: KtlsSocket, s: KtlsSocket,
                 step: Callable[[int, Tally], None], n: int) -> Tally:
     tally = Tally()
     before = tls_stat()
@@ -308,7 +309,7 @@ def test_rekey_upcall_detection(tlshd: Any, pki: Any) -> None:
 @pytest.mark.not_applicable
 def test_rekey_1000_each_way_then_mixed(
     kernel_version: tuple[int, ...],
-    engine_settings: tuple[RoleSettings, RoleSettings],
+    engine_settings: tuple[RoleConfig, RoleConfig],
     tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     require_rekey(kernel_version)
@@ -346,7 +347,7 @@ def test_rekey_1000_each_way_then_mixed(
 def test_rekey_every_suite(
     suite: str,
     kernel_version: tuple[int, ...],
-    engine_settings: tuple[RoleSettings, RoleSettings],
+    engine_settings: tuple[RoleConfig, RoleConfig],
     tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     """Fewer rounds, but each suite (SHA-256 and SHA-384 secrets)."""
@@ -377,7 +378,7 @@ def consumer_read(sock: socket.socket, n: int) -> tuple[int, bytes]:
 @pytest.mark.not_applicable
 def test_worker_services_key_update_requests(
     kernel_version: tuple[int, ...],
-    engine_settings: tuple[RoleSettings, RoleSettings],
+    engine_settings: tuple[RoleConfig, RoleConfig],
     tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     """What the worker does for the proposed re-key upcall, on real kTLS.
@@ -386,7 +387,7 @@ def test_worker_services_key_update_requests(
     it owns the client socket and hands the worker's ``serve.handle`` a
     dup of it, as the supervisor passes ACCEPT's fd: first a ClientHello
     with keep_secrets (the answer names a session id), then key update
-    requests for that session.  The server end is our KtlsSession.
+    requests for that session.  The server end is our KtlsSocket.
     """
     require_rekey(kernel_version)
     engine = make_engine(engine_settings)
@@ -394,7 +395,7 @@ def test_worker_services_key_update_requests(
     deadline = time.monotonic() + 60
     server = in_thread(lambda: engine.server_handshake(
         ssock, deadline=deadline))
-    table = SessionTable()
+    table = RekeyTable()
     answer = serve.handle(engine, serve.Job(
         1, kernel_request(uapi.MsgType.CLIENTHELLO, keep_secrets=True),
         os.dup(csock.fileno())), table)
@@ -557,7 +558,7 @@ def test_rekey_interop_with_openssl(
     role: str,
     kernel_version: tuple[int, ...],
     pki: Any,
-    engine_settings: tuple[RoleSettings, RoleSettings],
+    engine_settings: tuple[RoleConfig, RoleConfig],
     tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     """Our kTLS endpoint (``role``) against OpenSSL in user space."""

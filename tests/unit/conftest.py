@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tlshd.worker.tlsengine import Engine, Outcome, RoleSettings
+from tlshd.shared.config import RoleConfig
+from tlshd.worker.tlsengine import Engine, Outcome
 
 DAY = datetime.timedelta(days=1)
 
@@ -206,7 +207,7 @@ class StdPKI:
     server: Leaf
     client: Leaf
 
-    def settings(self, **kw: Any) -> RoleSettings:
+    def settings(self, **kw: Any) -> RoleConfig:
         """Settings trusting the main CA with the server leaf as identity."""
         base: dict[str, Any] = {
             "truststore": str(self.ca),
@@ -214,16 +215,16 @@ class StdPKI:
             "private_key": str(self.server.key),
         }
         base.update(kw)
-        return RoleSettings(**base)
+        return RoleConfig(**base)
 
-    def client_settings(self, **kw: Any) -> RoleSettings:
+    def client_settings(self, **kw: Any) -> RoleConfig:
         base: dict[str, Any] = {
             "truststore": str(self.ca),
             "certificate": str(self.client.cert),
             "private_key": str(self.client.key),
         }
         base.update(kw)
-        return RoleSettings(**base)
+        return RoleConfig(**base)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ from tlshd.shared import config, protocol, uapi
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import ConfigError, ProtocolError
 from tlshd.supervisor import upcall
-from tlshd.worker import psk, tlscreds, verify
+from tlshd.worker import pskhandshake, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
 Input = tuple[bytes, ...]
@@ -638,7 +638,7 @@ def check_pem(inp: Input, out: object) -> None:
 PEM = Target("pem", _pem_seeds, run_pem, CredentialError, check_pem,
              max_len=16 * 1024)
 
-# ---- the ClientHello a PSK server peeks at (worker/psk.py) -------------
+# ---- the ClientHello a PSK server peeks at (worker/pskhandshake.py) ---
 #
 # Peer data, read before OpenSSL sees it: the worker takes the offered
 # PSK identities from the raw ClientHello records to ask the supervisor
@@ -658,7 +658,7 @@ def _ext(etype: int, body: bytes) -> bytes:
 
 
 def hello_records(identities: Sequence[bytes], rng: random.Random,
-                  fragment: int = psk.MAX_RECORD,
+                  fragment: int = pskhandshake.MAX_RECORD,
                   extra: Sequence[bytes] = ()) -> bytes:
     """A TLS 1.3 ClientHello offering ``identities`` as PSKs (the
     pre_shared_key extension last, as RFC 8446 requires), in handshake
@@ -669,11 +669,12 @@ def hello_records(identities: Sequence[bytes], rng: random.Random,
         exts += _ext(45, _vec(1, b"\x01"))
         ids = b"".join(_vec(2, i) + rng.randbytes(4) for i in identities)
         binders = b"".join(_vec(1, rng.randbytes(32)) for _ in identities)
-        exts += _ext(psk.EXT_PRE_SHARED_KEY, _vec(2, ids) + _vec(2, binders))
+        exts += _ext(pskhandshake.EXT_PRE_SHARED_KEY,
+                     _vec(2, ids) + _vec(2, binders))
     body = (b"\x03\x03" + rng.randbytes(32) + _vec(1, rng.randbytes(32))
             + _vec(2, b"\x13\x01\x13\x02") + _vec(1, b"\x00")
             + _vec(2, exts))
-    msg = bytes([psk.HS_CLIENT_HELLO]) + _vec(3, body)
+    msg = bytes([pskhandshake.HS_CLIENT_HELLO]) + _vec(3, body)
     out = b""
     for i in range(0, len(msg), fragment):
         out += b"\x16\x03\x01" + _vec(2, msg[i : i + fragment])
@@ -712,7 +713,7 @@ def _hello_seeds() -> list[Input]:
 def _hello_fixup(inp: Input) -> Input:
     """Make the first record's length cover the rest of the input."""
     data = bytearray(inp[0])
-    if 5 <= len(data) <= 5 + psk.MAX_RECORD:
+    if 5 <= len(data) <= 5 + pskhandshake.MAX_RECORD:
         struct.pack_into("!H", data, 3, len(data) - 5)
     if len(data) >= 9:
         data[6:9] = (len(data) - 9).to_bytes(3, "big")
@@ -721,8 +722,8 @@ def _hello_fixup(inp: Input) -> Input:
 
 def run_hello(inp: Input) -> object:
     try:
-        return psk.offered_identities(inp[0])
-    except psk.HelloIncomplete as e:
+        return pskhandshake.offered_identities(inp[0])
+    except pskhandshake.HelloIncomplete as e:
         return (INCOMPLETE, e.needed)
 
 
@@ -731,7 +732,7 @@ def check_hello(inp: Input, out: object) -> None:
         needed = out[1]
         # More must be possible, and must fit in one peek, or the
         # server would wait for bytes it can never see.
-        _require(len(inp[0]) < needed <= psk.MAX_PEEK,
+        _require(len(inp[0]) < needed <= pskhandshake.MAX_PEEK,
                  "incomplete needs %d of %d" % (needed, len(inp[0])))
         return
     assert isinstance(out, list)
@@ -742,7 +743,7 @@ def check_hello(inp: Input, out: object) -> None:
 
 
 HELLO = Target("hello", _hello_seeds, run_hello, ValueError, check_hello,
-               _hello_fixup, max_len=psk.MAX_PEEK + 16)
+               _hello_fixup, max_len=pskhandshake.MAX_PEEK + 16)
 
 TARGETS = {t.name: t for t in (ACCEPT, PROTOCOL, CONFIG, DER, PEM, HELLO)}
 

@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from tlshd.shared import protocol
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import PeerGone, ProtocolError
-from tlshd.worker import psk, tlscreds, verify
+from tlshd.worker import pskhandshake, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
 FUZZ = settings(max_examples=400, derandomize=True, database=None,
@@ -118,12 +118,12 @@ def test_client_hello_identities_round_trip(ids, fragment, rng):
     """Any identities, in records of any size: read back exactly, and a
     prefix of the records is incomplete, never an error."""
     data = fc.hello_records(ids, rng, fragment=fragment)
-    if len(data) > psk.MAX_PEEK:
+    if len(data) > pskhandshake.MAX_PEEK:
         return
-    assert psk.offered_identities(data) == ids
+    assert pskhandshake.offered_identities(data) == ids
     cut = rng.randrange(len(data))
-    with pytest.raises(psk.HelloIncomplete) as more:
-        psk.offered_identities(data[:cut])
+    with pytest.raises(pskhandshake.HelloIncomplete) as more:
+        pskhandshake.offered_identities(data[:cut])
     assert cut < more.value.needed <= len(data)
 
 
@@ -133,7 +133,7 @@ def test_client_hello_in_tiny_records_is_refused():
     import random
     data = fc.hello_records([b"x" * 12000], random.Random(1), fragment=1)
     with pytest.raises(ValueError, match="too many records"):
-        psk.offered_identities(data)
+        pskhandshake.offered_identities(data)
 
 
 # ---- structure built by hypothesis -------------------------------------

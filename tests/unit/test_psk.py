@@ -19,9 +19,14 @@ from typing import Any
 import pytest
 from recordlayer import RecordLayer, recv_app_data, send_app_data
 
-from tlshd.worker import psk as pskmod
-from tlshd.worker.psk import Psk
-from tlshd.worker.tlsengine import Engine, Outcome, RoleSettings
+from tlshd.shared.config import RoleConfig
+from tlshd.shared.protocol import PskMaterial
+from tlshd.worker import pskhandshake as pskmod
+from tlshd.worker.tlsengine import Engine, Outcome
+
+
+def material(serial: int, identity: bytes, secret: bytes) -> PskMaterial:
+    return PskMaterial(serial=serial, identity=identity, secret=secret)
 
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:0c4a3fd2-7a3b-4f0e-9a52-6b1f0d0e1a"
 SUBNQN = "nqn.2014-08.org.example:" + "s" * 199  # 223 bytes
@@ -34,7 +39,7 @@ def identity(hh: str, long: bool = True) -> bytes:
 
 @pytest.fixture(scope="module")
 def eng() -> Engine:
-    return Engine(RoleSettings(), RoleSettings())
+    return Engine(RoleConfig(), RoleConfig())
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -50,11 +55,11 @@ def pair() -> tuple[socket.socket, socket.socket]:
 class Run:
     """Client and server PSK handshakes on one loopback connection."""
 
-    def __init__(self, eng: Engine, psks: list[Psk],
-                 table: dict[bytes, Psk], timeout: float = 10) -> None:
+    def __init__(self, eng: Engine, psks: list[PskMaterial],
+                 table: dict[bytes, PskMaterial], timeout: float = 10) -> None:
         self.looked_up: list[bytes] = []
 
-        def lookup(ident: bytes) -> Psk | None:
+        def lookup(ident: bytes) -> PskMaterial | None:
             self.looked_up.append(ident)
             return table.get(ident)
 
@@ -62,13 +67,13 @@ class Run:
         result: dict[str, Outcome] = {}
 
         def serve() -> None:
-            result["s"] = eng.server_psk_handshake(
+            result["s"] = eng.psk.server(
                 self.ssock, lookup=lookup,
                 deadline=time.monotonic() + timeout)
 
         t = threading.Thread(target=serve)
         t.start()
-        self.client = eng.client_psk_handshake(
+        self.client = eng.psk.client(
             self.csock, psks=psks, deadline=time.monotonic() + timeout)
         if self.client.status:
             self.csock.shutdown(socket.SHUT_RDWR)
@@ -107,7 +112,8 @@ def test_psk_handshake_and_key_proof(
 ) -> None:
     ident = identity(hh, long_id)
     key = os.urandom(size)
-    r = Run(eng, [Psk(0x1111, ident, key)], {ident: Psk(0x2222, ident, key)})
+    r = Run(eng, [material(0x1111, ident, key)],
+            {ident: material(0x2222, ident, key)})
     try:
         assert r.client.status == 0, r.client.reason
         assert r.server.status == 0, r.server.reason
@@ -137,8 +143,8 @@ def test_hash_selection() -> None:
 
 def test_wrong_key_fails_on_both_ends(eng: Engine) -> None:
     ident = identity("01")
-    r = Run(eng, [Psk(1, ident, os.urandom(32))],
-            {ident: Psk(2, ident, os.urandom(32))})
+    r = Run(eng, [material(1, ident, os.urandom(32))],
+            {ident: material(2, ident, os.urandom(32))})
     r.close()
     print("wrong key: client", errno.errorcode[r.client.status],
           r.client.reason, "| server", errno.errorcode[r.server.status],
@@ -151,7 +157,7 @@ def test_wrong_key_fails_on_both_ends(eng: Engine) -> None:
 
 def test_unknown_identity(eng: Engine) -> None:
     ident = identity("02")
-    r = Run(eng, [Psk(1, ident, os.urandom(48))], {})
+    r = Run(eng, [material(1, ident, os.urandom(48))], {})
     r.close()
     print("unknown identity: client", errno.errorcode[r.client.status],
           r.client.reason, "| server", errno.errorcode[r.server.status],
@@ -168,8 +174,8 @@ def test_unknown_identity(eng: Engine) -> None:
 def test_client_stops_at_first_status_other_than_eacces(eng: Engine) -> None:
     unknown, known = identity("01"), identity("01", long=False)
     key = os.urandom(32)
-    r = Run(eng, [Psk(1, unknown, key), Psk(2, known, key)],
-            {known: Psk(3, known, key)})
+    r = Run(eng, [material(1, unknown, key), material(2, known, key)],
+            {known: material(3, known, key)})
     r.close()
     assert r.client.status == errno.EKEYREJECTED
     assert r.looked_up == [unknown]  # the second PSK was never offered
@@ -178,7 +184,7 @@ def test_client_stops_at_first_status_other_than_eacces(eng: Engine) -> None:
 def test_no_psk_to_offer(eng: Engine) -> None:
     c, s = pair()
     with c, s:
-        out = eng.client_psk_handshake(c, psks=[],
+        out = eng.psk.client(c, psks=[],
                                        deadline=time.monotonic() + 5)
     assert out.status == errno.ENOKEY
 
@@ -190,7 +196,7 @@ def test_certificate_client_gets_an_alert(eng: Engine, pki: Any) -> None:
     result: dict[str, Outcome] = {}
 
     def serve() -> None:
-        result["s"] = eng.server_psk_handshake(
+        result["s"] = eng.psk.server(
             s, lookup=lambda i: None, deadline=time.monotonic() + 10)
 
     t = threading.Thread(target=serve)
@@ -209,7 +215,7 @@ def test_server_deadline_without_client_hello(eng: Engine) -> None:
     c, s = pair()
     with c, s:
         start = time.monotonic()
-        out = eng.server_psk_handshake(s, lookup=lambda i: None,
+        out = eng.psk.server(s, lookup=lambda i: None,
                                        deadline=start + 0.5)
         assert time.monotonic() - start < 3
     assert out.status == errno.ETIMEDOUT
@@ -220,7 +226,7 @@ def test_server_peer_closes_mid_hello(eng: Engine) -> None:
     with c, s:
         c.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header, 1 byte
         c.close()
-        out = eng.server_psk_handshake(s, lookup=lambda i: None,
+        out = eng.psk.server(s, lookup=lambda i: None,
                                        deadline=time.monotonic() + 5)
     assert out.status == errno.ETIMEDOUT
 
@@ -229,7 +235,7 @@ def test_server_rejects_garbage(eng: Engine) -> None:
     c, s = pair()
     with c, s:
         c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        out = eng.server_psk_handshake(s, lookup=lambda i: None,
+        out = eng.psk.server(s, lookup=lambda i: None,
                                        deadline=time.monotonic() + 5)
         c.settimeout(5)
         alert = c.recv(7)
@@ -244,8 +250,8 @@ def captured_client_hello(eng: Engine, ident: bytes) -> bytes:
     """The raw ClientHello our client sends (the server just reads it)."""
     c, s = pair()
     with c, s:
-        t = threading.Thread(target=eng.client_psk_handshake, args=(c,),
-                             kwargs={"psks": [Psk(1, ident, b"k" * 32)],
+        t = threading.Thread(target=eng.psk.client, args=(c,),
+                             kwargs={"psks": [material(1, ident, b"k" * 32)],
                                      "deadline": time.monotonic() + 1})
         t.start()
         s.settimeout(5)
@@ -326,14 +332,16 @@ sys.addaudithook(_hook)
 def test_psk_handshakes_neither_open_files_nor_import(eng: Engine) -> None:
     ident = identity("01")
     key = os.urandom(32)
-    Run(eng, [Psk(1, ident, key)], {ident: Psk(2, ident, key)}).close()
+    Run(eng, [material(1, ident, key)],
+        {ident: material(2, ident, key)}).close()
     _recording.set()
     try:
         runs = [
-            Run(eng, [Psk(1, ident, key)], {ident: Psk(2, ident, key)}),
-            Run(eng, [Psk(1, ident, key)], {}),
-            Run(eng, [Psk(1, ident, key)],
-                {ident: Psk(2, ident, os.urandom(32))}),
+            Run(eng, [material(1, ident, key)],
+                {ident: material(2, ident, key)}),
+            Run(eng, [material(1, ident, key)], {}),
+            Run(eng, [material(1, ident, key)],
+                {ident: material(2, ident, os.urandom(32))}),
         ]
     finally:
         _recording.clear()

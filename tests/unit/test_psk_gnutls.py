@@ -26,8 +26,13 @@ from recordlayer import (
 )
 from test_tlsengine_gnutls import GnutlsClient, GnutlsServer
 
-from tlshd.worker.psk import Psk
-from tlshd.worker.tlsengine import Engine, RoleSettings
+from tlshd.shared.config import RoleConfig
+from tlshd.shared.protocol import PskMaterial
+from tlshd.worker.tlsengine import Engine
+
+
+def material(serial: int, identity: bytes, secret: bytes) -> PskMaterial:
+    return PskMaterial(serial=serial, identity=identity, secret=secret)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -47,7 +52,7 @@ PSK_PRIORITY = (
 
 @pytest.fixture(scope="module")
 def eng() -> Engine:
-    return Engine(RoleSettings(), RoleSettings())
+    return Engine(RoleConfig(), RoleConfig())
 
 
 @pytest.fixture
@@ -70,8 +75,8 @@ def test_our_client_against_gnutls_serv(eng: Engine, psk_server: Any) -> None:
     key = os.urandom(32)
     server = psk_server(key)
     with server.connect() as sock:
-        out = eng.client_psk_handshake(
-            sock, psks=[Psk(0x1234, IDENTITY, key)],
+        out = eng.psk.client(
+            sock, psks=[material(0x1234, IDENTITY, key)],
             deadline=time.monotonic() + 10)
         assert out.status == 0, out.reason
         assert out.cipher == "TLS_AES_128_GCM_SHA256"
@@ -92,10 +97,10 @@ def test_gnutls_serv_refuses_wrong_psk(
     with illegal_parameter (not unknown_psk_identity): EACCES."""
     key = os.urandom(32)
     server = psk_server(key)
-    offered = (Psk(1, IDENTITY, os.urandom(32)) if wrong == "key"
-               else Psk(1, IDENTITY + b"-other", key))
+    offered = (material(1, IDENTITY, os.urandom(32)) if wrong == "key"
+               else material(1, IDENTITY + b"-other", key))
     with server.connect() as sock:
-        out = eng.client_psk_handshake(sock, psks=[offered],
+        out = eng.psk.client(sock, psks=[offered],
                                        deadline=time.monotonic() + 10)
     print(wrong, errno.errorcode[out.status], out.reason)
     assert out.status == errno.EACCES
@@ -121,8 +126,8 @@ def test_gnutls_cli_against_our_server(eng: Engine) -> None:
         ls.settimeout(10)
         sock, _ = ls.accept()
         with sock:
-            out = eng.server_psk_handshake(
-                sock, lookup={IDENTITY: Psk(77, IDENTITY, key)}.get,
+            out = eng.psk.server(
+                sock, lookup={IDENTITY: material(77, IDENTITY, key)}.get,
                 deadline=time.monotonic() + 10)
             assert out.status == 0, out.reason
             assert out.cipher == "TLS_AES_128_GCM_SHA256"
@@ -152,7 +157,7 @@ def test_gnutls_cli_refused(
     from conftest import listener
 
     key = os.urandom(32)
-    table = {} if case == "unknown" else {IDENTITY: Psk(5, IDENTITY, key)}
+    table = {} if case == "unknown" else {IDENTITY: material(5, IDENTITY, key)}
     priority = (PSK_PRIORITY.replace("+ECDHE-PSK:+DHE-PSK", "+PSK")
                 if case == "psk_ke-only" else PSK_PRIORITY)
     ls = listener()
@@ -163,7 +168,7 @@ def test_gnutls_cli_refused(
         ls.settimeout(10)
         sock, _ = ls.accept()
         with sock:
-            out = eng.server_psk_handshake(sock, lookup=table.get,
+            out = eng.psk.server(sock, lookup=table.get,
                                            deadline=time.monotonic() + 10)
     finally:
         ls.close()

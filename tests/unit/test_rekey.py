@@ -21,14 +21,14 @@ from recordlayer import RecordLayer
 from tlshd.shared import protocol, tlsstat, uapi
 from tlshd.worker import ktls, serve
 from tlshd.worker.rekey import (
-    KtlsSession,
+    KtlsSocket,
     RekeyError,
     Secrets,
     key_update_message,
     parse_key_update,
     split_handshake,
 )
-from tlshd.worker.sessions import SessionTable
+from tlshd.worker.rekeytable import RekeyTable
 
 SOL_TLS, TLS_TX, TLS_RX = 282, 1, 2
 SHA = {"TLS_AES_128_GCM_SHA256": hashes.SHA256(),
@@ -92,11 +92,11 @@ class FakeKtls:
 
 def session(cipher: str = "TLS_AES_128_GCM_SHA256",
             records: list[tuple[int, bytes] | int] = ()
-            ) -> tuple[KtlsSession, FakeKtls, Secrets]:
+            ) -> tuple[KtlsSocket, FakeKtls, Secrets]:
     n = SHA[cipher].digest_size
     secrets = Secrets(cipher, bytes(range(n)), bytes(range(100, 100 + n)))
     sock = FakeKtls(records)
-    return KtlsSession(sock, secrets), sock, secrets  # type: ignore[arg-type]
+    return KtlsSocket(sock, secrets), sock, secrets  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------- KeyUpdate messages
@@ -203,13 +203,13 @@ def test_socket_with_timeout_refused() -> None:
     with socket.socket() as sock:
         sock.settimeout(5)
         with pytest.raises(ValueError, match="blocking"):
-            KtlsSession(sock, Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32,
+            KtlsSocket(sock, Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32,
                                       b"b" * 32))
 
 
 def test_unknown_cipher_refused() -> None:
     with pytest.raises(ValueError):
-        KtlsSession(FakeKtls(), Secrets("TLS_NULL", b"", b""))  # type: ignore[arg-type]
+        KtlsSocket(FakeKtls(), Secrets("TLS_NULL", b"", b""))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------- the table
@@ -217,7 +217,7 @@ def test_unknown_cipher_refused() -> None:
 
 def test_session_ids_random_nonzero_and_unique() -> None:
     ids = iter([0, 7, 7, 9])
-    table = SessionTable(new_id=lambda: next(ids))
+    table = RekeyTable(new_id=lambda: next(ids))
     sec = Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32, b"b" * 32)
     assert table.add(sec) == 7
     assert table.add(sec) == 9
@@ -226,7 +226,7 @@ def test_session_ids_random_nonzero_and_unique() -> None:
 
 
 def test_session_table_bounded_lru() -> None:
-    table = SessionTable(max_sessions=2)
+    table = RekeyTable(max_sessions=2)
     sec = Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32, b"b" * 32)
     a, b = table.add(sec), table.add(sec)
     with table.use(a):
@@ -237,7 +237,7 @@ def test_session_table_bounded_lru() -> None:
 
 def test_session_table_expires_idle_entries() -> None:
     now = [0.0]
-    table = SessionTable(max_idle=100, clock=lambda: now[0])
+    table = RekeyTable(max_idle=100, clock=lambda: now[0])
     sec = Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32, b"b" * 32)
     sid = table.add(sec)
     now[0] = 99
@@ -269,7 +269,7 @@ def request(msg_type: int, key_update: int = 0, session_id: int = 0,
     (uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE, [TLS_RX, TLS_TX], 1),
 ])
 def test_run_key_update(kind: int, opts: list[int], sent: int) -> None:
-    table = SessionTable()
+    table = RekeyTable()
     sec = Secrets("TLS_AES_256_GCM_SHA384", b"t" * 48, b"r" * 48)
     sid = table.add(sec)
     sock = FakeKtls()
@@ -287,7 +287,7 @@ def test_run_key_update(kind: int, opts: list[int], sent: int) -> None:
 
 def test_run_key_update_unknown_session_is_enokey() -> None:
     status, _ = serve.run_key_update(
-        SessionTable(), request(uapi.MsgType.SERVERKEYUPDATE,
+        RekeyTable(), request(uapi.MsgType.SERVERKEYUPDATE,
                                 uapi.KeyUpdateType.SEND, 5),
         FakeKtls())  # type: ignore[arg-type]
     assert status == errno.ENOKEY
@@ -298,7 +298,7 @@ def test_run_key_update_kernel_refusal_is_eio() -> None:
         def setsockopt(self, level: int, opt: int, value: bytes) -> None:
             raise OSError(errno.EBUSY, "6.12")
 
-    table = SessionTable()
+    table = RekeyTable()
     sid = table.add(Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32, b"b" * 32))
     status, reason = serve.run_key_update(
         table, request(uapi.MsgType.CLIENTKEYUPDATE,
@@ -310,7 +310,7 @@ def test_run_key_update_kernel_refusal_is_eio() -> None:
 def test_handle_key_update_answers_with_session_id() -> None:
     a, b = socket.socketpair()
     b.close()
-    table = SessionTable()
+    table = RekeyTable()
     sid = table.add(Secrets("TLS_AES_128_GCM_SHA256", b"a" * 32, b"b" * 32))
     job = serve.Job(1, request(uapi.MsgType.CLIENTKEYUPDATE,
                                uapi.KeyUpdateType.RECEIVED, sid), a.detach())

@@ -44,8 +44,9 @@ import pytest
 
 from tlshd.shared import keys, protocol
 from tlshd.shared.channel import Channel, socketpair
+from tlshd.shared.config import RoleConfig
 from tlshd.worker import ktls, sandbox
-from tlshd.worker.tlsengine import Engine, RoleSettings
+from tlshd.worker.tlsengine import Engine
 
 THREADS = 2
 MAX_FDS = 64 + 2 * THREADS
@@ -115,9 +116,9 @@ def _add_key(payload: bytes) -> int:
 def child_survive(identity: str, pki: dict[str, str]) -> None:
     """Everything the request path does, after the lock-down."""
     engine = Engine(
-        RoleSettings(truststore=pki["ca"], certificate=pki["client_cert"],
+        RoleConfig(truststore=pki["ca"], certificate=pki["client_cert"],
                      private_key=pki["client_key"]),
-        RoleSettings(truststore=pki["ca"], certificate=pki["server_cert"],
+        RoleConfig(truststore=pki["ca"], certificate=pki["server_cert"],
                      private_key=pki["server_key"]))
     pool = Pool(THREADS)
     listener = socket.create_server(("127.0.0.1", 0))

@@ -30,11 +30,16 @@ from supervisorfakes import (
 )
 
 from tlshd.shared import config, protocol, uapi
+from tlshd.shared.config import RoleConfig
+from tlshd.shared.protocol import PskMaterial
 from tlshd.supervisor import genl, keymaterial, upcall
 from tlshd.supervisor.loop import Supervisor
-from tlshd.worker.psk import Psk
-from tlshd.worker.tlsengine import Engine, RoleSettings
+from tlshd.worker.tlsengine import Engine
 from tlshd.worker.tlsoutcome import Outcome
+
+
+def material(serial: int, identity: bytes, secret: bytes) -> PskMaterial:
+    return PskMaterial(serial=serial, identity=identity, secret=secret)
 
 
 @pytest.fixture
@@ -331,21 +336,23 @@ PSK_SECRET = bytes(range(32))
 def _psk_peer(role: str, sock: socket.socket, lookup_seen: list[bytes]
               ) -> tuple[threading.Thread, dict[str, Outcome]]:
     """Our engine at the far end of a PSK request, in a thread."""
-    engine = Engine(RoleSettings(), RoleSettings())
+    engine = Engine(RoleConfig(), RoleConfig())
     result: dict[str, Outcome] = {}
 
-    def lookup(identity: bytes) -> Psk | None:
+    def lookup(identity: bytes) -> PskMaterial | None:
         lookup_seen.append(identity)
-        return Psk(0x77, identity, PSK_SECRET) if identity == PSK_ID else None
+        if identity != PSK_ID:
+            return None
+        return material(0x77, identity, PSK_SECRET)
 
     def run() -> None:
         deadline = time.monotonic() + 15
         if role == "client":
-            result["peer"] = engine.client_psk_handshake(
-                sock, psks=[Psk(0x77, PSK_ID, PSK_SECRET)],
+            result["peer"] = engine.psk.client(
+                sock, psks=[material(0x77, PSK_ID, PSK_SECRET)],
                 deadline=deadline)
         else:
-            result["peer"] = engine.server_psk_handshake(
+            result["peer"] = engine.psk.server(
                 sock, lookup=lookup, deadline=deadline)
 
     return threading.Thread(target=run, daemon=True), result

@@ -119,9 +119,9 @@ def test_x509_from_kernel_der(pki: Any, run_pair: Any) -> None:
     )
     der_server = pki.pki.leaf("der-server", dns=("localhost",))
     # No configured identities at all: only the DER pairs are presented.
-    from tlshd.worker.tlsengine import RoleSettings
+    from tlshd.shared.config import RoleConfig
 
-    bare = RoleSettings(truststore=str(pki.ca))
+    bare = RoleConfig(truststore=str(pki.ca))
     eng = Engine(bare, bare)
     pair = run_pair(
         eng,
@@ -141,18 +141,18 @@ def test_x509_from_kernel_der(pki: Any, run_pair: Any) -> None:
 def test_x509_client_without_configured_certificate(
     pki: Any, run_pair: Any
 ) -> None:
-    from tlshd.worker.tlsengine import RoleSettings
+    from tlshd.shared.config import RoleConfig
 
-    eng = Engine(RoleSettings(truststore=str(pki.ca)), pki.settings())
+    eng = Engine(RoleConfig(truststore=str(pki.ca)), pki.settings())
     pair = run_pair(eng, eng, use_certificate=True)
     assert pair.client.status == errno.EIO
     assert "no client certificate" in pair.client.reason
 
 
 def test_server_without_certificate(pki: Any) -> None:
-    from tlshd.worker.tlsengine import RoleSettings
+    from tlshd.shared.config import RoleConfig
 
-    eng = Engine(pki.client_settings(), RoleSettings(truststore=str(pki.ca)))
+    eng = Engine(pki.client_settings(), RoleConfig(truststore=str(pki.ca)))
     a, b = socket.socketpair()
     with a, b:
         out = eng.server_handshake(a, x509=None, deadline=time.monotonic() + 5)

@@ -25,12 +25,12 @@ from typing import Any
 import pytest
 from recordlayer import CT_ALERT, RecordLayer, read_record
 
+from tlshd.shared.config import RoleConfig
 from tlshd.worker import verify
 from tlshd.worker.tlsengine import (
     CredentialError,
     Engine,
     Outcome,
-    RoleSettings,
 )
 
 DAY = datetime.timedelta(days=1)
@@ -542,7 +542,7 @@ def test_unusable_ciphersuites(pki: Any, suites: str) -> None:
 def test_system_trust_when_no_truststore(pki: Any, run_pair: Any) -> None:
     """No truststore: the system bundle (or SSL_CERT_FILE) is used, so
     our private CA is not trusted."""
-    eng = Engine(RoleSettings(), pki.settings())
+    eng = Engine(RoleConfig(), pki.settings())
     pair = run_pair(eng, eng)
     assert pair.client.status == errno.EACCES
     # The server completes its chain from its own trust store, so the
@@ -583,8 +583,9 @@ def test_parse_peername() -> None:
 
 def run_engine_in_subprocess(env: dict[str, str], pki: Any) -> str:
     code = (
-        "from tlshd.worker.tlsengine import Engine, RoleSettings\n"
-        f"s = RoleSettings(truststore={str(pki.ca)!r})\n"
+        "from tlshd.shared.config import RoleConfig\n"
+        "from tlshd.worker.tlsengine import Engine\n"
+        f"s = RoleConfig(truststore={str(pki.ca)!r})\n"
         "try:\n"
         "    Engine(s, s)\n"
         "except Exception as exc:\n"

@@ -19,7 +19,7 @@ from OpenSSL import SSL
 from test_tlsengine import prove_pair
 
 from tlshd.shared.uapi import TLS_X509_PEERID
-from tlshd.worker.resumption import (
+from tlshd.worker.sessionreuse import (
     REUSE_ALPN,
     ClientCache,
     PeerKey,
@@ -112,8 +112,8 @@ def test_full_then_reused(pki: Any, run_pair: Any) -> None:
     assert not first.client.resumed and not first.server.resumed
     assert seqs(first) == (0, 0, 0, 0)
     prove_pair(first)
-    assert eng.reuse_client is not None and len(eng.reuse_client) == 1
-    assert eng.reuse_server is not None and len(eng.reuse_server) == 1
+    assert eng.reuse is not None and len(eng.reuse.client) == 1
+    assert eng.reuse is not None and len(eng.reuse.server) == 1
 
     second = ok(run_pair(eng, eng))
     assert second.client.resumed and second.server.resumed
@@ -128,7 +128,7 @@ def test_full_then_reused(pki: Any, run_pair: Any) -> None:
     assert second.client.tx and first.client.tx
     assert second.client.tx.secret != first.client.tx.secret
     assert second.client.peer_subject == first.client.peer_subject
-    assert len(eng.reuse_server) == 2
+    assert len(eng.reuse.server) == 2
     third = ok(run_pair(eng, eng))
     assert third.client.resumed and third.server.resumed
 
@@ -179,7 +179,7 @@ def test_other_engine_never_offers_it(pki: Any, run_pair: Any) -> None:
     assert ok(run_pair(a, server)).server.resumed
     pair = ok(run_pair(b, server))
     assert not pair.server.resumed and not pair.client.resumed
-    assert b.reuse_client is not None and b.reuse_client.hits == 0
+    assert b.reuse is not None and b.reuse.client.hits == 0
 
 
 def test_server_that_forgot_falls_back_to_certificates(
@@ -208,7 +208,7 @@ def test_peer_that_keeps_nothing_costs_nothing(pki: Any,
         assert not pair.client.resumed
         assert seqs(pair) == (0, 0, 0, 0)
         prove_pair(pair)
-    assert client.reuse_client is not None and len(client.reuse_client) == 0
+    assert client.reuse is not None and len(client.reuse.client) == 0
 
 
 def test_switch_off_client(pki: Any, run_pair: Any) -> None:
@@ -216,7 +216,7 @@ def test_switch_off_client(pki: Any, run_pair: Any) -> None:
     for _ in range(2):
         pair = ok(run_pair(client, server))
         assert not pair.server.resumed
-    assert server.reuse_server is not None and len(server.reuse_server) == 0
+    assert server.reuse is not None and len(server.reuse.server) == 0
 
 
 def test_kernel_certificate_server_does_not_reuse(pki: Any,
@@ -226,7 +226,7 @@ def test_kernel_certificate_server_does_not_reuse(pki: Any,
     for _ in range(2):
         pair = ok(run_pair(eng, eng, server_kw={"x509": der}))
         assert not pair.server.resumed
-    assert eng.reuse_server is not None and len(eng.reuse_server) == 0
+    assert eng.reuse is not None and len(eng.reuse.server) == 0
 
 
 def test_expired_entries_are_not_offered(pki: Any, run_pair: Any) -> None:
@@ -277,7 +277,7 @@ def test_peer_key() -> None:
 def test_both_ends_derive_the_same_psk(pki: Any) -> None:
     """The exporter gives both ends one identity and secret, different
     for every session, with the suite's hash length."""
-    from tlshd.worker import tlscreds, tlsengine
+    from tlshd.worker import handshakeio, tlscreds
 
     ident = tlscreds.ephemeral_identity()
     results = []
@@ -291,7 +291,7 @@ def test_both_ends_derive_the_same_psk(pki: Any) -> None:
         srv, cli = SSL.Connection(sctx, None), SSL.Connection(cctx, None)
         srv.set_accept_state()
         cli.set_connect_state()
-        tlsengine._pump_memory_handshake(cli, srv)
+        handshakeio.pump_memory_handshake(cli, srv)
         name = suite.decode()
         a, b = derive(cli, name), derive(srv, name)
         assert a is not None and a == b

@@ -11,7 +11,7 @@ supervisor, not to a keyring.
 The worker cannot see a session end (holding a dup of the socket would
 keep the connection alive), so entries go away by bounds instead: the
 least recently used beyond ``max_sessions``, and any not used for
-``max_idle`` seconds; :meth:`SessionTable.forget` drops one explicitly.
+``max_idle`` seconds; :meth:`RekeyTable.forget` drops one explicitly.
 A dropped session fails its next re-key with ENOKEY, which the kernel
 consumer handles like any failed re-key (by reconnecting).
 """
@@ -46,7 +46,7 @@ class Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class SessionTable:
+class RekeyTable:
     """Session id -> current secrets, bounded in size and age."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS,

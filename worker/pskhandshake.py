@@ -34,11 +34,11 @@ import select
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from OpenSSL import SSL
 
+from tlshd.shared.protocol import PskMaterial
 from tlshd.worker import sslbind
 from tlshd.worker.tlsoutcome import DeadlineExpired, Outcome, failed
 
@@ -70,20 +70,8 @@ MAX_PEEK = MAX_HELLO + 5 * 8
 PEEK_NAP = 0.005  # seconds between peeks at an incomplete ClientHello
 
 
-@dataclass(frozen=True)
-class Psk:
-    """A PSK: its key serial (REMOTE_AUTH), identity and secret."""
-
-    serial: int
-    identity: bytes
-    key: bytes = dataclasses.field(repr=False)
-
-    @property
-    def hash_name(self) -> str:
-        return psk_hash(self.identity, len(self.key))
-
-
-PskLookup = Callable[[bytes], Psk | None]
+# A server's way to find an offered identity's PSK (None: unknown).
+FindPsk = Callable[[bytes], PskMaterial | None]
 
 
 def psk_hash(identity: bytes, key_len: int) -> str:
@@ -92,6 +80,10 @@ def psk_hash(identity: bytes, key_len: int) -> str:
     if m is not None:
         return SHA384 if m.group(1) == b"02" else SHA256
     return SHA384 if key_len == 48 else SHA256
+
+
+def hash_of(psk: PskMaterial) -> str:
+    return psk_hash(psk.identity, len(psk.secret))
 
 
 def printable(identity: bytes, limit: int = 400) -> str:
@@ -247,8 +239,8 @@ class PskHandshakes:
 
     def __init__(self, base: ContextFactory, run: HandshakeRunner) -> None:
         self._run = run
-        self._offer: dict[int, Psk] = {}  # client: the PSK to offer
-        self._accept: dict[int, Psk] = {}  # server: the PSK looked up
+        self._offer: dict[int, PskMaterial] = {}  # client: the PSK to offer
+        self._accept: dict[int, PskMaterial] = {}  # server: the PSK looked up
         self._callbacks = sslbind.PskCallbacks(self._on_use, self._on_find)
         self._client = {h: self._context(base, h, False) for h in SUITE}
         self._server = {h: self._context(base, h, True) for h in SUITE}
@@ -270,16 +262,16 @@ class PskHandshakes:
         psk = self._offer.get(ssl)
         if psk is None:
             return None
-        return psk.identity, psk.key, SUITE[psk.hash_name][1]
+        return psk.identity, psk.secret, SUITE[hash_of(psk)][1]
 
     def _on_find(self, ssl: int, identity: bytes
                  ) -> tuple[bytes, bytes] | None:
         psk = self._accept.get(ssl)
         if psk is None or psk.identity != identity:
             return None
-        return psk.key, SUITE[psk.hash_name][1]
+        return psk.secret, SUITE[hash_of(psk)][1]
 
-    def client(self, sock: socket.socket, psks: Sequence[Psk],
+    def client(self, sock: socket.socket, psks: Sequence[PskMaterial],
                deadline: float) -> Outcome:
         """Offer each PSK in turn until a status other than EACCES."""
         out = failed(errno.ENOKEY, "no PSK to offer")
@@ -289,7 +281,7 @@ class PskHandshakes:
                 break
         return out
 
-    def server(self, sock: socket.socket, lookup: PskLookup,
+    def server(self, sock: socket.socket, lookup: FindPsk,
                deadline: float) -> Outcome:
         """Accept the first offered identity that ``lookup`` knows."""
         try:
@@ -313,8 +305,8 @@ class PskHandshakes:
         return failed(errno.ENOKEY, "unknown PSK identity '%s'"
                       % "', '".join(printable(i) for i in offered))
 
-    def _one(self, sock: socket.socket, psk: Psk, deadline: float,
-             table: dict[int, Psk], *, server: bool) -> Outcome:
+    def _one(self, sock: socket.socket, psk: PskMaterial, deadline: float,
+             table: dict[int, PskMaterial], *, server: bool) -> Outcome:
         contexts = self._server if server else self._client
         conns: list[SSL.Connection] = []
 
@@ -327,7 +319,8 @@ class PskHandshakes:
             conns.append(conn)
 
         try:
-            out = self._run(sock, contexts[psk.hash_name], setup, deadline,
+            hash_name = hash_of(psk)
+            out = self._run(sock, contexts[hash_name], setup, deadline,
                             server=server)
             if out.status != 0:
                 return out
@@ -338,7 +331,7 @@ class PskHandshakes:
             return dataclasses.replace(
                 out,
                 remote_auth=(psk.serial,),
-                description=f"(TLS1.3)-(PSK-{psk.hash_name.upper()})"
+                description=f"(TLS1.3)-(PSK-{hash_name.upper()})"
                 f"-({out.group})-({out.cipher})",
             )
         finally:

@@ -31,7 +31,11 @@ a server that still knows the identity accepts it (psk_find_session
 callback), one that does not (restarted, expired, a different server)
 ignores it and the handshake falls back to certificates.
 
-Where it lives.  Client entries (:class:`ClientCache`) are keyed by
+Where it lives.  :class:`SessionReuse` is the engine's one handle on all
+of this: it adds the ALPN protocol and the PSK callbacks to the engine's
+contexts, and gives each handshake a :class:`ClientReuse` or
+:class:`ServerReuse` whose ``setup`` runs before it and ``after`` once it
+succeeded.  Client entries (:class:`ClientCache`) are keyed by
 :class:`PeerKey` (peer address and port, the name the server was verified
 against, and the client credentials presented), so a PSK is offered only
 to the peer that earned it and only for the same client identity.  Server
@@ -43,6 +47,8 @@ supervisor, never a file or keyring; bounded in entries and in age.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -56,6 +62,10 @@ from tlshd.shared.config import (
     DEFAULT_SESSION_CACHE_SIZE,
     DEFAULT_SESSION_LIFETIME,
 )
+from tlshd.worker import sslbind
+from tlshd.worker.tlsoutcome import Outcome
+
+log = logging.getLogger(__name__)
 
 REUSE_ALPN = b"tlshd-reuse/1"
 EXPORTER_LABEL = b"EXPORTER-tlshd-session-reuse"
@@ -204,3 +214,139 @@ class ClientCache(BoundedTable[PeerKey, ClientEntry]):
 
 class ServerTable(BoundedTable[bytes, ServerEntry]):
     """Server: PSK identity -> PSK and what it authenticated."""
+
+
+class SessionReuse:
+    """Session reuse for one engine: both tables, the OpenSSL PSK
+    callbacks, and the per-handshake hooks.  Built with the engine's
+    contexts (before the sandbox); the hooks run in handshake threads."""
+
+    def __init__(self, settings: ReuseSettings) -> None:
+        self.client = ClientCache(settings.cache_size, settings.lifetime)
+        self.server = ServerTable(settings.cache_size, settings.lifetime)
+        # Per connection (SSL pointer): the PSK a client offers, the entry
+        # a server accepted.
+        self._offers: dict[int, ReusePsk] = {}
+        self._found: dict[int, ServerEntry] = {}
+        self._callbacks = sslbind.PskCallbacks(self._offer, self._lookup)
+        log.info("TLS session reuse is on: PSKs live %d s, %d kept"
+                 " per role", settings.lifetime, settings.cache_size)
+
+    def install(self, ctx: SSL.Context, *, server: bool,
+                keep: bool) -> None:
+        """Add reuse to one of the engine's contexts.  ``keep``: a server
+        context with the configured certificate (the per-request ones
+        must never let a PSK stand in for a different certificate)."""
+        if not server:
+            ctx.set_alpn_protos([REUSE_ALPN])
+            self._callbacks.install_client(ctx)
+        elif keep:
+            ctx.set_alpn_select_callback(_select_reuse_alpn)
+            self._callbacks.install_server(ctx)
+            # A verifying server refuses a PSK session without a session
+            # id context ("session id context uninitialized").
+            ctx.set_session_id(b"tlshd-reuse")
+
+    def for_client(self, address: object, peername: str,
+                   credential: str) -> ClientReuse | None:
+        """The hooks of one client handshake (None: not an IP peer)."""
+        key = peer_key(address, peername, credential)
+        if key is None:
+            return None
+        return ClientReuse(self, key, self.client.get(key))
+
+    def for_server(self) -> ServerReuse:
+        """The hooks of one server handshake."""
+        return ServerReuse(self)
+
+    def forget(self, ssl: int) -> None:
+        """Drop a finished connection's per-connection state."""
+        self._offers.pop(ssl, None)
+        self._found.pop(ssl, None)
+        self._callbacks.forget(ssl)
+
+    def _offer(self, ssl: int) -> tuple[bytes, bytes, bytes] | None:
+        """Client (psk_use_session): the cached PSK for this peer."""
+        psk = self._offers.get(ssl)
+        if psk is None:
+            return None
+        return psk.identity, psk.secret, psk.suite
+
+    def _lookup(self, ssl: int, identity: bytes
+                ) -> tuple[bytes, bytes] | None:
+        """Server (psk_find_session): a PSK this worker agreed to keep;
+        None lets the handshake go on with certificates."""
+        entry = self.server.get(identity)
+        if entry is None:
+            return None
+        self._found[ssl] = entry
+        return entry.psk.secret, entry.psk.suite
+
+
+class ClientReuse:
+    """One client handshake: offer the cached PSK, keep the next one."""
+
+    def __init__(self, reuse: SessionReuse, key: PeerKey,
+                 cached: ClientEntry | None) -> None:
+        self._reuse, self._key, self._cached = reuse, key, cached
+
+    def setup(self, conn: SSL.Connection) -> None:
+        if self._cached is not None:
+            self._reuse._offers[sslbind.ssl_pointer(conn)] = (
+                self._cached.psk)
+
+    def after(self, conn: SSL.Connection, out: Outcome) -> Outcome:
+        cached, cache = self._cached, self._reuse.client
+        if cached is not None and sslbind.session_reused(conn):
+            out = _reused(out, cached.peer_subject, out.remote_auth)
+        if conn.get_alpn_proto_negotiated() == REUSE_ALPN:
+            psk = derive(conn, out.cipher)
+            if psk is not None:
+                cache.put(self._key, ClientEntry(psk, out.peer_subject))
+        elif cached is not None:
+            # The peer no longer keeps PSKs for us.
+            cache.forget(self._key)
+        return out
+
+
+class ServerReuse:
+    """One server handshake: report a reused session as the full one
+    did, and keep the PSK a client asked for."""
+
+    def __init__(self, reuse: SessionReuse) -> None:
+        self._reuse = reuse
+
+    def setup(self, conn: SSL.Connection) -> None:
+        del conn  # the PSK callback finds the entry by identity
+
+    def after(self, conn: SSL.Connection, out: Outcome) -> Outcome:
+        entry = self._reuse._found.get(sslbind.ssl_pointer(conn))
+        if entry is not None and sslbind.session_reused(conn):
+            out = _reused(out, entry.peer_subject, entry.remote_auth)
+        if conn.get_alpn_proto_negotiated() == REUSE_ALPN:
+            psk = derive(conn, out.cipher)
+            if psk is not None:
+                self._reuse.server.put(psk.identity, ServerEntry(
+                    psk, out.remote_auth, out.peer_subject))
+        return out
+
+
+def _select_reuse_alpn(
+    conn: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    """Server: agree to keep a reuse PSK with a client that asks."""
+    del conn
+    if REUSE_ALPN in offered:
+        return REUSE_ALPN
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _reused(out: Outcome, peer_subject: str | None,
+            remote_auth: tuple[int, ...]) -> Outcome:
+    """A handshake authenticated by a reuse PSK: no certificates were
+    exchanged, so the subject and REMOTE_AUTH are the full handshake's."""
+    suite = out.description.rsplit("-(", 1)[-1]
+    return dataclasses.replace(
+        out, resumed=True, peer_subject=peer_subject,
+        remote_auth=remote_auth,
+        description=f"(TLS1.3)-({out.group})-(session reuse PSK)-({suite}")

@@ -1,4 +1,4 @@
-"""PSK handshakes for kernel requests, with keys the supervisor reads.
+"""PSK keys for kernel requests: the supervisor reads them, not the worker.
 
 A worker possesses no kernel keys (see tlshd.supervisor.keymaterial):
 
@@ -13,17 +13,14 @@ A worker possesses no kernel keys (see tlshd.supervisor.keymaterial):
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 
-from tlshd.shared import protocol, uapi
-from tlshd.worker.psk import Psk, PskLookup, printable
-from tlshd.worker.tlsengine import Engine
-from tlshd.worker.tlsoutcome import Outcome, failed
+from tlshd.shared import protocol
+from tlshd.shared.protocol import PskMaterial
+from tlshd.worker.pskhandshake import FindPsk, printable
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +48,11 @@ class SupervisorLookups:
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiting] = {}
 
-    def for_request(self, req_id: int, deadline: float) -> PskLookup:
+    def for_request(self, req_id: int, deadline: float) -> FindPsk:
         """The lookup function of one server handshake."""
         asked = 0
 
-        def lookup(identity: bytes) -> Psk | None:
+        def lookup(identity: bytes) -> PskMaterial | None:
             nonlocal asked
             if (not identity or b"\0" in identity
                     or len(identity) > protocol.MAX_STR):
@@ -71,7 +68,7 @@ class SupervisorLookups:
         return lookup
 
     def _ask(self, req_id: int, identity: bytes,
-             deadline: float) -> Psk | None:
+             deadline: float) -> PskMaterial | None:
         waiting = _Waiting()
         with self._lock:
             self._waiting[req_id] = waiting
@@ -85,7 +82,7 @@ class SupervisorLookups:
         found = waiting.answer.psk if answered and waiting.answer else None
         if found is None or found.identity != identity:
             return None
-        return Psk(found.serial, found.identity, found.secret)
+        return found
 
     def answer(self, req_id: int, found: protocol.PskFound) -> None:
         """Hand the supervisor's answer to the thread that asked."""
@@ -97,30 +94,3 @@ class SupervisorLookups:
             return
         waiting.answer = found
         waiting.event.set()
-
-
-def _nothing(_identity: bytes) -> Psk | None:
-    return None
-
-
-def psk_handshake(engine: Engine, request: protocol.HandshakeRequest,
-                  sock: socket.socket, deadline: float,
-                  lookup: PskLookup | None = None) -> Outcome:
-    """Run the PSK handshake a kernel request asks for.
-
-    ``lookup``: a server's way to find offered identities (None: finds
-    nothing).
-    """
-    if request.msg_type == uapi.MsgType.CLIENTHELLO:
-        psks = [Psk(p.serial, p.identity, p.secret) for p in request.psks]
-        if not psks:
-            return failed(errno.ENOKEY, "no usable PSK (none of the "
-                          "request's keys could be read)")
-        for psk in psks:
-            log.info("Using PSK identity %s", printable(psk.identity))
-        return engine.client_psk_handshake(sock, psks=psks,
-                                           deadline=deadline)
-    if request.msg_type == uapi.MsgType.SERVERHELLO:
-        return engine.server_psk_handshake(sock, lookup=lookup or _nothing,
-                                           deadline=deadline)
-    return failed(errno.EIO, "unknown message type %d" % request.msg_type)

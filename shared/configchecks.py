@@ -1,0 +1,112 @@
+"""Checks of the files a configuration names, for warnings and
+--check-config: private keys others could read, paths tlshd.service
+hides from the daemon, ktls-utils session tag files.  Reached as
+``config.X`` (tlshd.shared.config re-exports them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tlshd.shared.config import Config
+
+# The messages are the configuration's: log them as tlshd.shared.config.
+log = logging.getLogger("tlshd.shared.config")
+
+# Where ktls-utils reads its session tags (tls-session-tags(7)).
+TAGS_DIR = "/etc/tlshd/tags.d"
+# What tlshd.service hides from the daemon: path prefix -> the setting.
+SERVICE_HIDDEN = (
+    ("/home", "ProtectHome=yes"),
+    ("/root", "ProtectHome=yes"),
+    ("/run/user", "ProtectHome=yes"),
+    ("/tmp", "PrivateTmp=yes"),
+    ("/var/tmp", "PrivateTmp=yes"),
+)
+
+
+def hidden_by_service(path: str) -> str | None:
+    """The tlshd.service setting that hides ``path`` from the daemon."""
+    real = os.path.realpath(path)
+    for candidate in dict.fromkeys((path, real)):
+        for prefix, setting in SERVICE_HIDDEN:
+            if candidate == prefix or candidate.startswith(prefix + "/"):
+                shown = (path if candidate == path
+                         else "%s (a link to %s)" % (path, real))
+                return ("%s is under %s, which tlshd.service hides from "
+                        "the daemon (%s)" % (shown, prefix, setting))
+    return None
+
+
+def service_warnings(cfg: Config) -> list[str]:
+    """Files named by ``cfg`` that tlshd.service cannot see at all."""
+    found = []
+    for setting in cfg.paths:
+        why = hidden_by_service(setting.value)
+        if why is not None:
+            found.append("%s:%d: [%s] %s: %s" % (cfg.path, setting.line,
+                                                  setting.section,
+                                                  setting.key, why))
+    return found
+
+
+def tags_files(cfg: Config) -> list[str]:
+    """ktls-utils session tag files (tls-session-tags(7)) on this host."""
+    found = []
+    dirs = dict.fromkeys((os.path.join(os.path.dirname(cfg.path),
+                                       "tags.d"), TAGS_DIR))
+    for directory in dirs:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        found += [os.path.join(directory, n) for n in names
+                  if n.endswith((".yml", ".yaml"))]
+    return found
+
+
+# Private keys already warned about, by path: once per process is enough.
+_warned_keys: set[str] = set()
+
+
+def key_file_problem(path: str, owners: set[int]) -> str | None:
+    """Why private key ``path`` is not private, or None.
+
+    A key should be readable by its owner alone, and owned by root or by
+    the worker user (``owners``); other users could read it otherwise.
+    Only a warning, as OpenSSH's "UNPROTECTED PRIVATE KEY FILE" would
+    break existing set-ups (ktls-utils does not check).
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # loading it will report that
+    if st.st_uid not in owners:
+        return ("private key %s is owned by uid %d, not by root or the "
+                "worker user" % (path, st.st_uid))
+    if st.st_mode & 0o077:
+        return ("private key %s is readable or writable by group or other "
+                "(mode %04o); chmod 600 it" % (path, st.st_mode & 0o7777))
+    return None
+
+
+def key_problems(cfg: Config, owners: set[int]) -> dict[str, str]:
+    """The private keys of ``cfg`` others could read: path -> why."""
+    problems = {}
+    for role in (cfg.client, cfg.server):
+        if role.private_key is not None:
+            problem = key_file_problem(role.private_key, owners)
+            if problem is not None:
+                problems[role.private_key] = problem
+    return problems
+
+
+def warn_key_files(cfg: Config, owners: set[int]) -> None:
+    """Warn about private keys others could read, once per path."""
+    for path, problem in key_problems(cfg, owners).items():
+        if path not in _warned_keys:
+            _warned_keys.add(path)
+            log.warning("%s: %s", cfg.path, problem)
