@@ -3,8 +3,8 @@
 Two loopback endpoints get their keys the way the worker installs them:
 our Engine runs the handshake (client on one socket, server on the other,
 in two threads), ``ktls.install`` programs both directions, and
-``rekey.KtlsSocket`` drives KeyUpdates on both.  The test owns the
-sockets.  Then:
+``ktlspeer.KtlsPeer`` (tests/unit/ktlspeer.py) drives KeyUpdates on both.
+The test owns the sockets.  Then:
 
 - 1000 re-keys of client-to-server with data before and after each, then
   1000 of server-to-client, then 1000 mixed steps (either side, both at
@@ -32,10 +32,12 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,9 +47,15 @@ from tlshd.shared import protocol, tlsstat, uapi
 from tlshd.shared.config import RoleConfig
 from tlshd.supervisor import genl
 from tlshd.worker import ktls, rekey, serve
-from tlshd.worker.rekey import KtlsSocket, Secrets
+from tlshd.worker.rekey import Secrets
 from tlshd.worker.rekeytable import RekeyTable
 from tlshd.worker.tlsengine import Engine, Outcome
+
+# The test-side kTLS peer (reads records, answers KeyUpdates) lives with
+# the unit tests' helpers.
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+import ktlspeer
+from ktlspeer import KtlsPeer
 
 pytestmark = pytest.mark.kernel
 
@@ -159,18 +167,18 @@ def bound_reads(sock: socket.socket) -> None:
                     struct.pack("=qq", IO_TIMEOUT, 0))
 
 
-def install(sock: socket.socket, out: Outcome) -> KtlsSocket:
+def install(sock: socket.socket, out: Outcome) -> KtlsPeer:
     """What the worker does after a handshake, then a session on top."""
     assert out.status == 0, out.reason
     assert out.tx is not None and out.rx is not None
     ktls.install(sock, out.tx, out.rx)
     bound_reads(sock)
-    return KtlsSocket(sock, Secrets(out.cipher, out.tx.secret,
+    return KtlsPeer(sock, Secrets(out.cipher, out.tx.secret,
                                      out.rx.secret))
 
 
 def engine_pair(engine: Engine, csock: socket.socket, ssock: socket.socket
-                ) -> tuple[KtlsSocket, KtlsSocket]:
+                ) -> tuple[KtlsPeer, KtlsPeer]:
     deadline = time.monotonic() + 60
     server = in_thread(lambda: engine.server_handshake(
         ssock, deadline=deadline))
@@ -197,7 +205,7 @@ def payload(rng: random.Random, limit: int = 4096) -> bytes:
     return rng.randbytes(rng.randrange(1, limit))
 
 
-def exchange(sender: KtlsSocket, receiver: KtlsSocket, rng: random.Random,
+def exchange(sender: KtlsPeer, receiver: KtlsPeer, rng: random.Random,
              tally: Tally, request: bool = False) -> None:
     """Data, KeyUpdate, data from ``sender``; ``receiver`` reads it all."""
     before, after = payload(rng), payload(rng)
@@ -217,7 +225,7 @@ def exchange(sender: KtlsSocket, receiver: KtlsSocket, rng: random.Random,
         tally.data_bytes += len(reply)
 
 
-def both_at_once(c: KtlsSocket, s: KtlsSocket, rng: random.Random,
+def both_at_once(c: KtlsPeer, s: KtlsPeer, rng: random.Random,
                  tally: Tally) -> None:
     """Both sides re-key before either reads: the KeyUpdates cross."""
     cdata, sdata = payload(rng), payload(rng)
@@ -231,7 +239,7 @@ def both_at_once(c: KtlsSocket, s: KtlsSocket, rng: random.Random,
     tally.data_bytes += len(cdata) + len(sdata)
 
 
-def check_generations(c: KtlsSocket, s: KtlsSocket) -> None:
+def check_generations(c: KtlsPeer, s: KtlsPeer) -> None:
     assert c.tx_generation == s.rx_generation
     assert s.tx_generation == c.rx_generation
 
@@ -244,7 +252,7 @@ def check_counters(d: dict[str, int], rekeys: int) -> None:
     assert d["TlsDecryptError"] == 0, d
 
 
-def timed_phase(name: str, c: KtlsSocket, s: KtlsSocket,
+def timed_phase(name: str, c: KtlsPeer, s: KtlsPeer,
                 step: Callable[[int, Tally], None], n: int) -> Tally:
     tally = Tally()
     before = tls_stat()
@@ -372,7 +380,7 @@ def kernel_request(msg_type: int, **kw: Any) -> protocol.HandshakeRequest:
 def consumer_read(sock: socket.socket, n: int) -> tuple[int, bytes]:
     """Read like a kernel consumer: (record type, data) of one read."""
     data, anc, _, _ = sock.recvmsg(n, socket.CMSG_SPACE(1))
-    return rekey.record_type(anc), data
+    return ktlspeer.record_type(anc), data
 
 
 @pytest.mark.not_applicable
@@ -387,7 +395,7 @@ def test_worker_services_key_update_requests(
     it owns the client socket and hands the worker's ``serve.handle`` a
     dup of it, as the supervisor passes ACCEPT's fd: first a ClientHello
     with keep_secrets (the answer names a session id), then key update
-    requests for that session.  The server end is our KtlsSocket.
+    requests for that session.  The server end is our KtlsPeer.
     """
     require_rekey(kernel_version)
     engine = make_engine(engine_settings)
@@ -438,7 +446,7 @@ def test_worker_services_key_update_requests(
         got = b""
         while len(got) < len(data):
             kind, chunk = consumer_read(csock, len(data) - len(got))
-            assert kind == rekey.CT_APPLICATION_DATA
+            assert kind == ktlspeer.CT_APPLICATION_DATA
             got += chunk
         assert got == data
         # Our answer (if asked) reaches the peer before this data.

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from ktlspeer import KtlsPeer, parse_key_update, split_handshake
 from recordlayer import RecordLayer
 
 from tlshd.shared import protocol, tlsstat, uapi
@@ -25,8 +26,6 @@ from tlshd.worker.rekey import (
     RekeyError,
     Secrets,
     key_update_message,
-    parse_key_update,
-    split_handshake,
 )
 from tlshd.worker.rekeytable import RekeyTable
 
@@ -92,11 +91,11 @@ class FakeKtls:
 
 def session(cipher: str = "TLS_AES_128_GCM_SHA256",
             records: list[tuple[int, bytes] | int] = ()
-            ) -> tuple[KtlsSocket, FakeKtls, Secrets]:
+            ) -> tuple[KtlsPeer, FakeKtls, Secrets]:
     n = SHA[cipher].digest_size
     secrets = Secrets(cipher, bytes(range(n)), bytes(range(100, 100 + n)))
     sock = FakeKtls(records)
-    return KtlsSocket(sock, secrets), sock, secrets  # type: ignore[arg-type]
+    return KtlsPeer(sock, secrets), sock, secrets  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------- KeyUpdate messages
