@@ -182,8 +182,8 @@ def nlmsg(mtype: int, payload: bytes, seq: int = 1, flags: int = 0) -> bytes:
 
 
 def accept_reply(attrs: bytes) -> bytes:
-    genl = struct.pack("=BBH", uapi.HANDSHAKE_CMD_ACCEPT, 1, 0)
-    return nlmsg(FAMILY_ID, genl + attrs)
+    genlhdr = struct.pack("=BBH", uapi.HANDSHAKE_CMD_ACCEPT, 1, 0)
+    return nlmsg(FAMILY_ID, genlhdr + attrs)
 
 
 def random_accept_attrs(rng: random.Random) -> bytes:

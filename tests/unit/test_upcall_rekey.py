@@ -9,7 +9,7 @@ from pyroute2.netlink import ctrlmsg
 
 from tlshd.shared import protocol, uapi
 from tlshd.shared.errors import ProtocolError
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import netlink_family, upcall
 
 KU = uapi.KeyUpdateType
 
@@ -146,8 +146,8 @@ MAINLINE = {1: 4, 2: 8, 3: 4}  # STATUS u32, SOCKFD s32, REMOTE_AUTH u32
 
 
 def family(done_types):
-    types = genl._done_policy(policy_dump(done_types))
-    return genl.FamilyInfo(0x21, 5, {}, frozenset(types), types)
+    types = netlink_family._done_policy(policy_dump(done_types))
+    return netlink_family.FamilyInfo(0x21, 5, {}, frozenset(types), types)
 
 
 def test_mainline_policy_has_no_rekey_upcall():
@@ -162,7 +162,7 @@ def test_mainline_policy_has_no_rekey_upcall():
 
 
 def test_keyupdate_series_policy_enables_the_upcall():
-    fam = family({**MAINLINE, 4: genl.NL_ATTR_TYPE_U32})
+    fam = family({**MAINLINE, 4: netlink_family.NL_ATTR_TYPE_U32})
     assert fam.rekey_upcall and fam.done_session_id_attr == 4
     assert fam.rekey_status(True).startswith(
         "Kernel re-key upcall: supported (DONE has a u32 SESSION_ID")
@@ -172,7 +172,7 @@ def test_keyupdate_series_policy_enables_the_upcall():
 
 
 def test_nfsd_tag_at_4_is_not_a_session_id():
-    fam = family({**MAINLINE, 4: genl.NL_ATTR_TYPE_NUL_STRING})
+    fam = family({**MAINLINE, 4: netlink_family.NL_ATTR_TYPE_NUL_STRING})
     assert not fam.rekey_upcall
     assert "session_tags=supported" in fam.capabilities()
 
