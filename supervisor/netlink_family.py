@@ -3,7 +3,8 @@
 This is the only module that imports pyroute2, and only at start-up: to
 resolve the family's id, its ``tlshd`` multicast group, the flags of its
 operations and DONE's attribute policy (CTRL_CMD_GETPOLICY), from which
-the re-key upcall is switched on (tlshd.supervisor.genl uses the result).
+the re-key upcall is switched on (tlshd.supervisor.netlink_socket uses the
+result).
 pyroute2 stays behind ``probe_family``: FamilyInfo is a plain dataclass.
 """
 

@@ -2,7 +2,7 @@
 
 Plain AF_NETLINK sockets: what the family's ids are comes from
 tlshd.supervisor.netlink_family (probed once at start-up), the bytes on
-the wire from the strict codec in tlshd.supervisor.upcall.
+the wire from the strict codec in tlshd.supervisor.netlink_codec.
 
 A netlink socket serves the network namespace it was created in, so the
 caller creates one HandshakeSocket per served namespace while inside it.
@@ -38,22 +38,8 @@ import time
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ProtocolError
-from tlshd.supervisor import upcall
-
-# Until the module renames: callers still reach the family probe here.
-from tlshd.supervisor.netlink_family import (
-    NL_ATTR_TYPE_NUL_STRING as NL_ATTR_TYPE_NUL_STRING,
-)
-from tlshd.supervisor.netlink_family import (
-    NL_ATTR_TYPE_U32 as NL_ATTR_TYPE_U32,
-)
-from tlshd.supervisor.netlink_family import FamilyInfo as FamilyInfo
-from tlshd.supervisor.netlink_family import (
-    probe_family as probe_family,
-)
-from tlshd.supervisor.netlink_family import (
-    unavailable_message as unavailable_message,
-)
+from tlshd.supervisor import netlink_codec
+from tlshd.supervisor.netlink_family import FamilyInfo
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +200,11 @@ class HandshakeSocket:
             self._foreign_log_at = now + FOREIGN_LOG_INTERVAL
         return None
 
-    def _note(self, msg: upcall.NlMsg) -> None:
+    def _note(self, msg: netlink_codec.NlMsg) -> None:
         """Remember a READY notification."""
         if msg.type == self.family.family_id:
             try:
-                cmd, _ = upcall.genl_payload(msg)
+                cmd, _ = netlink_codec.genl_payload(msg)
             except ProtocolError:
                 return
             if cmd == uapi.HANDSHAKE_CMD_READY:
@@ -245,7 +231,7 @@ class HandshakeSocket:
             if data is None:
                 continue
             try:
-                for msg in upcall.split_messages(data):
+                for msg in netlink_codec.split_messages(data):
                     self._note(msg)
             except ProtocolError as e:
                 log.warning("Ignoring malformed netlink datagram: %s", e)
@@ -255,10 +241,10 @@ class HandshakeSocket:
         ready, self.ready = self.ready, False
         return ready
 
-    def _transact(self, data: bytes, seq: int) -> list[upcall.NlMsg]:
+    def _transact(self, data: bytes, seq: int) -> list[netlink_codec.NlMsg]:
         """Send one request; return the messages answering it."""
         self.txn.send(data)
-        answers: list[upcall.NlMsg] = []
+        answers: list[netlink_codec.NlMsg] = []
         for _ in range(MAX_TRANSACT_READS):
             # The kernel answers ACCEPT and DONE within send(): try the
             # (non-blocking) receive first and wait only if it has not.
@@ -273,11 +259,12 @@ class HandshakeSocket:
                 continue
             if datagram is None:
                 continue
-            for msg in upcall.split_messages(datagram):
+            for msg in netlink_codec.split_messages(datagram):
                 if msg.seq != seq:
                     continue  # a late answer to an earlier request
                 answers.append(msg)
-                if msg.type in (upcall.NLMSG_ERROR, upcall.NLMSG_DONE):
+                if msg.type in (netlink_codec.NLMSG_ERROR,
+                                netlink_codec.NLMSG_DONE):
                     return answers
                 if not msg.flags & 0x2:  # not NLM_F_MULTI: a lone reply
                     return answers
@@ -288,7 +275,7 @@ class HandshakeSocket:
         self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
         return self.seq
 
-    def accept(self) -> upcall.AcceptedRequest | None:
+    def accept(self) -> netlink_codec.AcceptedRequest | None:
         """ACCEPT one pending request; None when none is pending.
 
         The returned request's ``sockfd`` is now an fd of this process:
@@ -297,20 +284,21 @@ class HandshakeSocket:
         seq = self._next_seq()
         expected = lowest_free_fd(self.txn.fileno())
         answers = self._transact(
-            upcall.encode_accept(self.family.family_id, seq), seq)
+            netlink_codec.encode_accept(self.family.family_id, seq), seq)
         for msg in answers:
-            if msg.type == upcall.NLMSG_ERROR:
-                err = upcall.netlink_error(msg)
+            if msg.type == netlink_codec.NLMSG_ERROR:
+                err = netlink_codec.netlink_error(msg)
                 if err in (errno.EAGAIN, 0):
                     return None
                 raise OSError(err, "ACCEPT failed: %s" % errno.errorcode.get(
                     err, str(err)))
             if msg.type == self.family.family_id:
-                _cmd, attrs = upcall.genl_payload(msg)
+                _cmd, attrs = netlink_codec.genl_payload(msg)
                 try:
-                    req = upcall.decode_accept_attrs(attrs, rekey=self.rekey)
+                    req = netlink_codec.decode_accept_attrs(
+                        attrs, rekey=self.rekey)
                 except ProtocolError as e:
-                    fd = upcall.salvage_sockfd(attrs)
+                    fd = netlink_codec.salvage_sockfd(attrs)
                     if fd is not None and check_sockfd(fd, expected):
                         fd = None  # not ours to answer or close
                     raise AcceptFailed(str(e), fd) from e
@@ -329,9 +317,10 @@ class HandshakeSocket:
         seq = self._next_seq()
         attr = self.family.done_session_id_attr if self.rekey else None
         answers = self._transact(
-            upcall.encode_done(self.family.family_id, seq, sockfd, status,
-                               remote_auth, session_id, attr), seq)
+            netlink_codec.encode_done(self.family.family_id, seq, sockfd,
+                                      status, remote_auth, session_id, attr),
+            seq)
         for msg in answers:
-            if msg.type == upcall.NLMSG_ERROR:
-                return upcall.netlink_error(msg)
+            if msg.type == netlink_codec.NLMSG_ERROR:
+                return netlink_codec.netlink_error(msg)
         return 0
