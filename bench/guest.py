@@ -266,9 +266,9 @@ def ktls_throwaway() -> None:
 
 
 def handshake_group_id() -> int:
-    from tlshd.supervisor import genl
+    from tlshd.supervisor import netlink_family
 
-    return genl.probe_family().group_id
+    return netlink_family.probe_family().group_id
 
 
 # ---------------------------------------------------------------- daemons

@@ -13,7 +13,6 @@ returns are inheritable, and it hides MSG_CTRUNC.
 from __future__ import annotations
 
 import array
-import errno
 import os
 import select
 import socket
@@ -41,10 +40,19 @@ def _close_all(fds: list[int]) -> None:
 
 
 class Channel:
-    """One end of a supervisor-worker channel."""
+    """One end of a supervisor-worker channel.
 
-    def __init__(self, sock: socket.socket) -> None:
+    ``side`` is the end this is.  A channel that knows its side refuses to
+    send what that side does not send (ValueError: our own bug) and to
+    take in what the other side does not send (ProtocolError, before the
+    body is parsed).  Without a side, ``recv`` takes what either side
+    sends; ``recv_answer`` is always the supervisor's end.
+    """
+
+    def __init__(self, sock: socket.socket,
+                 side: protocol.Side | None = None) -> None:
         self.sock = sock
+        self.side = side
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -56,6 +64,9 @@ class Channel:
         self, msg: protocol.Message, req_id: int = 0, fds: tuple[int, ...] = ()
     ) -> None:
         """Send one message; raises PeerGone if the other end is closed."""
+        if self.side is not None and msg.SENT_BY is not self.side:
+            raise ValueError("the %s does not send %s"
+                             % (self.side.value, type(msg).__name__))
         if len(fds) != msg.NFDS:
             raise ValueError("%s needs %d fds" % (type(msg).__name__,
                                                   msg.NFDS))
@@ -84,8 +95,30 @@ class Channel:
     def recv(self) -> tuple[protocol.Message, int, list[int]]:
         """Receive one message: (message, request id, owned fds).
 
-        Raises PeerGone on EOF and ProtocolError on a malformed datagram.
+        Raises PeerGone on EOF and ProtocolError on a malformed datagram
+        or one the other side does not send.
         """
+        peer = None
+        if self.side is not None:
+            peer = (protocol.Side.WORKER
+                    if self.side is protocol.Side.SUPERVISOR
+                    else protocol.Side.SUPERVISOR)
+        return self._recv(peer)
+
+    def recv_answer(self) -> tuple[protocol.Message, int]:
+        """Receive, at the supervisor's end, what a worker or the worker
+        template may send: answers and notifications, none with fds
+        (tests/unit/test_channel.py holds every such type to NFDS 0).
+
+        Anything the supervisor sends raises ProtocolError, and the fds
+        it brought are closed rather than left open in the supervisor.
+        """
+        msg, req_id, _fds = self._recv(protocol.Side.WORKER)
+        return msg, req_id
+
+    def _recv(
+        self, sender: protocol.Side | None
+    ) -> tuple[protocol.Message, int, list[int]]:
         try:
             data, anc, flags, _ = self.sock.recvmsg(
                 protocol.MAX_MSG + 1, _CMSG_ROOM, socket.MSG_CMSG_CLOEXEC
@@ -102,25 +135,11 @@ class Channel:
         try:
             if flags & _TRUNCATED:
                 raise ProtocolError("truncated message or control data")
-            msg, req_id = protocol.decode(data, len(fds))
+            msg, req_id = protocol.decode(data, len(fds), sender)
         except BaseException:
             _close_all(fds)
             raise
         return msg, req_id, fds
-
-    def recv_answer(self) -> tuple[protocol.Message, int]:
-        """Receive what a worker or the worker template may send: an
-        answer or notification (odd type), which carries no fds.
-
-        A request type (even) raises ProtocolError, and the fds it
-        brought are closed rather than left open in the supervisor.
-        """
-        msg, req_id, fds = self.recv()
-        if msg.TYPE % 2 == 0:
-            _close_all(fds)
-            raise ProtocolError("%s sent to the supervisor"
-                                % type(msg).__name__)
-        return msg, req_id
 
 
 def _collect_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
@@ -137,6 +156,3 @@ def _collect_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
         raise ProtocolError("unexpected control message")
     return fds
 
-
-def is_would_block(e: OSError) -> bool:
-    return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)

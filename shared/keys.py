@@ -3,14 +3,17 @@
 No libkeyutils and no new dependency: the handful of keyctl operations
 tlshd needs.  Possession matters: even root gets EACCES reading a key it
 does not possess (through one of its keyrings) unless the key grants user
-READ, and the unprivileged worker depends on possession entirely.  Errors
-are raised as OSError with the kernel's errno.
+READ, and a process possesses whatever its session keyring reaches, also
+after dropping to another uid.  Errors are raised as OSError with the
+kernel's errno.
 
 Who possesses what in tlshd: the supervisor joins a session keyring of its
 own and links into it its process keyring (where the kernel links each
 ACCEPT request's keyring) and the well-known keyrings.  Workers possess
-nothing: each joins a new, empty session keyring and may not call keyctl
-at all; the supervisor reads keys for them (tlshd.supervisor.keymaterial).
+nothing: a worker does not keep the session keyring it inherits from the
+supervisor (that would give it every namespace's keys) but joins a new,
+empty one before it drops privileges, and its seccomp filter then forbids
+keyctl; the supervisor reads keys for it (tlshd.supervisor.keymaterial).
 
 Key descriptions are attacker-controlled bytes: any local user can create a
 keyring and make it visible to root, with any description but one starting
@@ -37,7 +40,6 @@ _NR_ADD_KEY = {"x86_64": 248, "aarch64": 217}
 KEY_SPEC_THREAD_KEYRING = -1
 KEY_SPEC_PROCESS_KEYRING = -2
 KEY_SPEC_SESSION_KEYRING = -3
-KEY_SPEC_USER_KEYRING = -4
 
 KEYCTL_GET_KEYRING_ID = 0
 KEYCTL_JOIN_SESSION_KEYRING = 1

@@ -74,7 +74,7 @@ HANDSHAKE_A_ACCEPT_CERTIFICATE = 7
 HANDSHAKE_A_ACCEPT_PEERNAME = 8
 HANDSHAKE_A_ACCEPT_KEYRING = 9
 # Proposed by the KeyUpdate series; decoded only when the kernel's DONE
-# policy shows the series is present (see supervisor/genl.py).
+# policy shows the series is present (see supervisor/netlink_family.py).
 HANDSHAKE_A_ACCEPT_KEY_UPDATE_REQUEST = 10
 HANDSHAKE_A_ACCEPT_SESSION_ID = 11
 

@@ -23,11 +23,12 @@ from tlshd.shared import config, protocol, tlsstat, uapi
 from tlshd.shared.errors import ConfigError, PeerGone, ProtocolError
 from tlshd.supervisor import (
     control,
-    genl,
     keymaterial,
+    netlink_codec,
+    netlink_family,
+    netlink_socket,
     netns,
     sdnotify,
-    upcall,
     workercheck,
 )
 from tlshd.supervisor.backoff import Backoff
@@ -95,7 +96,7 @@ class InFlight:
     req_id: int
     ns: Namespace
     sockfd: int
-    request: upcall.AcceptedRequest
+    request: netlink_codec.AcceptedRequest
     deadline: float
     worker: Worker | None = None
     lookups: int = 0  # PSK_LOOKUPs answered for it (MAX_LOOKUPS at most)
@@ -110,7 +111,7 @@ class Namespace:
 
     label: str
     config_path: str
-    nlsock: genl.HandshakeSocket
+    nlsock: netlink_socket.HandshakeSocket
     cfg: config.Config
     key: netns.Key | None = None
     nsfd: int | None = None  # keeps the namespace open; workers enter it
@@ -144,7 +145,7 @@ class Namespace:
 
 
 class Supervisor:
-    def __init__(self, cfg: config.Config, family: genl.FamilyInfo,
+    def __init__(self, cfg: config.Config, family: netlink_family.FamilyInfo,
                  debug: bool = False,
                  worker_ids: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
@@ -191,7 +192,7 @@ class Supervisor:
         return netns.key_of("/proc/self/fd/%d" % fd)
 
     def add_namespace(self, label: str, config_path: str,
-                      nlsock: genl.HandshakeSocket | None = None,
+                      nlsock: netlink_socket.HandshakeSocket | None = None,
                       key: netns.Key | None = None,
                       nsfd: int | None = None) -> Namespace:
         """Serve a namespace: ``nsfd`` (owned from now on), or the current.
@@ -202,10 +203,10 @@ class Supervisor:
         """
         if nlsock is None:
             if nsfd is None:
-                nlsock = genl.HandshakeSocket(self.family, label)
+                nlsock = netlink_socket.HandshakeSocket(self.family, label)
             else:
                 with netns.inside(nsfd, self.home):
-                    nlsock = genl.HandshakeSocket(self.family, label)
+                    nlsock = netlink_socket.HandshakeSocket(self.family, label)
         try:
             cfg = config.load(config_path)
             held = False
@@ -798,7 +799,7 @@ class Supervisor:
                 return
             try:
                 req = ns.nlsock.accept()
-            except genl.AcceptFailed as e:
+            except netlink_socket.AcceptFailed as e:
                 log.error("Unusable ACCEPT reply in netns %s: %s",
                           ns.label, e)
                 if e.sockfd is not None and not self._owned(e.sockfd):
@@ -840,7 +841,8 @@ class Supervisor:
     def _owned(self, sockfd: int) -> bool:
         return any(r.sockfd == sockfd for r in self.inflight.values())
 
-    def submit(self, ns: Namespace, req: upcall.AcceptedRequest) -> None:
+    def submit(self, ns: Namespace,
+               req: netlink_codec.AcceptedRequest) -> None:
         now = time.monotonic()
         if req.timeout_ms:
             # The consumer (NVMe: 10 s) cancels at its TIMEOUT, counted from

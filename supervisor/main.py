@@ -16,7 +16,13 @@ import setproctitle
 from tlshd.shared import config, linux, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import control, genl, keyrings, ktlswarm, sdnotify
+from tlshd.supervisor import (
+    control,
+    keyrings,
+    ktlswarm,
+    netlink_family,
+    sdnotify,
+)
 from tlshd.supervisor.loop import Supervisor
 
 log = logging.getLogger("tlshd")
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ktlswarm.warm_aeads()
     keyrings.setup_session_keyring(cfg.keyrings)
     try:
-        family = genl.probe_family()
+        family = netlink_family.probe_family()
     except ConfigError as e:
         log.error("%s", e)
         return os.EX_UNAVAILABLE

@@ -13,7 +13,7 @@ reused, inode numbers cannot while the namespace lives.  Sources:
   with psutil, every few seconds.  By default only those owned by the
   initial user namespace: the root of a user namespace holds CAP_NET_ADMIN
   over the network namespaces it owns, so it can talk to our netlink
-  socket there (see tlshd.supervisor.genl); serving those is opt-in.
+  socket there (see tlshd.supervisor.netlink_socket); serving those is opt-in.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tlshd.supervisor import genl
+from tlshd.supervisor import netlink_family
 
 pytestmark = pytest.mark.kernel
 
@@ -55,7 +55,7 @@ def test_flood_from_a_user_namespace_leaves_others_served(
     tlshd.start(config(pki, tmp_path, userns=True))
     assert tlshd.proc is not None
     pid = tlshd.proc.pid
-    family = genl.probe_family().family_id
+    family = netlink_family.probe_family().family_id
     attacker = start_attacker(family, wait=60)
     try:
         assert attacker.stdout is not None and attacker.stdin is not None
@@ -120,7 +120,7 @@ def test_flood_from_a_user_namespace_leaves_others_served(
 
 def test_user_namespace_not_served_by_default(pki, tlshd, tmp_path):
     tlshd.start(config(pki, tmp_path, userns=False))
-    family = genl.probe_family().family_id
+    family = netlink_family.probe_family().family_id
     attacker = start_attacker(family, wait=10)
     out, _ = attacker.communicate(timeout=60)
     assert out.splitlines()[0] == "target 0", out

@@ -45,7 +45,7 @@ from OpenSSL import SSL
 
 from tlshd.shared import protocol, tlsstat, uapi
 from tlshd.shared.config import RoleConfig
-from tlshd.supervisor import genl
+from tlshd.supervisor import netlink_family
 from tlshd.worker import ktls, rekey, serve
 from tlshd.worker.rekey import Secrets
 from tlshd.worker.rekeytable import RekeyTable
@@ -298,12 +298,13 @@ def test_rekey_upcall_detection(tlshd: Any, pki: Any) -> None:
     """No kernel we test has the proposed re-key upcall: the policy probe
     must say so (DONE is STATUS, SOCKFD, REMOTE_AUTH), and tlshd must log
     it at start-up together with what kTLS can do."""
-    fam = genl.probe_family()
+    fam = netlink_family.probe_family()
     types = fam.done_attr_types
     print("DONE policy attribute types: %s" % types)
     assert {uapi.HANDSHAKE_A_DONE_STATUS, uapi.HANDSHAKE_A_DONE_SOCKFD,
             uapi.HANDSHAKE_A_DONE_REMOTE_AUTH} <= set(types)
-    assert types[uapi.HANDSHAKE_A_DONE_STATUS] == genl.NL_ATTR_TYPE_U32
+    assert (types[uapi.HANDSHAKE_A_DONE_STATUS]
+            == netlink_family.NL_ATTR_TYPE_U32)
     assert not fam.rekey_upcall
     tlshd.start(pki.config())
     line = tlshd.wait_for(r"Kernel re-key upcall: [^\n]*", 30)

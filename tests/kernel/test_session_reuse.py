@@ -186,9 +186,9 @@ def reference_server(pki, nfs_server, tmp_path) -> Iterator[NetnsSite]:
             ["nsenter", "--net=/run/netns/rref", "chroot", str(TRIXIE),
              "/usr/sbin/tlshd", "-s", "-c", str(inside / "tlshd.conf")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        from tlshd.supervisor import genl
+        from tlshd.supervisor import netlink_family
 
-        group = genl.probe_family().group_id
+        group = netlink_family.probe_family().group_id
         end = time.monotonic() + 60
         while not tlshd_group_joined("rref", group):
             assert ref.poll() is None, (tmp_path / "reference.log").read_text()

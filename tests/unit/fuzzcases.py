@@ -39,7 +39,7 @@ from OpenSSL import SSL
 from tlshd.shared import config, protocol, uapi
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import ConfigError, ProtocolError
-from tlshd.supervisor import upcall
+from tlshd.supervisor import netlink_codec
 from tlshd.worker import pskhandshake, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
@@ -159,7 +159,7 @@ def generate(target: Target, rng: random.Random,
     return mutate(target, inp, rng, corpus)
 
 
-# ---- ACCEPT replies (supervisor/upcall.py) -----------------------------
+# ---- ACCEPT replies (supervisor/netlink_codec.py) ----------------------
 
 
 def nla(atype: int, payload: bytes) -> bytes:
@@ -182,8 +182,8 @@ def nlmsg(mtype: int, payload: bytes, seq: int = 1, flags: int = 0) -> bytes:
 
 
 def accept_reply(attrs: bytes) -> bytes:
-    genl = struct.pack("=BBH", uapi.HANDSHAKE_CMD_ACCEPT, 1, 0)
-    return nlmsg(FAMILY_ID, genl + attrs)
+    genlhdr = struct.pack("=BBH", uapi.HANDSHAKE_CMD_ACCEPT, 1, 0)
+    return nlmsg(FAMILY_ID, genlhdr + attrs)
 
 
 def random_accept_attrs(rng: random.Random) -> bytes:
@@ -250,18 +250,19 @@ def _accept_fixup(inp: Input) -> Input:
 
 
 def run_accept(inp: Input) -> list[object]:
-    """What genl.HandshakeSocket.accept does with the kernel's answer."""
+    """What netlink_socket.HandshakeSocket.accept does with the kernel's
+    answer."""
     rekey = bool(inp[1][:1] and inp[1][0] & 1)
     out: list[object] = []
-    for msg in upcall.split_messages(inp[0]):
-        if msg.type == upcall.NLMSG_ERROR:
-            out.append(upcall.netlink_error(msg))
+    for msg in netlink_codec.split_messages(inp[0]):
+        if msg.type == netlink_codec.NLMSG_ERROR:
+            out.append(netlink_codec.netlink_error(msg))
             continue
-        _cmd, attrs = upcall.genl_payload(msg)
+        _cmd, attrs = netlink_codec.genl_payload(msg)
         try:
-            out.append(upcall.decode_accept_attrs(attrs, rekey=rekey))
+            out.append(netlink_codec.decode_accept_attrs(attrs, rekey=rekey))
         except ProtocolError:
-            fd = upcall.salvage_sockfd(attrs)  # must never raise
+            fd = netlink_codec.salvage_sockfd(attrs)  # must never raise
             _require(fd is None or fd >= 0, "salvaged a negative fd")
             raise
     return out
@@ -272,16 +273,16 @@ def check_accept(inp: Input, out: object) -> None:
     for req in out:
         if isinstance(req, int):
             continue
-        assert isinstance(req, upcall.AcceptedRequest)
+        assert isinstance(req, netlink_codec.AcceptedRequest)
         _require(req.sockfd >= 0, "negative sockfd")
         _require(len(req.peerids) <= uapi.HANDSHAKE_MAX_PEER_IDS,
                  "too many peer ids")
-        _require(len(req.certs) <= upcall.MAX_CERTS, "too many certs")
+        _require(len(req.certs) <= netlink_codec.MAX_CERTS, "too many certs")
         _require(all(c >= 0 and k >= 0 for c, k in req.certs),
                  "negative key serial")
         name = req.peername
         _require(name is None or (
-            0 < len(name.encode()) <= upcall.MAX_PEERNAME
+            0 < len(name.encode()) <= netlink_codec.MAX_PEERNAME
             and "\0" not in name), "bad peer name")
         _require(req.key_update in set(uapi.KeyUpdateType),
                  "unknown key update type")

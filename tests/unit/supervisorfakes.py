@@ -21,24 +21,24 @@ from pathlib import Path
 import pytest
 
 from tlshd.shared import config, uapi
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import netlink_codec, netlink_family
 from tlshd.supervisor.loop import HANDLED_SIGNALS, Namespace, Supervisor
 
 
 class FakeNl:
-    """Stands in for genl.HandshakeSocket."""
+    """Stands in for netlink_socket.HandshakeSocket."""
 
     def __init__(self) -> None:
         self.r, self.w = socket.socketpair()
-        self.queue: list[upcall.AcceptedRequest] = []
+        self.queue: list[netlink_codec.AcceptedRequest] = []
         self.dones: list[tuple[int, int, tuple[int, ...]]] = []
         self.done_at: dict[int, float] = {}
         self.closed_fds: list[int] = []
         # READY seen (and consumed) while waiting for an ACCEPT or DONE
-        # answer, as genl.HandshakeSocket notes it.
+        # answer, as netlink_socket.HandshakeSocket notes it.
         self.ready = False
-        self.flooded = False  # see genl.HandshakeSocket.drain
-        self.ready_during_done: list[upcall.AcceptedRequest] = []
+        self.flooded = False  # see netlink_socket.HandshakeSocket.drain
+        self.ready_during_done: list[netlink_codec.AcceptedRequest] = []
 
     def fileno(self) -> int:
         return self.r.fileno()
@@ -51,7 +51,7 @@ class FakeNl:
         except BlockingIOError:
             return noted
 
-    def accept(self) -> upcall.AcceptedRequest | None:
+    def accept(self) -> netlink_codec.AcceptedRequest | None:
         return self.queue.pop(0) if self.queue else None
 
     def done(self, sockfd: int, status: int,
@@ -80,7 +80,7 @@ class FakeNl:
                ready: bool = True) -> None:
         """Queue a request and multicast READY; ``ready=False``: the
         READY went to someone else (a supervisor that has since died)."""
-        self.queue.append(upcall.AcceptedRequest(
+        self.queue.append(netlink_codec.AcceptedRequest(
             sockfd=sockfd, msg_type=msg_type, auth_mode=auth,
             timeout_ms=timeout_ms, peerids=(), certs=(),
             peername="127.0.0.1", keyring=None))
@@ -111,7 +111,7 @@ def serving(tmp_path: Path, nl: FakeNl | None = None
     conf.write_text("[authenticate]\nhandshake_timeout=2\n"
                     "[authenticate.client]\n[authenticate.server]\n")
     cfg = config.load(str(conf))
-    s = Supervisor(cfg, genl.FamilyInfo(0x21, 5))
+    s = Supervisor(cfg, netlink_family.FamilyInfo(0x21, 5))
     if nl is None:
         nl = FakeNl()
     ns = s.add_namespace("init", str(conf), nlsock=nl)

@@ -3,6 +3,7 @@
 import array
 import os
 import socket
+import typing
 
 import pytest
 
@@ -87,5 +88,81 @@ def test_send_checks_fd_count():
     a, b = socketpair()
     with pytest.raises(ValueError):
         Channel(a).send(REQ, 1, ())
+    a.close()
+    b.close()
+
+
+# ---- direction: who may send what ----------------------------------
+
+SUPERVISOR, WORKER = protocol.Side.SUPERVISOR, protocol.Side.WORKER
+HELLO = protocol.Hello(pid=5, uid=998, gid=998, cap_eff=0, no_new_privs=1,
+                       seccomp=2)
+
+
+def test_every_message_type_has_a_sender():
+    classes = typing.get_args(protocol.Message)
+    assert len(classes) == len(protocol.Msg)
+    assert {cls.TYPE for cls in classes} == set(protocol.Msg)
+    for cls in classes:
+        assert isinstance(cls.SENT_BY, protocol.Side), cls
+    # recv_answer returns no fds: nothing a worker sends may carry any.
+    assert all(cls.NFDS == 0 for cls in classes if cls.SENT_BY is WORKER)
+    assert {cls.__name__ for cls in classes if cls.SENT_BY is SUPERVISOR} \
+        == {"HandshakeRequest", "PskFound", "SpawnRequest"}
+
+
+def test_decode_refuses_a_type_the_sender_does_not_send():
+    # Checked before the body: an unparsable body still gets this error.
+    data = bytearray(protocol.encode(REQ))
+    data[protocol.HEADER.size:] = b"\xff" * (len(data) - protocol.HEADER.size)
+    with pytest.raises(ProtocolError, match="sent by the supervisor"):
+        protocol.decode(bytes(data), 1, WORKER)
+    with pytest.raises(ProtocolError, match="sent by the worker"):
+        protocol.decode(protocol.encode(HELLO), 0, SUPERVISOR)
+    assert protocol.decode(protocol.encode(HELLO), 0, WORKER)[0] == HELLO
+
+
+def test_supervisor_end_refuses_a_supervisor_message_and_closes_its_fd():
+    a, b = socketpair()
+    r, w = os.pipe()
+    before = open_fds()
+    for rx in (Channel(b, SUPERVISOR).recv, Channel(b).recv_answer):
+        Channel(a).send(REQ, 3, (w,))
+        with pytest.raises(ProtocolError, match="sent by the supervisor"):
+            rx()
+        assert open_fds() == before
+    Channel(a, WORKER).send(HELLO, 4)
+    assert Channel(b, SUPERVISOR).recv() == (HELLO, 4, [])
+    Channel(a, WORKER).send(HELLO, 5)
+    assert Channel(b).recv_answer() == (HELLO, 5)
+    for fd in (r, w):
+        os.close(fd)
+    a.close()
+    b.close()
+
+
+def test_worker_end_refuses_a_worker_message():
+    a, b = socketpair()
+    Channel(a).send(HELLO)
+    with pytest.raises(ProtocolError, match="sent by the worker"):
+        Channel(b, WORKER).recv()
+    found = protocol.PskFound(psk=None)
+    Channel(a, SUPERVISOR).send(found, 6)
+    assert Channel(b, WORKER).recv() == (found, 6, [])
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("side,msg", [(WORKER, REQ), (SUPERVISOR, HELLO)])
+def test_an_end_refuses_to_send_what_its_side_does_not(side, msg):
+    a, b = socketpair()
+    r, w = os.pipe()
+    with pytest.raises(ValueError, match="does not send"):
+        Channel(a, side).send(msg, 1, (w,) * msg.NFDS)
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(1)  # nothing went out
+    for fd in (r, w):
+        os.close(fd)
     a.close()
     b.close()

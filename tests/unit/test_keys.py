@@ -98,8 +98,9 @@ def test_basic_operations() -> None:
 def test_root_needs_possession() -> None:
     """A root process in another session keyring can see (user VIEW) but
     not read a key; linking the owner's process keyring into the session
-    keyring, as the supervisor does, gives every child possession, even
-    after dropping to an unprivileged uid as the worker does."""
+    keyring, as the supervisor does, gives possession to every child that
+    keeps that session keyring, even after it drops to an unprivileged
+    uid: hence a worker joins an empty session keyring of its own."""
     out = run("""
         proc = keys.keyring_id(keys.KEY_SPEC_PROCESS_KEYRING, create=True)
         k = keys.add("user", "psk-in-process-keyring", b"secret", proc)

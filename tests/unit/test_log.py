@@ -12,7 +12,7 @@ import pytest
 
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import genl
+from tlshd.supervisor import netlink_family
 
 
 def record(level: int, msg: str) -> logging.LogRecord:
@@ -78,7 +78,7 @@ def test_missing_handshake_family_names_what_is_needed(monkeypatch):
 
     monkeypatch.setattr(GenericNetlinkSocket, "bind", bind)
     with pytest.raises(ConfigError) as e:
-        genl.probe_family()
+        netlink_family.probe_family()
     text = str(e.value)
     assert text.startswith("Kernel handshake service is not available: "
                            'this kernel has no "handshake" netlink family')
@@ -89,5 +89,5 @@ def test_missing_handshake_family_names_what_is_needed(monkeypatch):
 
 
 def test_other_netlink_errors_are_named():
-    text = genl.unavailable_message(NoFamily(errno.EPERM))
+    text = netlink_family.unavailable_message(NoFamily(errno.EPERM))
     assert "cannot ask the kernel for it: Operation not permitted" in text

@@ -3,10 +3,11 @@
 The root of a container holds CAP_NET_ADMIN over its network namespace,
 so it can unicast to our netlink port there (found in /proc/net/netlink)
 and multicast to the tlshd group.  These tests play that attacker against
-a real genl.HandshakeSocket on the host: the host kernel has no handshake
-family, but generic netlink sockets, their ports, groups and the kernel's
-refusal of unicasts to a connected socket are all real.  The attacker runs
-as root here; in a container it holds the same powers over its namespace.
+a real netlink_socket.HandshakeSocket on the host: the host kernel has no
+handshake family, but generic netlink sockets, their ports, groups and
+the kernel's refusal of unicasts to a connected socket are all real.
+The attacker runs as root here; in a container it holds the same powers
+over its namespace.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ from supervisorfakes import (
 )
 
 from tlshd.shared import uapi
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import netlink_codec, netlink_family, netlink_socket
 
 # A family id no kernel registers (ids are allocated from 0x10 upward):
 # the kernel answers our ACCEPT with ENOENT, which is all the host can do.
-FAMILY = genl.FamilyInfo(0x3F00, 5)
+FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
 GROUP_BIT = 1 << (FAMILY.group_id - 1)
 
 
 @pytest.fixture
 def hs():
-    sock = genl.HandshakeSocket(FAMILY, "tenant")
+    sock = netlink_socket.HandshakeSocket(FAMILY, "tenant")
     yield sock
     sock.close()
 
@@ -46,7 +47,7 @@ def hs():
 @pytest.fixture
 def attacker():
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
-                         genl.NETLINK_GENERIC)
+                         netlink_socket.NETLINK_GENERIC)
     sock.bind((0, 0))
     yield sock
     sock.close()
@@ -58,14 +59,14 @@ def listener():
 
 
 def ready_msg(seq: int = 0) -> bytes:
-    return upcall.encode_request(FAMILY.family_id, uapi.HANDSHAKE_CMD_READY,
-                                 b"", seq, 0)
+    return netlink_codec.encode_request(
+        FAMILY.family_id, uapi.HANDSHAKE_CMD_READY, b"", seq, 0)
 
 
 def accept_reply(seq: int, sockfd: int) -> bytes:
     """A well-formed ACCEPT reply naming ``sockfd`` and key serials."""
     def attr(atype: int, payload: bytes) -> bytes:
-        return upcall.NLA_HDR.pack(4 + len(payload), atype) + payload
+        return netlink_codec.NLA_HDR.pack(4 + len(payload), atype) + payload
 
     attrs = (attr(uapi.HANDSHAKE_A_ACCEPT_SOCKFD, struct.pack("=i", sockfd))
              + attr(uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE,
@@ -74,11 +75,11 @@ def accept_reply(seq: int, sockfd: int) -> bytes:
                     struct.pack("=I", uapi.AuthMode.PSK))
              + attr(uapi.HANDSHAKE_A_ACCEPT_PEER_IDENTITY,
                     struct.pack("=I", 0x12345678)))
-    return upcall.encode_request(FAMILY.family_id, uapi.HANDSHAKE_CMD_ACCEPT,
-                                 attrs, seq, 0)
+    return netlink_codec.encode_request(
+        FAMILY.family_id, uapi.HANDSHAKE_CMD_ACCEPT, attrs, seq, 0)
 
 
-def port_of(hs: genl.HandshakeSocket) -> int:
+def port_of(hs: netlink_socket.HandshakeSocket) -> int:
     return int(hs.sock.getsockname()[0])
 
 
@@ -140,14 +141,15 @@ def test_multicast_flood_cannot_crowd_out_the_kernels_answers(hs,
         if queued == last:
             break
         last = queued
-    assert queued >= genl.RCVBUF  # full (the kernel doubles SO_RCVBUF)
+    # Full (the kernel doubles SO_RCVBUF).
+    assert queued >= netlink_socket.RCVBUF
     for _ in range(3):
         with pytest.raises(OSError) as exc:
             hs.accept()
         assert exc.value.errno == errno.ENOENT
 
 
-def _queued(hs: genl.HandshakeSocket) -> int:
+def _queued(hs: netlink_socket.HandshakeSocket) -> int:
     """Bytes queued on the READY socket (/proc/net/netlink's Rmem)."""
     port = port_of(hs)
     with open("/proc/self/net/netlink") as f:
@@ -161,11 +163,11 @@ def _queued(hs: genl.HandshakeSocket) -> int:
 def test_flood_is_read_in_bounded_slices(hs, attacker):
     """One drain() reads at most MAX_DRAIN datagrams: a flood in one
     namespace cannot hold the loop that serves all of them."""
-    n = 3 * genl.MAX_DRAIN
+    n = 3 * netlink_socket.MAX_DRAIN
     for _ in range(n):
         attacker.sendto(ready_msg(), (0, GROUP_BIT))
     assert hs.drain() is False
-    assert hs.foreign == genl.MAX_DRAIN
+    assert hs.foreign == netlink_socket.MAX_DRAIN
     while hs.foreign < n:
         hs.drain()
     assert hs.foreign == n
@@ -174,12 +176,12 @@ def test_flood_is_read_in_bounded_slices(hs, attacker):
 # ---- the SOCKFD of an ACCEPT reply ----------------------------------------
 
 def test_check_sockfd_accepts_the_fresh_tcp_socket(listener):
-    expected = genl.lowest_free_fd(listener.fileno())
+    expected = netlink_socket.lowest_free_fd(listener.fileno())
     fd, peer = connected_fd(listener)
     try:
         assert fd == expected
-        assert genl.check_sockfd(fd, expected) is None
-        assert genl.check_sockfd(fd, None) is None
+        assert netlink_socket.check_sockfd(fd, expected) is None
+        assert netlink_socket.check_sockfd(fd, None) is None
     finally:
         os.close(fd)
         peer.close()
@@ -203,7 +205,7 @@ def test_check_sockfd_refuses_what_is_no_tcp_socket(kind):
         fd = socket.socket(family, stype, proto).detach()
         keep = [fd]
     try:
-        why = genl.check_sockfd(fd, None)
+        why = netlink_socket.check_sockfd(fd, None)
         assert why is not None and ("fd %d" % fd) in why
         if kind != "closed":
             os.fstat(fd)  # checking never closes it
@@ -217,9 +219,9 @@ def test_check_sockfd_refuses_an_fd_that_was_open_before(listener):
     kernel installed: the number must be the lowest free one."""
     fd, peer = connected_fd(listener)
     try:
-        expected = genl.lowest_free_fd(listener.fileno())
+        expected = netlink_socket.lowest_free_fd(listener.fileno())
         assert fd != expected
-        why = genl.check_sockfd(fd, expected)
+        why = netlink_socket.check_sockfd(fd, expected)
         assert why is not None and "installs at" in why
     finally:
         os.close(fd)
@@ -240,7 +242,7 @@ class Raising(FakeNl):
         super().__init__()
         self.error: BaseException | None = error
 
-    def accept(self) -> upcall.AcceptedRequest | None:
+    def accept(self) -> netlink_codec.AcceptedRequest | None:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -269,7 +271,8 @@ def test_sockfd_owned_by_a_live_request_is_never_answered(sup, listener):
 @pytest.mark.parametrize("error", [
     OSError(errno.EBADF, "Bad file descriptor"),
     RuntimeError("a bug"),
-    genl.AcceptFailed("SOCKFD refused: fd 999: Bad file descriptor", None),
+    netlink_socket.AcceptFailed(
+        "SOCKFD refused: fd 999: Bad file descriptor", None),
 ])
 def test_netlink_errors_are_contained(sup, listener, tmp_path, error,
                                       caplog):
@@ -305,7 +308,7 @@ def test_accepts_per_turn_are_bounded(sup, listener):
     for _ in range(n):
         fd, peer = connected_fd(listener)
         peers.append(peer)
-        nl.queue.append(upcall.AcceptedRequest(
+        nl.queue.append(netlink_codec.AcceptedRequest(
             sockfd=fd, msg_type=uapi.MsgType.CLIENTHELLO,
             auth_mode=uapi.AuthMode.UNAUTH, timeout_ms=20000, peerids=(),
             certs=(), peername="127.0.0.1", keyring=None))
@@ -326,17 +329,18 @@ def test_flooded_namespace_is_paused_others_served(sup, listener, attacker):
     from tlshd.supervisor import loop
 
     s, nl, ns = sup
-    hs = genl.HandshakeSocket(FAMILY, "tenant")
+    hs = netlink_socket.HandshakeSocket(FAMILY, "tenant")
     tenant = s.add_namespace("tenant", ns.config_path, nlsock=hs)
     run_until(s, lambda: ready(ns) and ready(tenant))
-    for _ in range(4 * genl.MAX_DRAIN):
+    for _ in range(4 * netlink_socket.MAX_DRAIN):
         attacker.sendto(ready_msg(), (0, GROUP_BIT))
     s.step(0.1)
     assert tenant.paused_until is not None
-    assert hs.foreign == genl.MAX_DRAIN  # one slice, then the pause
+    assert hs.foreign == netlink_socket.MAX_DRAIN  # one slice, then the pause
     fd, peer = connected_fd(listener)
     peer.close()
     nl.submit(fd, timeout_ms=20000)
     run_until(s, lambda: nl.dones)  # the other namespace is served
-    run_until(s, lambda: tenant.paused_until is None and hs.foreign
-              >= 2 * genl.MAX_DRAIN, timeout=5 * loop.FLOOD_PAUSE + 5)
+    run_until(s, lambda: tenant.paused_until is None
+              and hs.foreign >= 2 * netlink_socket.MAX_DRAIN,
+              timeout=5 * loop.FLOOD_PAUSE + 5)

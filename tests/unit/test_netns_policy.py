@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from tlshd.shared import config
-from tlshd.supervisor import genl, netns
+from tlshd.supervisor import netlink_family, netns
 from tlshd.supervisor.loop import Supervisor
 
-FAMILY = genl.FamilyInfo(0x3F00, 5)
+FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
 
 
 def holder(*unshare_args: str) -> Iterator[netns.Key]:

@@ -27,7 +27,7 @@ import pytest
 from test_supervisor import FakeNl, connected_fd, ready, run_until
 
 from tlshd.shared import config, protocol, uapi
-from tlshd.supervisor import genl
+from tlshd.supervisor import netlink_family
 from tlshd.supervisor.loop import Supervisor
 from tlshd.worker.tlsengine import Engine, Outcome
 
@@ -76,7 +76,7 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
         "x509.certificate=%s\nx509.private_key=%s\n"
         % (pki.ca, pki.ca, pki.server.cert, pki.server.key))
     ids = _ids(identity)
-    s = Supervisor(config.load(str(conf)), genl.FamilyInfo(0x21, 5),
+    s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5),
                    worker_ids=ids)
     nsfd = None
     if spawn == "template":

@@ -25,10 +25,10 @@ import sys
 sys.path.insert(0, %r)
 from supervisorfakes import FakeNl
 from tlshd.shared import config, log
-from tlshd.supervisor import genl
+from tlshd.supervisor import netlink_family, netlink_socket
 from tlshd.supervisor.loop import Supervisor
 log.setup(True, debug=False)
-s = Supervisor(config.load(sys.argv[1]), genl.FamilyInfo(0x21, 5))
+s = Supervisor(config.load(sys.argv[1]), netlink_family.FamilyInfo(0x21, 5))
 s.scan = lambda: None  # serve the fake namespace only
 s.add_namespace("init", sys.argv[1], nlsock=FakeNl())
 sys.exit(s.run())

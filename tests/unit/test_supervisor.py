@@ -32,7 +32,11 @@ from supervisorfakes import (
 from tlshd.shared import config, protocol, uapi
 from tlshd.shared.config import RoleConfig
 from tlshd.shared.protocol import PskMaterial
-from tlshd.supervisor import genl, keymaterial, upcall
+from tlshd.supervisor import (
+    keymaterial,
+    netlink_codec,
+    netlink_family,
+)
 from tlshd.supervisor.loop import Supervisor
 from tlshd.worker.tlsengine import Engine
 from tlshd.worker.tlsoutcome import Outcome
@@ -252,7 +256,7 @@ def test_reload_storm_does_not_starve_requests(sup, listener):
 def test_workers_forked_from_template(tmp_path, listener):
     conf = tmp_path / "tlshd.conf"
     conf.write_text("[authenticate.client]\n[authenticate.server]\n")
-    s = Supervisor(config.load(str(conf)), genl.FamilyInfo(0x21, 5))
+    s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
     s.use_template()
     nl = FakeNl()
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -291,7 +295,7 @@ def test_ready_consumed_while_waiting_for_done(sup, listener):
     fd2, peer2 = connected_fd(listener)
     peer1.close()
     peer2.close()
-    nl.ready_during_done.append(upcall.AcceptedRequest(
+    nl.ready_during_done.append(netlink_codec.AcceptedRequest(
         sockfd=fd2, msg_type=uapi.MsgType.CLIENTHELLO,
         auth_mode=uapi.AuthMode.UNAUTH, timeout_ms=None, peerids=(),
         certs=(), peername="127.0.0.1", keyring=None))
@@ -405,7 +409,7 @@ def test_client_psks_come_with_the_request(sup, listener, monkeypatch):
     seen: list[bytes] = []
     t, result = _psk_peer("server", peer, seen)
     t.start()
-    nl.queue.append(upcall.AcceptedRequest(
+    nl.queue.append(netlink_codec.AcceptedRequest(
         sockfd=fd, msg_type=uapi.MsgType.CLIENTHELLO,
         auth_mode=uapi.AuthMode.PSK, timeout_ms=20000, peerids=(0x99,),
         certs=(), peername="127.0.0.1", keyring=None))

@@ -32,7 +32,7 @@ from supervisorfakes import (
 
 from tlshd.shared import config, protocol
 from tlshd.shared.channel import Channel, socketpair
-from tlshd.supervisor import genl, loop
+from tlshd.supervisor import loop, netlink_family
 from tlshd.supervisor.loop import Supervisor
 from tlshd.supervisor.workers import Worker
 
@@ -216,7 +216,7 @@ def test_exec_worker_stdio_is_dev_null(sup):
 def test_template_worker_stdio_is_dev_null(tmp_path):
     conf = tmp_path / "tlshd.conf"
     conf.write_text("[authenticate.client]\n[authenticate.server]\n")
-    s = Supervisor(config.load(str(conf)), genl.FamilyInfo(0x21, 5))
+    s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
     s.use_template()
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ns = s.add_namespace("init", str(conf), nlsock=FakeNl(), nsfd=nsfd)

@@ -153,7 +153,6 @@ _REKEY_SINGLE = {
     uapi.HANDSHAKE_A_ACCEPT_KEY_UPDATE_REQUEST,
     uapi.HANDSHAKE_A_ACCEPT_SESSION_ID,
 }
-_KEY_UPDATE_MSGS = (uapi.MsgType.CLIENTKEYUPDATE, uapi.MsgType.SERVERKEYUPDATE)
 
 
 def decode_accept_attrs(attrs: bytes, *,
@@ -222,7 +221,7 @@ def _check_rekey(fields: dict[int, int]) -> tuple[int, int]:
     session_id = fields.get(uapi.HANDSHAKE_A_ACCEPT_SESSION_ID, 0)
     if key_update not in set(uapi.KeyUpdateType):
         raise ProtocolError("KEY_UPDATE_REQUEST %d unknown" % key_update)
-    if fields[uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE] in _KEY_UPDATE_MSGS:
+    if fields[uapi.HANDSHAKE_A_ACCEPT_MESSAGE_TYPE] in uapi.KEY_UPDATE_MSGS:
         if key_update == uapi.KeyUpdateType.UNSPEC:
             raise ProtocolError("key update request without "
                                 "KEY_UPDATE_REQUEST")

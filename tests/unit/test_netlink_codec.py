@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ProtocolError
-from tlshd.supervisor import upcall
+from tlshd.supervisor import netlink_codec
 
 
 def attr(atype, payload):
@@ -40,8 +40,8 @@ def accept_attrs(**over):
 
 
 def test_decode_full_reply_in_kernel_order():
-    req = upcall.decode_accept_attrs(accept_attrs())
-    assert req == upcall.AcceptedRequest(
+    req = netlink_codec.decode_accept_attrs(accept_attrs())
+    assert req == netlink_codec.AcceptedRequest(
         sockfd=5, msg_type=1, auth_mode=2, timeout_ms=10000,
         peerids=(0x1111,), certs=(), peername="127.0.0.1", keyring=0x2a)
 
@@ -50,19 +50,19 @@ def test_certificate_nest():
     nest = (s32(uapi.HANDSHAKE_A_X509_CERT, 100)
             + s32(uapi.HANDSHAKE_A_X509_PRIVKEY, 200))
     cert = attr(uapi.HANDSHAKE_A_ACCEPT_CERTIFICATE | 0x8000, nest)
-    req = upcall.decode_accept_attrs(accept_attrs(peer=cert))
+    req = netlink_codec.decode_accept_attrs(accept_attrs(peer=cert))
     assert req.certs == ((100, 200),)
 
 
 def test_optional_attributes_absent():
-    req = upcall.decode_accept_attrs(
+    req = netlink_codec.decode_accept_attrs(
         accept_attrs(name=None, timeout=None, keyring=None, peer=None))
     assert req.peername is None and req.timeout_ms is None
     assert req.keyring is None and req.peerids == ()
 
 
 def test_unknown_attribute_skipped():
-    req = upcall.decode_accept_attrs(accept_attrs(extra=u32(11, 9)))
+    req = netlink_codec.decode_accept_attrs(accept_attrs(extra=u32(11, 9)))
     assert req.sockfd == 5
 
 
@@ -84,19 +84,19 @@ def test_unknown_attribute_skipped():
 ])
 def test_strict_rejections(over, match):
     with pytest.raises(ProtocolError, match=match):
-        upcall.decode_accept_attrs(accept_attrs(**over))
+        netlink_codec.decode_accept_attrs(accept_attrs(**over))
 
 
 def test_salvage_sockfd_from_broken_reply():
     bad = accept_attrs(name=attr(uapi.HANDSHAKE_A_ACCEPT_PEERNAME, b"x"))
-    assert upcall.salvage_sockfd(bad) == 5
+    assert netlink_codec.salvage_sockfd(bad) == 5
 
 
 @settings(max_examples=1000)
 @given(st.binary(max_size=256))
 def test_decoder_raises_only_protocol_error(data):
     try:
-        upcall.decode_accept_attrs(data)
+        netlink_codec.decode_accept_attrs(data)
     except ProtocolError:
         pass
 
@@ -107,7 +107,7 @@ def test_decoder_raises_only_protocol_error(data):
 def test_decoder_on_well_framed_attrs(items):
     data = b"".join(attr(t, p) for t, p in items)
     try:
-        req = upcall.decode_accept_attrs(data)
+        req = netlink_codec.decode_accept_attrs(data)
     except ProtocolError:
         return
     assert req.sockfd >= 0
@@ -115,14 +115,14 @@ def test_decoder_on_well_framed_attrs(items):
 
 
 def test_done_encoding_has_only_attributes_1_to_3():
-    data = upcall.encode_done(0x21, 9, sockfd=7, status=13,
+    data = netlink_codec.encode_done(0x21, 9, sockfd=7, status=13,
                               remote_auth=(1, 2, 3, 4, 5, 6))
-    (msg,) = upcall.split_messages(data)
+    (msg,) = netlink_codec.split_messages(data)
     assert msg.type == 0x21 and msg.seq == 9
-    assert msg.flags == upcall.NLM_F_REQUEST | upcall.NLM_F_ACK
-    cmd, attrs = upcall.genl_payload(msg)
+    assert msg.flags == netlink_codec.NLM_F_REQUEST | netlink_codec.NLM_F_ACK
+    cmd, attrs = netlink_codec.genl_payload(msg)
     assert cmd == uapi.HANDSHAKE_CMD_DONE
-    got = upcall.iter_attrs(attrs)
+    got = netlink_codec.iter_attrs(attrs)
     assert {t for t, _ in got} == {1, 2, 3}
     assert got[0] == (1, struct.pack("=I", 13))
     assert got[1] == (2, struct.pack("=i", 7))
@@ -130,13 +130,14 @@ def test_done_encoding_has_only_attributes_1_to_3():
 
 
 def test_done_status_out_of_range_becomes_eio():
-    data = upcall.encode_done(0x21, 1, sockfd=7, status=-5, remote_auth=())
-    (msg,) = upcall.split_messages(data)
-    _, attrs = upcall.genl_payload(msg)
-    assert upcall.iter_attrs(attrs)[0] == (1, struct.pack("=I", 5))
+    data = netlink_codec.encode_done(0x21, 1, sockfd=7, status=-5,
+                                     remote_auth=())
+    (msg,) = netlink_codec.split_messages(data)
+    _, attrs = netlink_codec.genl_payload(msg)
+    assert netlink_codec.iter_attrs(attrs)[0] == (1, struct.pack("=I", 5))
 
 
 def test_netlink_error():
     payload = struct.pack("=i", -11) + b"\0" * 16
-    msg = upcall.NlMsg(upcall.NLMSG_ERROR, 0, 1, payload)
-    assert upcall.netlink_error(msg) == 11
+    msg = netlink_codec.NlMsg(netlink_codec.NLMSG_ERROR, 0, 1, payload)
+    assert netlink_codec.netlink_error(msg) == 11

@@ -9,7 +9,7 @@ from pyroute2.netlink import ctrlmsg
 
 from tlshd.shared import protocol, uapi
 from tlshd.shared.errors import ProtocolError
-from tlshd.supervisor import genl, upcall
+from tlshd.supervisor import netlink_codec, netlink_family
 
 KU = uapi.KeyUpdateType
 
@@ -44,7 +44,7 @@ def accept_attrs(msg_type=uapi.MsgType.CLIENTKEYUPDATE, key_update=KU.SEND,
 @pytest.mark.parametrize("msg_type", [uapi.MsgType.CLIENTKEYUPDATE,
                                       uapi.MsgType.SERVERKEYUPDATE])
 def test_key_update_request_decoded(kind, msg_type):
-    req = upcall.decode_accept_attrs(accept_attrs(msg_type, kind),
+    req = netlink_codec.decode_accept_attrs(accept_attrs(msg_type, kind),
                                      rekey=True)
     assert (req.msg_type, req.key_update, req.session_id) == (
         msg_type, kind, 0x1234ABCD)
@@ -53,17 +53,17 @@ def test_key_update_request_decoded(kind, msg_type):
 
 def test_rekey_attributes_ignored_without_kernel_support():
     # Before the series is merged, 10 and 11 may mean anything: skipped.
-    req = upcall.decode_accept_attrs(
+    req = netlink_codec.decode_accept_attrs(
         accept_attrs(key_update=7, session_id=0))
     assert (req.key_update, req.session_id) == (0, 0)
 
 
 def test_hello_may_carry_a_session_id_but_no_key_update():
-    req = upcall.decode_accept_attrs(
+    req = netlink_codec.decode_accept_attrs(
         accept_attrs(uapi.MsgType.CLIENTHELLO, key_update=None),
         rekey=True)
     assert (req.key_update, req.session_id) == (0, 0x1234ABCD)
-    req = upcall.decode_accept_attrs(
+    req = netlink_codec.decode_accept_attrs(
         accept_attrs(uapi.MsgType.SERVERHELLO, key_update=KU.UNSPEC,
                      session_id=None), rekey=True)
     assert (req.key_update, req.session_id) == (0, 0)
@@ -86,21 +86,21 @@ def test_hello_may_carry_a_session_id_but_no_key_update():
 ])
 def test_key_update_request_strict(attrs, match):
     with pytest.raises(ProtocolError, match=match):
-        upcall.decode_accept_attrs(attrs, rekey=True)
+        netlink_codec.decode_accept_attrs(attrs, rekey=True)
 
 
 # -------------------------------------------------------------- DONE
 
 
 def done_attrs(data):
-    msg = upcall.split_messages(data)[0]
-    cmd, attrs = upcall.genl_payload(msg)
+    msg = netlink_codec.split_messages(data)[0]
+    cmd, attrs = netlink_codec.genl_payload(msg)
     assert cmd == uapi.HANDSHAKE_CMD_DONE
-    return upcall.iter_attrs(attrs)
+    return netlink_codec.iter_attrs(attrs)
 
 
 def test_done_with_session_id_when_policy_has_it():
-    data = upcall.encode_done(0x21, 9, 6, 0, (7,), 0xCAFE, 4)
+    data = netlink_codec.encode_done(0x21, 9, 6, 0, (7,), 0xCAFE, 4)
     assert done_attrs(data) == [
         (1, struct.pack("=I", 0)), (2, struct.pack("=i", 6)),
         (3, struct.pack("=I", 7)), (4, struct.pack("=I", 0xCAFE))]
@@ -112,7 +112,7 @@ def test_done_with_session_id_when_policy_has_it():
     (13, 0xCAFE, 4),  # failures carry no session
 ])
 def test_done_without_session_id(status, sid, attr_no):
-    data = upcall.encode_done(0x21, 9, 6, status, (), sid, attr_no)
+    data = netlink_codec.encode_done(0x21, 9, 6, status, (), sid, attr_no)
     assert [a for a, _ in done_attrs(data)] == [1, 2]
 
 
@@ -146,8 +146,8 @@ MAINLINE = {1: 4, 2: 8, 3: 4}  # STATUS u32, SOCKFD s32, REMOTE_AUTH u32
 
 
 def family(done_types):
-    types = genl._done_policy(policy_dump(done_types))
-    return genl.FamilyInfo(0x21, 5, {}, frozenset(types), types)
+    types = netlink_family._done_policy(policy_dump(done_types))
+    return netlink_family.FamilyInfo(0x21, 5, {}, frozenset(types), types)
 
 
 def test_mainline_policy_has_no_rekey_upcall():
@@ -162,7 +162,7 @@ def test_mainline_policy_has_no_rekey_upcall():
 
 
 def test_keyupdate_series_policy_enables_the_upcall():
-    fam = family({**MAINLINE, 4: genl.NL_ATTR_TYPE_U32})
+    fam = family({**MAINLINE, 4: netlink_family.NL_ATTR_TYPE_U32})
     assert fam.rekey_upcall and fam.done_session_id_attr == 4
     assert fam.rekey_status(True).startswith(
         "Kernel re-key upcall: supported (DONE has a u32 SESSION_ID")
@@ -172,7 +172,7 @@ def test_keyupdate_series_policy_enables_the_upcall():
 
 
 def test_nfsd_tag_at_4_is_not_a_session_id():
-    fam = family({**MAINLINE, 4: genl.NL_ATTR_TYPE_NUL_STRING})
+    fam = family({**MAINLINE, 4: netlink_family.NL_ATTR_TYPE_NUL_STRING})
     assert not fam.rekey_upcall
     assert "session_tags=supported" in fam.capabilities()
 
@@ -180,7 +180,7 @@ def test_nfsd_tag_at_4_is_not_a_session_id():
 def test_mainline_done_never_carries_a_session_id():
     # Without the upcall DONE stays attributes 1-3 even for a session id.
     fam = family(MAINLINE)
-    data = upcall.encode_done(fam.family_id, 1, 6, 0, (), 5,
+    data = netlink_codec.encode_done(fam.family_id, 1, 6, 0, (), 5,
                               fam.done_session_id_attr)
     assert [a for a, _ in done_attrs(data)] == [1, 2]
 
