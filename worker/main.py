@@ -231,7 +231,7 @@ def run(args: WorkerArgs) -> int:
     args = dataclasses.replace(args, channel_fd=channel_fd,
                                netns_fd=netns_fd)
     setproctitle.setproctitle("tlshd: worker [netns %s]" % args.label)
-    channel = Channel(socket.socket(fileno=channel_fd))
+    channel = Channel(socket.socket(fileno=channel_fd), protocol.Side.WORKER)
     lock = threading.Lock()  # one sender at a time on the channel
     handler = ChannelLogHandler(channel, lock)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -119,7 +119,8 @@ def main() -> int:
     # (or copy-on-write dirties) the imported TLS stack.
     gc.collect()
     gc.freeze()
-    return serve(Channel(socket.socket(fileno=args.channel_fd)))
+    return serve(Channel(socket.socket(fileno=args.channel_fd),
+                         protocol.Side.WORKER))
 
 
 if __name__ == "__main__":
