@@ -88,7 +88,7 @@ class Outcome:
     reason: str = ""
     tx: TrafficKeys | None = None
     rx: TrafficKeys | None = None
-    # Authenticated by a session-reuse PSK (resumption.py), not by
+    # Authenticated by a session-reuse PSK (sessionreuse.py), not by
     # certificates.
     resumed: bool = False
 
