@@ -17,7 +17,7 @@ from tlshd.shared import config, linux, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import control, genl, keyrings, ktlswarm, sdnotify
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 
 log = logging.getLogger("tlshd")
 

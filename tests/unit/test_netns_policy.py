@@ -22,7 +22,7 @@ import pytest
 
 from tlshd.shared import config
 from tlshd.supervisor import genl, netns
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 
 FAMILY = genl.FamilyInfo(0x3F00, 5)
 
