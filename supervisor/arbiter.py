@@ -57,6 +57,8 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
 
 
 class Supervisor:
+    """The loop and the parts it hands events to (see the module doc)."""
+
     def __init__(self, cfg: config.Config, family: genl.FamilyInfo,
                  debug: bool = False,
                  worker_ids: tuple[int, int] | None = None) -> None:
