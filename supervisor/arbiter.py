@@ -133,8 +133,7 @@ class Supervisor:
         """``ns`` is gone: answer its requests, kill its workers."""
         self._unlisten(ns)
         self.requests.fail_all(errno.EIO, "namespace removed", namespace=ns)
-        for worker in ns.workers():
-            worker.kill()  # its exit is reaped through the pidfd
+        self.pool.kill_all(ns)
 
     def use_template(self) -> None:
         self.pool.use_template()

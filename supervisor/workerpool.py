@@ -159,6 +159,12 @@ class WorkerPool:
         worker.kill()
         self._unwatch(worker.channel)
 
+    def kill_all(self, ns: Namespace) -> None:
+        """Kill every worker of ``ns`` (gone); each exit is reaped through
+        its pidfd, as any worker's."""
+        for worker in ns.workers():
+            worker.kill()
+
     def unwatch_channel(self, worker: Worker) -> None:
         """Read no more from ``worker`` (it closed its end)."""
         self._unwatch(worker.channel)
