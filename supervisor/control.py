@@ -24,17 +24,16 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tlshd.supervisor.loop import Namespace, Supervisor
-    from tlshd.supervisor.workers import Worker
+from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,19 @@ DEFAULT_PATH = "/run/tlshd/control.sock"
 EXPIRY_WARNING_DAYS = 30
 CLIENT_TIMEOUT = 0.5
 MAX_COMMAND = 64
+
+
+class Served(Protocol):
+    """What the control socket needs from the supervisor (the arbiter)."""
+
+    @property
+    def namespaces(self) -> Sequence[Namespace]: ...
+
+    def reload(self) -> list[str]: ...
+
+    def in_flight(self, ns: Namespace) -> int: ...
+
+    def spawning(self, ns: Namespace) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def held_reason(ns: Namespace) -> str:
             % ns.config_path)
 
 
-def namespace_status(ns: Namespace) -> dict[str, Any]:
+def namespace_status(ns: Namespace, in_flight: int) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC)
     worker = ns.worker
     certs = []
@@ -149,8 +161,7 @@ def namespace_status(ns: Namespace) -> dict[str, Any]:
         "worker_uptime": (round(time.monotonic() - worker.started, 1)
                           if worker else None),
         "worker_restarts": ns.restarts,
-        "in_flight": sum(1 for r in ns.pending) + (
-            len(worker.inflight) if worker else 0),
+        "in_flight": in_flight,
         "succeeded": ns.succeeded,
         "failed": ns.failed,
         "last_failure": ns.last_failure,
@@ -158,8 +169,8 @@ def namespace_status(ns: Namespace) -> dict[str, Any]:
     }
 
 
-def status(sup: Supervisor) -> list[dict[str, Any]]:
-    return [namespace_status(ns) for ns in sup.namespaces]
+def status(sup: Served) -> list[dict[str, Any]]:
+    return [namespace_status(ns, sup.in_flight(ns)) for ns in sup.namespaces]
 
 
 def render_status(rows: list[dict[str, Any]]) -> str:
@@ -245,7 +256,7 @@ class ReloadWatch:
     """One reload asked for over the socket, until each namespace has
     taken up the new configuration or failed to."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Served) -> None:
         self.started = time.monotonic()
         self.finished: float | None = None
         # Only what the new workers log counts as the reason they failed.
@@ -258,7 +269,7 @@ class ReloadWatch:
         self.failed = any(p.startswith("Reload failed")
                           for p in self.problems)
 
-    def _state(self, sup: Supervisor, w: Watched) -> tuple[str, str]:
+    def _state(self, sup: Served, w: Watched) -> tuple[str, str]:
         """("pending" | "ok" | "problem", what to print)."""
         ns = w.ns
         name = "netns %s" % ns.label
@@ -268,7 +279,7 @@ class ReloadWatch:
             return "problem", "%s: HELD: %s" % (name, held_reason(ns))
         last = WORKER_ERRORS.last.get(ns.label, "")
         why = ": %s" % last if last else " (see the log)"
-        spawning = any(n is ns for n, _ in sup.spawning.values())
+        spawning = sup.spawning(ns)
         worker = ns.worker
         if ns.restarts != w.restarts:
             return "problem", ("%s: its new worker failed to start%s"
@@ -286,7 +297,7 @@ class ReloadWatch:
                           % (name, worker.pid))
         return "problem", "%s: no worker%s" % (name, why)
 
-    def report(self, sup: Supervisor) -> str:
+    def report(self, sup: Served) -> str:
         if self.failed:
             return "".join("error: %s\n" % p for p in self.problems)
         states = [self._state(sup, w) for w in self.watched]
@@ -336,7 +347,7 @@ class ControlServer:
         except OSError:
             pass
 
-    def handle(self, sup: Supervisor) -> None:
+    def handle(self, sup: Served) -> None:
         try:
             conn, _ = self.sock.accept()
         except BlockingIOError:
@@ -360,7 +371,7 @@ class ControlServer:
                 log.debug("control client: %s", e)
 
 
-def answer(sup: Supervisor, command: str) -> str:
+def answer(sup: Served, command: str) -> str:
     rows = status(sup)
     if command == "status":
         return render_status(rows)

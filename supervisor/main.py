@@ -23,7 +23,7 @@ from tlshd.supervisor import (
     netlink_family,
     sdnotify,
 )
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 
 log = logging.getLogger("tlshd")
 

@@ -19,11 +19,9 @@ reused, inode numbers cannot while the namespace lives.  Sources:
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import logging
 import os
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,15 +55,11 @@ Key = tuple[int, int]
 
 @dataclass(frozen=True)
 class Found:
-    """A namespace that should be served: where to open it, what to call it.
-
-    ``named`` is the /run/netns name, or None for an unnamed namespace.
-    """
+    """A namespace that exists: where to open it, what to call it."""
 
     key: Key
     path: str
     label: str
-    named: str | None
 
 
 def nsfs_device() -> int:
@@ -79,7 +73,7 @@ def key_of(path: str) -> Key:
 
 def initial() -> Found:
     key = key_of("/proc/self/ns/net")
-    return Found(key, "/proc/self/ns/net", "init", None)
+    return Found(key, "/proc/self/ns/net", "init")
 
 
 def named() -> list[Found]:
@@ -100,7 +94,7 @@ def named() -> list[Found]:
         # is an empty regular file on tmpfs: not (yet) a namespace.
         if st.st_dev != dev:
             continue
-        out.append(Found((st.st_dev, st.st_ino), path, name, name))
+        out.append(Found((st.st_dev, st.st_ino), path, name))
     return out
 
 
@@ -140,7 +134,7 @@ def unnamed(exclude_pids: set[int]) -> list[Found]:
             continue  # gone, or a kernel thread
         key = (st.st_dev, st.st_ino)
         if st.st_dev == dev and key not in seen:
-            seen[key] = Found(key, path, str(st.st_ino), None)
+            seen[key] = Found(key, path, str(st.st_ino))
     return list(seen.values())
 
 
@@ -201,25 +195,19 @@ class Watcher:
         return self.fd
 
     def drain(self) -> bool:
-        """Consume pending events; True if there were any."""
+        """Consume pending events; True if there were any.
+
+        What changed is not read from the events: any change means "scan
+        /run/netns again" (a scan compares the whole directory anyway).
+        """
         changed = False
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 return changed
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
             if not data:
                 return changed
-            # struct inotify_event: wd, mask, cookie, len, name[len]
-            pos = 0
-            while pos + 16 <= len(data):
-                _wd, _mask, _cookie, length = struct.unpack_from(
-                    "iIII", data, pos)
-                pos += 16 + length
             changed = True
 
     def close(self) -> None:

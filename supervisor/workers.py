@@ -1,5 +1,8 @@
 """Worker processes: spawn, watch through a pidfd, signal, reap.
 
+One process each; what a namespace does with its workers (start, retire,
+restart) is in workerpool.
+
 Workers are exec'd (never a bare fork of the supervisor) so that no key
 material, netlink socket or other namespace's state is inherited; only
 their channel end is passed, and every other fd is closed.
@@ -28,7 +31,7 @@ _ENV_KEEP = ("LANG", "LC_ALL", "PATH")
 
 @dataclass(eq=False)
 class Worker:
-    """A running worker and the requests it holds.
+    """A running worker process (which requests it holds: see requests).
 
     The worker is the supervisor's child: exec'd by it, or forked by the
     worker template and re-parented to it (the supervisor is a child
@@ -42,10 +45,6 @@ class Worker:
     started: float
     ready: bool = False
     retiring: bool = False
-    inflight: set[int] = field(default_factory=set)
-    # Requests it held when their deadline passed here; its late answers
-    # to them are expected, not a protocol violation.
-    expired: set[int] = field(default_factory=set)
     returncode: int | None = None
     # What it logs goes through here: sanitised and rate-limited.
     logs: WorkerLog = field(init=False)

@@ -22,7 +22,9 @@ import pytest
 
 from tlshd.shared import config, uapi
 from tlshd.supervisor import netlink_codec, netlink_family
-from tlshd.supervisor.loop import HANDLED_SIGNALS, Namespace, Supervisor
+from tlshd.supervisor.arbiter import HANDLED_SIGNALS, Supervisor
+from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.workers import Worker
 
 
 class FakeNl:
@@ -143,6 +145,12 @@ def run_until(s: Supervisor, cond, timeout: float = 30.0) -> float:
 
 def ready(ns) -> bool:
     return ns.worker is not None and ns.worker.ready
+
+
+def held(s: Supervisor, worker: Worker) -> set[int]:
+    """The ids of the requests ``worker`` holds (the request table's
+    word: no request is kept anywhere else)."""
+    return {r.req_id for r in s.requests.held_by(worker)}
 
 
 

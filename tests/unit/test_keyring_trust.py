@@ -251,7 +251,7 @@ def test_serials_named_by_another_namespace_are_scoped() -> None:
     out = scenario("""
         from types import SimpleNamespace as NS
         from tlshd.shared import uapi
-        from tlshd.supervisor import loop
+        from tlshd.supervisor import requests
         pid = os.getpid()
         proc = keys.keyring_id(keys.KEY_SPEC_PROCESS_KEYRING, create=True)
         keys.link(proc, S)
@@ -281,7 +281,7 @@ def test_serials_named_by_another_namespace_are_scoped() -> None:
                 msg_type=uapi.MsgType.CLIENTHELLO),
                 ns=NS(initial=initial, label="b",
                       cfg=NS(keyrings=named)))
-            got = loop.Supervisor._key_material(fake, req)
+            got = requests.Requests._key_material(fake, req)
             if got is None:
                 return {"done": done}
             cert, key, psks = got

@@ -256,11 +256,11 @@ def test_sockfd_owned_by_a_live_request_is_never_answered(sup, listener):
     run_until(s, lambda: ready(ns))
     fd, peer = connected_fd(listener)
     nl.submit(fd, timeout_ms=20000)
-    run_until(s, lambda: len(s.inflight) == 1)
+    run_until(s, lambda: len(s.requests) == 1)
     nl.submit(fd, timeout_ms=20000)  # the same fd again
     run_until(s, lambda: not nl.queue)
     s.step(0.1)
-    assert nl.dones == [] and len(s.inflight) == 1
+    assert nl.dones == [] and len(s.requests) == 1
     os.fstat(fd)  # not closed
     peer.close()  # the handshake fails: one DONE for the one request
     run_until(s, lambda: nl.dones)
@@ -299,11 +299,11 @@ def test_netlink_errors_are_contained(sup, listener, tmp_path, error,
 def test_accepts_per_turn_are_bounded(sup, listener):
     """A burst in one namespace is ACCEPTed a slice per turn of the
     loop; the rest is taken on the following turns."""
-    from tlshd.supervisor import loop
+    from tlshd.supervisor import arbiter
 
     s, nl, ns = sup
     run_until(s, lambda: ready(ns))
-    n = loop.MAX_ACCEPTS_PER_TURN * 2 + 3
+    n = arbiter.MAX_ACCEPTS_PER_TURN * 2 + 3
     peers = []
     for _ in range(n):
         fd, peer = connected_fd(listener)
@@ -314,9 +314,9 @@ def test_accepts_per_turn_are_bounded(sup, listener):
             certs=(), peername="127.0.0.1", keyring=None))
     nl.w.send(b"R")
     s.on_netlink(ns)
-    assert len(s.inflight) == loop.MAX_ACCEPTS_PER_TURN
+    assert len(s.requests) == arbiter.MAX_ACCEPTS_PER_TURN
     assert nl.ready  # noted: the loop comes back at once
-    run_until(s, lambda: len(s.inflight) + len(nl.dones) == n)
+    run_until(s, lambda: len(s.requests) + len(nl.dones) == n)
     for p in peers:
         p.close()
     run_until(s, lambda: len(nl.dones) == n)
@@ -326,7 +326,7 @@ def test_flooded_namespace_is_paused_others_served(sup, listener, attacker):
     """A namespace whose socket is flooded with forgeries is not listened
     to for FLOOD_PAUSE: its flood costs the loop a slice per pause, and
     the other namespaces keep being served meanwhile."""
-    from tlshd.supervisor import loop
+    from tlshd.supervisor import arbiter
 
     s, nl, ns = sup
     hs = netlink_socket.HandshakeSocket(FAMILY, "tenant")
@@ -341,6 +341,6 @@ def test_flooded_namespace_is_paused_others_served(sup, listener, attacker):
     peer.close()
     nl.submit(fd, timeout_ms=20000)
     run_until(s, lambda: nl.dones)  # the other namespace is served
-    run_until(s, lambda: tenant.paused_until is None
-              and hs.foreign >= 2 * netlink_socket.MAX_DRAIN,
-              timeout=5 * loop.FLOOD_PAUSE + 5)
+    run_until(s, lambda: tenant.paused_until is None and hs.foreign
+              >= 2 * netlink_socket.MAX_DRAIN,
+              timeout=5 * arbiter.FLOOD_PAUSE + 5)

@@ -22,7 +22,7 @@ import pytest
 
 from tlshd.shared import config
 from tlshd.supervisor import netlink_family, netns
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 
 FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
 

@@ -27,8 +27,8 @@ import pytest
 from test_supervisor import FakeNl, connected_fd, ready, run_until
 
 from tlshd.shared import config, protocol, uapi
-from tlshd.supervisor import netlink_family
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor import netlink_family, workercheck
+from tlshd.supervisor.arbiter import Supervisor
 from tlshd.worker.tlsengine import Engine, Outcome
 
 
@@ -61,8 +61,8 @@ def _ids(identity: str) -> tuple[int, int] | None:
 @pytest.fixture(params=[("nobody", "exec"), ("nobody", "template"),
                         ("as-is", "exec")],
                 ids=["nobody-exec", "nobody-template", "as-is-exec"])
-def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
-              ) -> Iterator[Sandboxed]:
+def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandboxed]:
     """A Supervisor whose worker runs as ``nobody`` (or as we are), exec'd
     or forked from the worker template (which needs a namespace fd)."""
     identity, spawn = request.param
@@ -83,13 +83,14 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any
         s.use_template()
         nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     hellos: list[protocol.Hello] = []
-    answer_hello = s.answer_hello
+    verify_hello = workercheck.verify_hello
 
-    def spy(ns: Any, worker: Any, hello: protocol.Hello) -> None:
+    def spy(pid: int, hello: protocol.Hello,
+            ids: tuple[int, int] | None) -> list[str]:
         hellos.append(hello)
-        answer_hello(ns, worker, hello)
+        return verify_hello(pid, hello, ids)
 
-    s.answer_hello = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(workercheck, "verify_hello", spy)
     nl = FakeNl()
     ns = s.add_namespace("init", str(conf), nlsock=nl, nsfd=nsfd)
     yield Sandboxed(s, nl, ns, hellos, ids)

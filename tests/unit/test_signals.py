@@ -26,7 +26,7 @@ sys.path.insert(0, %r)
 from supervisorfakes import FakeNl
 from tlshd.shared import config, log
 from tlshd.supervisor import netlink_family, netlink_socket
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 log.setup(True, debug=False)
 s = Supervisor(config.load(sys.argv[1]), netlink_family.FamilyInfo(0x21, 5))
 s.scan = lambda: None  # serve the fake namespace only

@@ -22,6 +22,7 @@ import pytest
 from supervisorfakes import (
     FakeNl,
     connected_fd,
+    held,
     ready,
     run_until,
     serving,
@@ -37,7 +38,7 @@ from tlshd.supervisor import (
     netlink_codec,
     netlink_family,
 )
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor.arbiter import Supervisor
 from tlshd.worker.tlsengine import Engine
 from tlshd.worker.tlsoutcome import Outcome
 
@@ -68,7 +69,7 @@ def test_worker_reports_hello_and_answers(sup, listener):
     sockfd, status, auth = nl.dones[0]
     assert sockfd == fd
     assert sockfd == fd and status != 0 and auth == ()
-    assert not s.inflight
+    assert not s.requests
     with pytest.raises(OSError):
         os.fstat(fd)  # the supervisor closed its copy after DONE
 
@@ -99,8 +100,8 @@ def test_default_deadline_by_role(sup, listener):
     nl.submit(client_fd)
     nl.submit(server_fd, msg_type=uapi.MsgType.SERVERHELLO)
     nl.submit(nvme_fd, timeout_ms=3000)
-    run_until(s, lambda: len(s.inflight) == 3)
-    left = {f.sockfd: f.deadline - start for f in s.inflight.values()}
+    run_until(s, lambda: len(s.requests) == 3)
+    left = {f.sockfd: f.deadline - start for f in s.requests}
     assert 7.0 < left[client_fd] <= 8.5, left
     assert 14.0 < left[server_fd] <= 15.5, left
     # A TIMEOUT from the kernel, minus a margin (a tenth of it, at most
@@ -141,7 +142,7 @@ def test_worker_killed_mid_handshake(sup, listener):
     run_until(s, lambda: ready(ns))
     fd, peer = connected_fd(listener)
     nl.submit(fd, timeout_ms=20000)
-    run_until(s, lambda: ns.worker.inflight)
+    run_until(s, lambda: held(s, ns.worker))
     first = ns.worker.pid
     os.kill(first, signal.SIGKILL)
     took = run_until(s, lambda: nl.dones)
@@ -184,7 +185,7 @@ def test_many_concurrent_requests_each_done_once(sup, listener):
         p.close()
     run_until(s, lambda: len(nl.dones) == 20)
     assert sorted(d[0] for d in nl.dones) == sorted(fds)
-    assert not s.inflight
+    assert not s.requests
     for p in peers[1::2]:
         p.close()
 
@@ -250,7 +251,7 @@ def test_reload_storm_does_not_starve_requests(sup, listener):
     # Starved requests would wait for their 20 s deadline; served ones
     # take well under half of it even on a loaded machine.
     assert max(waits) < 10.0, waits
-    assert not s.inflight
+    assert not s.requests
 
 
 def test_workers_forked_from_template(tmp_path, listener):
@@ -321,7 +322,7 @@ def test_request_pending_before_join_is_accepted(tmp_path, listener):
     s, nl, _ns = next(gen)
     try:
         run_until(s, lambda: not nl.queue, timeout=5)
-        assert len(s.inflight) + len(nl.dones) == 2
+        assert len(s.requests) + len(nl.dones) == 2
         run_until(s, lambda: len(nl.dones) == 2)
         assert sorted(d[0] for d in nl.dones) == sorted(fds)
         assert all(status != 0 for _fd, status, _auth in nl.dones)
@@ -429,9 +430,9 @@ def test_psk_lookup_outside_a_server_psk_request_kills_worker(sup,
     run_until(s, lambda: ready(ns))
     fd, peer = connected_fd(listener)
     nl.submit(fd, timeout_ms=20000)
-    run_until(s, lambda: ns.worker.inflight)
+    run_until(s, lambda: held(s, ns.worker))
     worker = ns.worker
-    (req_id,) = worker.inflight
+    (req_id,) = held(s, worker)
     stolen = worker_channel_fd(worker.pid, worker.pidfd)
     os.write(stolen, protocol.encode(protocol.PskLookup(identity=PSK_ID),
                                      req_id=req_id))
@@ -440,4 +441,29 @@ def test_psk_lookup_outside_a_server_psk_request_kills_worker(sup,
     assert nl.dones == [(fd, errno.EIO, ())]
     run_until(s, lambda: ready(ns) and ns.worker is not worker)
     assert worker.returncode == -signal.SIGKILL
+    peer.close()
+
+
+def test_request_expired_while_worker_starts_is_not_dispatched(sup,
+                                                               listener):
+    """A request whose deadline passes while the namespace's worker is
+    still starting gets exactly one DONE (ETIMEDOUT) then, and the
+    worker, once ready, is never handed it."""
+    s, nl, ns = sup
+    fd, peer = connected_fd(listener)
+    nl.submit(fd, timeout_ms=20000)
+    s.step(0)  # ACCEPTed; the worker is being started
+    (req,) = s.requests
+    assert req.worker is None and not ready(ns)
+    req.deadline = 0.0  # overdue, as if its worker took long to start
+    s.step(0)
+    assert nl.dones == [(fd, errno.ETIMEDOUT, ())]
+    assert not s.requests
+    run_until(s, lambda: ready(ns))
+    worker = ns.worker
+    for _ in range(5):
+        s.step(0.05)
+    assert nl.dones == [(fd, errno.ETIMEDOUT, ())]
+    assert held(s, worker) == set()
+    assert worker.returncode is None  # not killed over a stale request
     peer.close()

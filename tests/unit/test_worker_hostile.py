@@ -23,6 +23,7 @@ import pytest
 from supervisorfakes import (
     FakeNl,
     connected_fd,
+    held,
     ready,
     run_until,
     serving,
@@ -30,10 +31,14 @@ from supervisorfakes import (
     worker_channel_fd,
 )
 
-from tlshd.shared import config, protocol
+from tlshd.shared import config, protocol, uapi
 from tlshd.shared.channel import Channel, socketpair
-from tlshd.supervisor import loop, netlink_family
-from tlshd.supervisor.loop import Supervisor
+from tlshd.supervisor import (
+    keymaterial,
+    netlink_family,
+    workerpool,
+)
+from tlshd.supervisor.arbiter import Supervisor
 from tlshd.supervisor.workers import Worker
 
 # What a line from a worker may cost in the supervisor's log: the text
@@ -172,11 +177,11 @@ def spawn_liar(how: str):
 def test_hello_checked_against_proc(tmp_path, listener, monkeypatch,
                                     caplog, how, ids):
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(loop, "spawn_worker", spawn_liar(how))
+    monkeypatch.setattr(workerpool, "spawn_worker", spawn_liar(how))
     gen = serving(tmp_path)
     s, nl, ns = next(gen)
     try:
-        s.worker_ids = ids
+        s.pool.worker_ids = ids
         fd, peer = connected_fd(listener)
         nl.submit(fd, timeout_ms=20000)  # waits for a ready worker
         run_until(s, lambda: ns.worker is not None)
@@ -192,7 +197,7 @@ def test_hello_checked_against_proc(tmp_path, listener, monkeypatch,
         # A real worker (the template is not used here) takes over and
         # answers the request.
         monkeypatch.undo()
-        s.worker_ids = None
+        s.pool.worker_ids = None
         peer.close()
         run_until(s, lambda: nl.dones, timeout=30)
         assert nl.dones[0][0] == fd and nl.dones[0][1] != errno.EIO
@@ -230,3 +235,45 @@ def test_template_worker_stdio_is_dev_null(tmp_path):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                     signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+
+
+# ---- the PSK lookup limit -------------------------------------------------
+
+def test_lookups_beyond_the_limit_kill_the_worker(sup, listener,
+                                                  monkeypatch, caplog):
+    """A server PSK request's worker may look up MAX_LOOKUPS keys; one
+    more kills it, and the request gets one DONE, EIO (the worker's
+    death), not an answer the worker chose."""
+    caplog.set_level(logging.DEBUG, logger="tlshd.supervisor")
+    asked: list[bytes] = []
+
+    def find_psk(identity, keyring, initial, named):
+        asked.append(identity)
+        return None
+
+    monkeypatch.setattr(keymaterial, "find_psk", find_psk)
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    fd, peer = connected_fd(listener)  # silent: the worker waits for it
+    nl.submit(fd, timeout_ms=20000, msg_type=uapi.MsgType.SERVERHELLO,
+              auth=uapi.AuthMode.PSK)
+    run_until(s, lambda: held(s, ns.worker))
+    worker = ns.worker
+    (req_id,) = held(s, worker)
+    stolen = socket.socket(fileno=worker_channel_fd(worker.pid,
+                                                    worker.pidfd))
+    for i in range(protocol.MAX_LOOKUPS + 1):
+        stolen.send(protocol.encode(
+            protocol.PskLookup(identity=b"id-%d" % i), req_id))
+    stolen.close()
+    run_until(s, lambda: nl.dones)
+    run_until(s, lambda: worker.returncode is not None)
+    assert nl.dones == [(fd, errno.EIO, ())]
+    assert worker.returncode == -signal.SIGKILL
+    assert asked == [b"id-%d" % i for i in range(protocol.MAX_LOOKUPS)]
+    assert any("Worker %d (netns init) sent an unpermitted PskLookup"
+               % worker.pid in r.getMessage() for r in caplog.records)
+    for _ in range(5):
+        s.step(0.05)
+    assert len(nl.dones) == 1
+    peer.close()
