@@ -3,9 +3,11 @@
 One process each; what a namespace does with its workers (start, retire,
 restart) is in workerpool.
 
-Workers are exec'd (never a bare fork of the supervisor) so that no key
-material, netlink socket or other namespace's state is inherited; only
-their channel end is passed, and every other fd is closed.
+A worker is never a bare fork of the supervisor, so that no key
+material, netlink socket or other namespace's state is inherited: it is
+forked by the worker template (exec'd once, holding nothing but its
+channel) or exec'd directly; either way only its channel end is passed,
+and every other fd is closed.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def spawn_worker(label: str, config_path: str, debug: bool,
     # The Popen object is dropped: the pid is reaped by Worker.reap.
     proc.returncode = 0
     log.debug("Started worker %d for netns %s", proc.pid, label)
-    return Worker(label, proc.pid, Channel(ours), pidfd, time.monotonic())
+    return Worker(label, proc.pid, Channel(ours, protocol.Side.SUPERVISOR),
+                  pidfd, time.monotonic())
 
 
 class Template:
@@ -127,7 +130,7 @@ class Template:
                 stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
-        self.channel = Channel(ours)
+        self.channel = Channel(ours, protocol.Side.SUPERVISOR)
         self.next_id = 1
         self.waiting: dict[int, tuple[str, Channel]] = {}
 
@@ -150,7 +153,7 @@ class Template:
             raise
         finally:
             theirs.close()
-        self.waiting[req_id] = (label, Channel(ours))
+        self.waiting[req_id] = (label, Channel(ours, protocol.Side.SUPERVISOR))
         return req_id
 
     def answer(self) -> tuple[int, Worker]:
