@@ -103,7 +103,7 @@ class HandshakeRequest:
     peername: str | None
     psks: tuple[PskMaterial, ...] = ()
     x509_cert: bytes = b""
-    x509_key: bytes = b""
+    x509_key: bytes = field(default=b"", repr=False)  # a private key
     keep_secrets: bool = False
     key_update: int = 0
     session_id: int = 0

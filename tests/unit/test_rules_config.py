@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tlshd.shared import config
+from tlshd.shared import config, configchecks
 from tlshd.shared.errors import ConfigError
 
 # (section, key, value in the file, attribute path, expected value)
@@ -209,7 +209,7 @@ def test_tags_files_looks_in_both_directories(tmp_path, monkeypatch):
     system.mkdir()
     (system / "a.yml").write_text("")
     (system / "b.txt").write_text("")
-    monkeypatch.setattr(config, "TAGS_DIR", str(system))
+    monkeypatch.setattr(configchecks, "TAGS_DIR", str(system))
     cfg = config.parse("", str(tmp_path / "etc" / "config"))
     assert config.tags_files(cfg) == [str(system / "a.yml")]
 

@@ -10,23 +10,18 @@ import time
 import pytest
 
 from tlshd.shared import config, protocol
-from tlshd.worker import psk as pskmod
+from tlshd.worker import pskhandshake as pskmod
 from tlshd.worker import tlsengine
 
 
 def make_psk(serial, identity, secret):
-    # The worker's PSK type is being folded into protocol.PskMaterial.
-    old = getattr(pskmod, "Psk", None)
-    if old is not None:
-        return old(serial, identity, secret)
     return protocol.PskMaterial(serial=serial, identity=identity,
                                 secret=secret)
 
 
 @pytest.fixture(scope="module")
 def eng():
-    settings = getattr(tlsengine, "RoleSettings", config.RoleConfig)
-    return tlsengine.Engine(settings(), settings())
+    return tlsengine.Engine(config.RoleConfig(), config.RoleConfig())
 
 
 def vec(width, data):
@@ -114,7 +109,7 @@ def serve(eng, hello, table, timeout=3.0):
     with c, s:
         c.sendall(hello)
         c.shutdown(socket.SHUT_WR)
-        out = eng.server_psk_handshake(
+        out = eng.psk.server(
             s, lookup=lookup, deadline=time.monotonic() + timeout)
     return out, looked_up
 
@@ -207,7 +202,7 @@ def test_server_alerts_say_why(eng, hello, alert):
     c, s = socket.socketpair()
     with c, s:
         c.sendall(hello)
-        eng.server_psk_handshake(s, lookup=lambda i: None,
-                                 deadline=time.monotonic() + 3)
+        eng.psk.server(s, lookup=lambda i: None,
+                       deadline=time.monotonic() + 3)
         c.settimeout(3)
         assert c.recv(7) == bytes([21, 3, 3, 0, 2, 2, alert])
