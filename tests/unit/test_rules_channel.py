@@ -54,7 +54,8 @@ def test_supervisor_refuses_what_only_it_sends(pair, msg, nfds):
     worker.send(msg, 9, (r, w)[:nfds])
     os.close(r)
     os.close(w)
-    with pytest.raises(ProtocolError, match="sent by the supervisor, not the worker"):
+    with pytest.raises(ProtocolError,
+                       match="sent by the supervisor, not the worker"):
         supervisor.recv_answer()
     assert open_fds() == before
 
