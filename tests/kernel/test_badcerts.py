@@ -39,12 +39,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from lab.pki import Issuer
+from lab.pki import DAY, NOW, Issuer
 
 pytestmark = pytest.mark.kernel
 
-NOW = datetime.datetime.now(datetime.UTC)
-DAY = datetime.timedelta(days=1)
 
 FAKE_SERVER_PORT = 20491
 NFS_PORT = 2049
