@@ -33,8 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from tlshd.worker import sslconf
 
 sslconf.use_worker_config()

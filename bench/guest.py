@@ -29,9 +29,7 @@ Writes <out>/results.json and prints the table (bench/report.py).
 from __future__ import annotations
 
 import argparse
-import datetime
 import errno
-import ipaddress
 import json
 import os
 import platform
@@ -46,24 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+# The lab package (tests/lab) is shared with the kernel tests; bench/
+# itself is on sys.path already, as the running script's folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import report  # noqa: E402
+import report
+from lab import nfs, nvme, pki, trace
+from lab.procs import group_listeners
+from lab.shell import REPO, TRIXIE, VENV_BIN, ensure_worker_user, sh
 
-VENV_BIN = REPO / ".venv" / "bin"
-CACHE = Path(os.environ.get("TLSHD_CACHE") or REPO / ".cache")
-TRIXIE = CACHE / "trixie-root"
-TRACING = Path("/sys/kernel/tracing")
 CGROUP = Path("/sys/fs/cgroup")
 WORK = Path("/tmp/tlshd-bench")  # bind-mounted into the chroot as /tmp
 EXPORT = "/srv/nfs"
-NVMET = Path("/sys/kernel/config/nvmet")
-HOSTID = "5b0c7d8e-2f41-4c1a-9e55-0d6f3a7b9c10"
-HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:" + HOSTID
-SUBNQN = "nqn.2014-08.org.example:tlshd-bench"
-NVME_PORT = "4420"
-BACKING = Path("/dev/shm/tlshd-bench-nvme")
 PAYLOAD = b"tlshd benchmark payload\n" * 64
 LOOPBACKS = ["127.0.0.%d" % i for i in range(1, 17)]
 
@@ -74,84 +66,19 @@ def say(msg: str) -> None:
     print("[%7.1f] %s" % (time.monotonic() - T0, msg), flush=True)
 
 
-def sh(cmd: str, check: bool = True, timeout: float = 120
-       ) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
-                       timeout=timeout, check=False,
-                       stdin=subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise RuntimeError("%s: rc %d\n%s%s" % (cmd, r.returncode,
-                                                r.stdout, r.stderr))
-    return r
-
-
 # ---------------------------------------------------------------- setup
 
 
 def make_credentials(d: Path) -> None:
-    """A P-256 CA, a server and a client certificate (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    day = datetime.timedelta(days=1)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("tlshd-bench-ca"))
-          .issuer_name(name("tlshd-bench-ca"))
-          .public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - day).not_valid_after(now + 7 * day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
-                         critical=True)
-          .add_extension(x509.KeyUsage(
-              digital_signature=True, key_cert_sign=True, crl_sign=True,
-              content_commitment=False, key_encipherment=False,
-              data_encipherment=False, key_agreement=False,
-              encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    sans += [x509.IPAddress(ipaddress.ip_address(a))
-             for a in [*LOOPBACKS, "::1"]]
-    for leaf in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name("localhost"))
-                .issuer_name(ca.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - day)
-                .not_valid_after(now + 7 * day)
-                .add_extension(x509.BasicConstraints(ca=False,
-                                                     path_length=None),
-                               critical=True)
-                .add_extension(x509.ExtendedKeyUsage([
-                    ExtendedKeyUsageOID.SERVER_AUTH,
-                    ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.SubjectAlternativeName(sans),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (d / ("%s.pem" % leaf)).write_bytes(
-            cert.public_bytes(serialization.Encoding.PEM))
-        kf = d / ("%s.key" % leaf)
-        kf.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        kf.chmod(0o600)
+    """A P-256 CA, a server and a client certificate (PEM files) for
+    every loopback address the NFS scenarios mount from."""
+    pki.write_credentials(d, "bench", LOOPBACKS[1:])
 
 
 def write_config(d: Path) -> Path:
     conf = d / "tlshd.conf"
-    lines = ["[debug]", "loglevel=0", "tls=0", "nl=0", "[authenticate]"]
-    for role in ("client", "server"):
-        lines += ["[authenticate.%s]" % role,
-                  "x509.truststore=%s/ca.pem" % d,
-                  "x509.certificate=%s/%s.pem" % (d, role),
-                  "x509.private_key=%s/%s.key" % (d, role)]
+    lines = ["[debug]", "loglevel=0", "tls=0", "nl=0", "[authenticate]",
+             *pki.authenticate_lines(d)]
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
@@ -173,12 +100,9 @@ def config_for(impl: str, conf: Path) -> Path:
 
 
 def setup_tracing() -> None:
-    if not (TRACING / "trace").exists():
-        sh("mount -t tracefs nodev %s" % TRACING)
-    (TRACING / "trace_clock").write_text("mono")
-    (TRACING / "buffer_size_kb").write_text("16384")
-    (TRACING / "events/handshake/enable").write_text("1")
-    (TRACING / "trace").write_text("")
+    if not (trace.TRACING / "trace").exists():
+        sh("mount -t tracefs nodev %s" % trace.TRACING)
+    trace.enable(buffer_kib=16384)
 
 
 def setup_cgroups() -> None:
@@ -187,57 +111,28 @@ def setup_cgroups() -> None:
 
 
 def setup_nfs() -> None:
-    sh("modprobe tls && modprobe nfsd && modprobe nfsv4")
-    for sub in ("proc", "dev", "run", "sys"):
-        sh("mountpoint -q {t}/{s} || mount --rbind /{s} {t}/{s}"
-           .format(t=TRIXIE, s=sub))
+    """One tmpfs export at EXPORT for 127.0.0.0/8, with and without TLS."""
+    nfs.prepare_chroot()
     sh("mountpoint -q {t}/tmp || mount --bind /tmp {t}/tmp".format(t=TRIXIE))
-    sh("mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd")
     sh("mkdir -p {r} && mount -t tmpfs -o size=16m tmpfs {r} && "
        "mkdir -p {t}{r} && mount --rbind {r} {t}{r}"
        .format(r=EXPORT, t=TRIXIE))
     Path(EXPORT, "hello").write_bytes(PAYLOAD)
-    opts = "rw,no_root_squash,insecure,no_subtree_check,fsid=0"
-    (TRIXIE / "etc/exports").write_text(
-        "%s 127.0.0.0/8(%s,xprtsec=none:tls:mtls)\n" % (EXPORT, opts))
+    opts = nfs.OPTS + ",fsid=0"
     Path("/proc/fs/nfsd/nfsv4gracetime").write_text("10")
     Path("/proc/fs/nfsd/nfsv4leasetime").write_text("10")
-    sh("chroot %s /bin/sh -c 'mkdir -p /var/lib/nfs/rpc_pipefs /run/rpcbind;"
-       " rpcbind -w && exportfs -ra && rpc.mountd -N 3'" % TRIXIE)
     # 32 nfsd threads: each server-side handshake holds a thread while it
     # waits, and nconnect=16 must not queue behind a small pool.
-    sh("rpc.nfsd -N 3 32")
+    nfs.start_daemons("%s 127.0.0.0/8(%s,xprtsec=none:tls:mtls)\n"
+                      % (EXPORT, opts), threads=32)
     for i in range(1, 17):
         os.makedirs("/mnt/b%d" % i, exist_ok=True)
 
 
 def setup_nvme() -> int:
     """nvmet with one TLS port; a retained PSK in .nvme; its serial."""
-    from tlshd.shared import keys
-
-    sh("modprobe nvmet-tcp && modprobe nvme-tcp")
-    sh("truncate -s 16M %s" % BACKING)
-    sub = NVMET / "subsystems" / SUBNQN
-    sub.mkdir()
-    (sub / "attr_allow_any_host").write_text("1")
-    ns = sub / "namespaces" / "1"
-    ns.mkdir()
-    (ns / "device_path").write_text(str(BACKING))
-    (ns / "enable").write_text("1")
-    port = NVMET / "ports" / "1"
-    port.mkdir()
-    for attr, value in (("addr_trtype", "tcp"), ("addr_adrfam", "ipv4"),
-                        ("addr_traddr", "127.0.0.1"),
-                        ("addr_trsvcid", NVME_PORT),
-                        ("addr_treq", "required"),
-                        ("addr_tsas", "tls1.3")):
-        (port / attr).write_text(value)
-    (port / "subsystems" / SUBNQN).symlink_to(sub)
-    ring = keys.find_keyrings(".nvme")
-    if not ring:
-        raise RuntimeError("no .nvme keyring")
-    return keys.add(keys.PSK_KEY_TYPE, "NVMe0R01 %s %s" % (HOSTNQN, SUBNQN),
-                    os.urandom(32), ring[0])
+    nvme.Target().setup()
+    return nvme.PskKeys().add(nvme.identity("01"), os.urandom(32))
 
 
 def ktls_throwaway() -> None:
@@ -272,18 +167,6 @@ def handshake_group_id() -> int:
 
 
 # ---------------------------------------------------------------- daemons
-
-
-def group_listeners(group_id: int) -> int:
-    """NETLINK_GENERIC sockets joined to the tlshd group (docs/vm-harness.md,
-    pitfall 10)."""
-    bit = 1 << (group_id - 1)
-    n = 0
-    for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:
-        f = line.split()
-        if len(f) > 3 and f[1] == "16" and int(f[3], 16) & bit:
-            n += 1
-    return n
 
 
 def cgroup_pids(cg: Path) -> list[int]:
@@ -412,54 +295,9 @@ class Daemon:
 
 # ---------------------------------------------------------------- tracing
 
-
-@dataclass
-class Req:
-    req: str
-    comm: str = ""
-    submit: float | None = None
-    accept: float | None = None
-    done: float | None = None
-    complete: float | None = None
-    status: int | None = None
-
-
-_EVENT = re.compile(r"^\s*(.+?)-(\d+)\s+\[\d+\]\s+\S+\s+(\d+\.\d+): "
-                    r"(handshake_\w+): .*?req=(\S+)(.*)$")
-
-
-def read_trace() -> list[Req]:
-    """Every request in the trace buffer, in submit order."""
-    reqs: dict[str, Req] = {}
-    out: list[Req] = []
-    for line in (TRACING / "trace").read_text().splitlines():
-        m = _EVENT.match(line)
-        if not m:
-            continue
-        comm, stamp, event, key = (m.group(1).strip(), float(m.group(3)),
-                                   m.group(4), m.group(5))
-        if event == "handshake_submit":
-            # A freed request's address is soon reused: a submit always
-            # starts a new request.
-            r = reqs[key] = Req(key, comm=comm, submit=stamp)
-            out.append(r)
-            continue
-        r = reqs.get(key)
-        if r is None:  # submitted before the trace was cleared
-            continue
-        elif event == "handshake_cmd_accept":
-            r.accept = stamp
-        elif event == "handshake_cmd_done":
-            r.done = stamp
-        elif event == "handshake_complete":
-            r.complete = stamp
-            st = re.search(r"status=(-?\d+)", m.group(6))
-            r.status = int(st.group(1)) if st else -1
-    return out
-
-
-def clear_trace() -> None:
-    (TRACING / "trace").write_text("")
+Req = trace.Req
+read_trace = trace.read_requests
+clear_trace = trace.clear
 
 
 # ---------------------------------------------------------------- actions
@@ -516,41 +354,16 @@ def parallel(fns: list) -> None:
 
 
 def nvme_queue_split(queues: int, cpus: int) -> list[str]:
-    """Controllers whose I/O queues add up to ``queues``.
-
-    The host caps read (nr_io_queues) and write (nr_write_queues) queues
-    at the online CPUs each, so with few vCPUs 16 queues need several
-    controllers connecting at once (duplicate_connect)."""
-    per = 2 * cpus
-    out = []
-    left = queues
-    while left > 0:
-        n = min(left, per)
-        io = min(n, cpus)
-        opt = "nr_io_queues=%d" % io
-        if n > io:
-            opt += ",nr_write_queues=%d" % (n - io)
-        out.append(opt)
-        left -= n
-    return out
+    return nvme.queue_split(queues, cpus)
 
 
 def nvme_connect(queue_opt: str, duplicate: bool) -> int:
-    opts = ("transport=tcp,traddr=127.0.0.1,trsvcid=%s,nqn=%s,hostnqn=%s,"
-            "hostid=%s,%s,tls" % (NVME_PORT, SUBNQN, HOSTNQN, HOSTID,
-                                  queue_opt))
-    if duplicate:
-        opts += ",duplicate_connect"
-    fd = os.open("/dev/nvme-fabrics", os.O_RDWR)
-    try:
-        os.write(fd, opts.encode())
-        reply = os.read(fd, 4096).decode()
-    except OSError as e:
+    c = nvme.connect_with(queue_opt + (",duplicate_connect"
+                                       if duplicate else ""))
+    if not c.ok or c.instance is None:
         raise RuntimeError("nvme connect %s: %s" % (
-            queue_opt, errno.errorcode.get(e.errno or 0, e))) from None
-    finally:
-        os.close(fd)
-    return int(re.search(r"instance=(\d+)", reply).group(1))
+            queue_opt, errno.errorcode.get(c.errno, c.errno)))
+    return c.instance
 
 
 def nvme_cycle(queues: int) -> None:
@@ -859,8 +672,7 @@ def main() -> int:
     WORK.chmod(0o755)
     make_credentials(WORK)
     conf = write_config(WORK)
-    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
-       "--shell /usr/sbin/nologin tlshd")
+    ensure_worker_user()
     setup_tracing()
     setup_cgroups()
     setup_nfs()

@@ -19,8 +19,6 @@ real footprint; Rss counts shared pages once per process.
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 import platform
@@ -34,7 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# The lab package (tests/lab), shared with the kernel tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from lab import pki
+from lab.shell import REPO
+
 TLSHD = REPO / ".venv" / "bin" / "tlshd"
 CONTROL = "/run/tlshd/control.sock"
 PREFIX = "bench"
@@ -46,54 +49,8 @@ def sh(*argv: str) -> None:
 
 def credentials(root: Path) -> str:
     """A CA, a server and a client certificate; return the config text."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    day = datetime.timedelta(days=1)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-        path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        path.chmod(0o600)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bench-ca"))
-          .issuer_name(name("bench-ca")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - day).not_valid_after(now + 30 * day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None),
-                         critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    (root / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for leaf in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(leaf))
-                .issuer_name(name("bench-ca")).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - day)
-                .not_valid_after(now + 30 * day)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"),
-                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                    critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (root / ("%s.pem" % leaf)).write_bytes(
-            cert.public_bytes(serialization.Encoding.PEM))
-        write_key(root / ("%s.key" % leaf), key)
-    lines = ["[authenticate]"]
-    for role in ("client", "server"):
-        lines += ["[authenticate.%s]" % role,
-                  "x509.truststore=%s" % (root / "ca.pem"),
-                  "x509.certificate=%s" % (root / ("%s.pem" % role)),
-                  "x509.private_key=%s" % (root / ("%s.key" % role))]
-    return "\n".join(lines) + "\n"
+    pki.write_credentials(root, "bench", [])
+    return "\n".join(["[authenticate]", *pki.authenticate_lines(root)]) + "\n"
 
 
 def status() -> list[dict[str, object]]:

@@ -39,14 +39,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from lab.pki import DAY, NOW, Issuer
 
 pytestmark = pytest.mark.kernel
 
-# conftest is not importable (importlib mode): its Issuer and its trace
-# events come through the pki and trace fixtures.
-Issuer = Any
-NOW = datetime.datetime.now(datetime.UTC)
-DAY = datetime.timedelta(days=1)
 
 FAKE_SERVER_PORT = 20491
 NFS_PORT = 2049
@@ -117,7 +113,7 @@ def build_leaf(spec: Leaf, issuer: Issuer | None,
 
 
 def make_intermediate(root: Issuer) -> Issuer:
-    """A CA below ``root``, as conftest's Issuer (any class with the
+    """A CA below ``root``, as lab.pki's Issuer (any class with the
     same three fields will do: the test only reads them)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,

@@ -21,12 +21,10 @@ tools/fault-matrix runs the long version (600 s).
 from __future__ import annotations
 
 import collections
-import importlib.util
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from lab import nvme
 
 pytestmark = pytest.mark.kernel
 
@@ -47,33 +46,6 @@ NS_STALL_PORT = 20496
 PEER_OPTS = ",retry=0,soft,timeo=50,retrans=1,port=%d"
 # NVMe/TCP load: I/O queues connected at once per cycle (0: no NVMe).
 NVME_QUEUES = int(os.environ.get("TLSHD_FAULT_NVME_QUEUES", "16"))
-
-
-def _sibling(name: str) -> ModuleType:
-    """Another test module of this folder, for its helpers (pytest's
-    importlib mode gives test modules no importable names)."""
-    path = Path(__file__).with_name(name + ".py")
-    spec = importlib.util.spec_from_file_location("fm_" + name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def nvme_queue_split(queues: int) -> list[str]:
-    """Controllers whose I/O queues add up to ``queues``: the host caps
-    read and write queues at the online CPUs each, so on a small VM the
-    16 queues come from several controllers connecting at once."""
-    cpus = os.cpu_count() or 1
-    out = []
-    while queues > 0:
-        n = min(queues, 2 * cpus)
-        io = min(n, cpus)
-        out.append("nr_io_queues=%d" % io
-                   + (",nr_write_queues=%d" % (n - io) if n > io else ""))
-        queues -= n
-    return out
 
 
 def mount(target: str, opts: str, source: str = "127.0.0.1:/",
@@ -196,11 +168,10 @@ def settled(lab: Any, timeout: float = 120) -> None:
 @pytest.fixture
 def nvme_target() -> Iterator[ModuleType | None]:
     """nvmet with a TLS port and a retained SHA-256 PSK in .nvme
-    (tests/kernel/test_nvme.py's helpers), or None without NVMe load."""
+    (the lab.nvme module), or None without NVMe load."""
     if not NVME_QUEUES:
         yield None
         return
-    nvme = _sibling("test_nvme")
     target = nvme.Target()
     psks = nvme.PskKeys()
     try:
@@ -316,7 +287,7 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
         """Connect NVME_QUEUES I/O queues at once (TLS 1.3 PSK from
         .nvme, a handshake per queue at both ends), move a block on the
         first controller, disconnect; again."""
-        split = nvme_queue_split(NVME_QUEUES)
+        split = nvme.queue_split(NVME_QUEUES, os.cpu_count() or 1)
         while not stop.is_set():
             conns: list[Any] = [None] * len(split)
 

@@ -24,17 +24,15 @@ while the real key in ``.nvme`` still works with the same daemon.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import re
 import secrets
 import string
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from lab import nvme
 
 from tlshd.shared import keys
 
@@ -44,24 +42,6 @@ NOBODY = 65534
 SQUAT_NAME = "tlshd-test-squat"
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another test module of this folder, for its helpers and fixtures
-    (pytest's importlib mode gives test modules no importable names)."""
-    path = Path(__file__).with_name(name + ".py")
-    spec = importlib.util.spec_from_file_location("kt_" + name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-nvme = _sibling("test_nvme")
-# test_nvme's fixtures, for this module: nvmet on 127.0.0.1, the psk keys
-# a test adds (removed afterwards) and the handshake tracepoints.
-target = nvme.target
-psk_keys = nvme.psk_keys
-nvme_trace = nvme.nvme_trace
 
 PLANTED_ID = nvme.identity("01", nvme.HOSTNQN + "-planted")
 SQUAT_ID = nvme.identity("01", nvme.HOSTNQN + "-squat")

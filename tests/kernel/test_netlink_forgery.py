@@ -6,7 +6,7 @@ An unprivileged user makes its own user and network namespace (``unshare
 root over the namespace: it finds the supervisor's port in
 /proc/net/netlink and sends forged READYs and forged ACCEPT replies (next
 sequence numbers, supervisor fds, a key serial) by unicast and multicast,
-as fast as it can (tests/kernel/netlink_attacker.py).  Meanwhile a real
+as fast as it can (tests/lab/netlink_attacker.py).  Meanwhile a real
 NFS mount in the initial namespace must succeed; the forgeries must be
 refused or dropped; the supervisor must stay alive with the fds it had.
 """
@@ -21,13 +21,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import lab
 import pytest
+from lab.procs import fd_count
 
 from tlshd.supervisor import netlink_family
 
 pytestmark = pytest.mark.kernel
 
-ATTACKER = Path(__file__).with_name("netlink_attacker.py")
+ATTACKER = Path(lab.__file__).with_name("netlink_attacker.py")
 FLOOD_SECONDS = 300  # at most: stopped after the mount
 
 
@@ -51,7 +53,7 @@ def config(pki, tmp_path: Path, userns: bool) -> str:
 
 
 def test_flood_from_a_user_namespace_leaves_others_served(
-        pki, tlshd, trace, nfs, tmp_path, fds_of):
+        pki, tlshd, trace, nfs, tmp_path):
     tlshd.start(config(pki, tmp_path, userns=True))
     assert tlshd.proc is not None
     pid = tlshd.proc.pid
@@ -63,7 +65,7 @@ def test_flood_from_a_user_namespace_leaves_others_served(
         assert port > 0, "the supervisor never listened in the namespace"
         label = str(os.stat("/proc/%d/ns/net" % attacker.pid).st_ino)
         tlshd.wait_for(r"Worker \d+ for netns %s ready" % label, 60)
-        fds_before = fds_of(pid)
+        fds_before = fd_count(pid)
         mark = tlshd.mark()
         trace.clear()
         attacker.stdin.write("go\n")
@@ -80,7 +82,7 @@ def test_flood_from_a_user_namespace_leaves_others_served(
         assert attacker.poll() is None, "the flood ended before the mount"
         # Before the attacker exits: its namespace dies with it, and the
         # supervisor stops serving it (closing that namespace's fds).
-        fds_after = fds_of(pid)
+        fds_after = fd_count(pid)
         attacker.send_signal(signal.SIGTERM)
         out, _ = attacker.communicate(timeout=60)
     finally:

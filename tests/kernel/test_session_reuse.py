@@ -22,39 +22,22 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from lab.daemon import Tlshd
+from lab.netns import NetnsSite, tlshd_group_joined
+from lab.pki import NsCreds, make_leaf
+from lab.shell import TRIXIE, ensure_worker_user, sh
+from lab.trace import trace_events
 
 pytestmark = pytest.mark.kernel
 
 
-def _kernel_conftest() -> ModuleType:
-    """This folder's conftest (pytest imports it under a name of its own
-    with --import-mode=importlib, before this module)."""
-    want = str(Path(__file__).with_name("conftest.py"))
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__file__", None) == want:
-            return mod
-    raise ImportError("tests/kernel/conftest.py is not loaded")
-
-
-_kc = _kernel_conftest()
-TRIXIE = _kc.TRIXIE
-NetnsSite = _kc.NetnsSite
-NsCreds = _kc.NsCreds
-Tlshd = _kc.Tlshd
-ensure_worker_user = _kc.ensure_worker_user
-make_leaf = _kc.make_leaf
-sh = _kc.sh
-tlshd_group_joined = _kc.tlshd_group_joined
-trace_events = _kc.trace_events
 
 REUSED = r"Session description: \(TLS1\.3\)-\([^)]*\)-\(session reuse PSK\)"
 FULL = r"Session description: \(TLS1\.3\)-\([^)]*\)-\((?!session reuse)"

@@ -1,6 +1,6 @@
 """Run one attempt inside a worker sandbox, booted as a real worker is.
 
-    python tests/kernel/worker_probe.py --netns /run/netns/a \\
+    python tests/lab/worker_probe.py --netns /run/netns/a \\
         --config CONF --uid U --gid G [--seccomp-log] \
         read-file PATH | read-key SERIAL | search-psk IDENTITY
 

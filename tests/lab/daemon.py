@@ -1,0 +1,96 @@
+"""Our tlshd as the admin starts it, and its log."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from lab.shell import VENV_BIN, ensure_worker_user
+
+
+class Tlshd:
+    """Our tlshd, started as ``tlshd -s -c FILE`` as the admin would."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.conf = workdir / "tlshd.conf"
+        self.logfile = workdir / "tlshd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, config_text: str, timeout: float = 120) -> None:
+        ensure_worker_user()
+        self.conf.write_text(config_text)
+        self.log_offset = 0
+        self._spawn(timeout)
+
+    def _spawn(self, timeout: float) -> None:
+        mark = self.mark() if self.logfile.exists() else 0
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "tlshd"), "-s", "-c", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+
+    def kill_and_restart(self, timeout: float = 120) -> tuple[float, float]:
+        """SIGKILL the supervisor and start it again at once with the same
+        configuration, as systemd's Restart=on-failure does (after its
+        RestartSec).  Returns when the new one's init worker is ready:
+        (time of the kill, time ready), time.monotonic()."""
+        assert self.proc is not None
+        killed = time.monotonic()
+        self.proc.kill()
+        self.proc.wait()
+        self._spawn(timeout)
+        return killed, time.monotonic()
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+    def mark(self) -> int:
+        """Remember the log's end; ``since`` returns what came after."""
+        return len(self.log())
+
+    def since(self, mark: int) -> str:
+        return self.log()[mark:]
+
+    def wait_for(self, pattern: str, timeout: float, mark: int = 0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.since(mark)
+            m = re.search(pattern, text)
+            if m:
+                return m.group(0)
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    "tlshd exited (%s):\n%s"
+                    % (self.proc.returncode, text[-3000:])
+                )
+            time.sleep(0.1)
+        raise AssertionError(
+            "no %r in tlshd's log within %s s:\n%s"
+            % (pattern, timeout, self.since(mark)[-3000:])
+        )
+
+    def reload(self, config_text: str, timeout: float = 120) -> None:
+        mark = self.mark()
+        self.conf.write_text(config_text)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
