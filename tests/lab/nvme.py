@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from lab.daemon import Tlshd
 from lab.trace import TRACING
-
 from tlshd.shared import keys
 
 NVMET = Path("/sys/kernel/config/nvmet")

@@ -38,7 +38,7 @@ from tlshd.worker import sslconf
 
 sslconf.use_worker_config()
 
-from tlshd.shared import config, keys  # noqa: E402
+from tlshd.shared import config, keys, protocol  # noqa: E402
 from tlshd.shared.channel import Channel, socketpair  # noqa: E402
 from tlshd.supervisor import keyrings  # noqa: E402
 from tlshd.worker import main as worker_main  # noqa: E402
@@ -80,8 +80,9 @@ def main() -> None:
         "--label", "probe", "--netns-fd", str(nsfd),
         "--uid", args.uid, "--gid", args.gid])
     # stdio: our report goes to stdout, where a worker has /dev/null.
-    _server, hello = worker_main.boot(wargs, Channel(theirs),
-                                      threading.Lock(), keep_stdio=True)
+    channel = Channel(theirs, protocol.Side.WORKER)
+    _server, hello = worker_main.boot(wargs, channel, threading.Lock(),
+                                      keep_stdio=True)
     _say("HELLO uid=%d gid=%d cap_eff=%x no_new_privs=%d seccomp=%d"
          % (hello.uid, hello.gid, hello.cap_eff, hello.no_new_privs,
             hello.seccomp))
