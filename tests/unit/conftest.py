@@ -244,7 +244,7 @@ def engine(pki: StdPKI) -> Engine:
     return Engine(pki.client_settings(), pki.settings())
 
 
-def listener() -> socket.socket:
+def listening_socket() -> socket.socket:
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.bind(("127.0.0.1", 0))
     ls.listen(8)
@@ -274,7 +274,7 @@ class Runner:
         server_kw: dict[str, Any] | None = None,
         **client_kw: Any,
     ) -> Pair:
-        ls = listener()
+        ls = listening_socket()
         csock = socket.create_connection(ls.getsockname())
         ssock, _ = ls.accept()
         ls.close()
@@ -313,3 +313,20 @@ def run_pair() -> Iterator[Runner]:
     runner = Runner()
     yield runner
     runner.close()
+
+
+# The supervisor fixtures several test modules share (bodies in
+# supervisorfakes, which also builds variants of them).
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A loopback TCP server socket for the tests' client connections."""
+    from supervisorfakes import tcp_listener
+    yield from tcp_listener()
+
+
+@pytest.fixture
+def sup(tmp_path: Path) -> Iterator[Any]:
+    """A Supervisor serving one namespace through a fake netlink socket:
+    (supervisor, FakeNl, Namespace)."""
+    from supervisorfakes import serving
+    yield from serving(tmp_path)

@@ -101,12 +101,6 @@ def _in_thread(s: Any, fn: Any, timeout: float = 180) -> Any:
     return out["r"]
 
 
-@pytest.fixture
-def sup(tmp_path: Path) -> Any:
-    from supervisorfakes import serving
-    yield from serving(tmp_path)
-
-
 def _second_namespace(s: Any, tmp_path: Path, text: str) -> Any:
     from supervisorfakes import FakeNl
 

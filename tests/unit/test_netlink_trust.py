@@ -24,8 +24,6 @@ from supervisorfakes import (
     connected_fd,
     ready,
     run_until,
-    serving,
-    tcp_listener,
 )
 
 from tlshd.shared import uapi
@@ -51,11 +49,6 @@ def attacker():
     sock.bind((0, 0))
     yield sock
     sock.close()
-
-
-@pytest.fixture
-def listener():
-    yield from tcp_listener()
 
 
 def ready_msg(seq: int = 0) -> bytes:
@@ -229,11 +222,6 @@ def test_check_sockfd_refuses_an_fd_that_was_open_before(listener):
 
 
 # ---- the supervisor loop ----------------------------------------------------
-
-@pytest.fixture
-def sup(tmp_path):
-    yield from serving(tmp_path)
-
 
 class Raising(FakeNl):
     """A netlink socket whose next ACCEPT raises what it is given."""

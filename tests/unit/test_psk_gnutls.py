@@ -117,10 +117,10 @@ def gnutls_cli(port: int, key: bytes, priority: str = PSK_PRIORITY,
 def test_gnutls_cli_against_our_server(eng: Engine) -> None:
     """gnutls-cli lists AES-256-GCM first; the server's ClientHello peek
     picks the SHA-256 suite the PSK needs (else OpenSSL drops the PSK)."""
-    from conftest import listener  # type: ignore[import-not-found]
+    from conftest import listening_socket  # type: ignore[import-not-found]
 
     key = os.urandom(32)
-    ls = listener()
+    ls = listening_socket()
     cli = gnutls_cli(ls.getsockname()[1], key)
     try:
         ls.settimeout(10)
@@ -154,13 +154,13 @@ def test_gnutls_cli_refused(
 ) -> None:
     """Unknown identity: alert unknown_psk_identity (115); wrong key:
     the binder fails (decrypt_error); psk_ke without (EC)DHE: refused."""
-    from conftest import listener
+    from conftest import listening_socket
 
     key = os.urandom(32)
     table = {} if case == "unknown" else {IDENTITY: material(5, IDENTITY, key)}
     priority = (PSK_PRIORITY.replace("+ECDHE-PSK:+DHE-PSK", "+PSK")
                 if case == "psk_ke-only" else PSK_PRIORITY)
-    ls = listener()
+    ls = listening_socket()
     cli = gnutls_cli(ls.getsockname()[1],
                      os.urandom(32) if case == "wrong-key" else key,
                      priority)

@@ -26,7 +26,6 @@ from supervisorfakes import (
     ready,
     run_until,
     serving,
-    tcp_listener,
     worker_channel_fd,
 )
 
@@ -45,16 +44,6 @@ from tlshd.worker.tlsoutcome import Outcome
 
 def material(serial: int, identity: bytes, secret: bytes) -> PskMaterial:
     return PskMaterial(serial=serial, identity=identity, secret=secret)
-
-
-@pytest.fixture
-def listener():
-    yield from tcp_listener()
-
-
-@pytest.fixture
-def sup(tmp_path):
-    yield from serving(tmp_path)
 
 
 def test_worker_reports_hello_and_answers(sup, listener):

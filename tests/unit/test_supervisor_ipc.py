@@ -26,24 +26,12 @@ from supervisorfakes import (
     held,
     ready,
     run_until,
-    serving,
-    tcp_listener,
     worker_channel_fd,
 )
 
 from tlshd.shared import protocol
 
 P = protocol
-
-
-@pytest.fixture
-def listener():
-    yield from tcp_listener()
-
-
-@pytest.fixture
-def sup(tmp_path):
-    yield from serving(tmp_path)
 
 
 def answer(req_id: int, status: int = 0) -> bytes:

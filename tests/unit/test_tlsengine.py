@@ -201,9 +201,9 @@ def test_socket_left_blocking_with_nagle_restored(
 
 
 def test_nodelay_preserved_when_set(engine: Engine, pki: Any) -> None:
-    from conftest import listener  # type: ignore[import-not-found]
+    from conftest import listening_socket  # type: ignore[import-not-found]
 
-    ls = listener()
+    ls = listening_socket()
     csock = socket.create_connection(ls.getsockname())
     ssock, _ = ls.accept()
     ls.close()
@@ -266,10 +266,10 @@ def plain_context(pki: Any, *, server: bool) -> SSL.Context:
 def test_our_client_against_plain_pyopenssl_server(
     pki: Any, suite: str
 ) -> None:
-    from conftest import listener  # type: ignore[import-not-found]
+    from conftest import listening_socket  # type: ignore[import-not-found]
 
     eng = Engine(pki.client_settings(ciphersuites=suite), pki.settings())
-    ls = listener()
+    ls = listening_socket()
     got: dict[str, Any] = {}
 
     def peer() -> None:
@@ -304,10 +304,10 @@ def test_our_client_against_plain_pyopenssl_server(
 def test_our_server_against_plain_pyopenssl_client(
     pki: Any, suite: str, mtls: bool
 ) -> None:
-    from conftest import listener  # type: ignore[import-not-found]
+    from conftest import listening_socket  # type: ignore[import-not-found]
 
     eng = Engine(pki.client_settings(), pki.settings(ciphersuites=suite))
-    ls = listener()
+    ls = listening_socket()
     got: dict[str, Any] = {}
 
     def peer() -> None:

@@ -244,10 +244,10 @@ class GnutlsClient:
 def test_gnutls_cli_against_our_server(
     pki: Any, suite: str, mtls: bool
 ) -> None:
-    from conftest import listener  # type: ignore[import-not-found]
+    from conftest import listening_socket  # type: ignore[import-not-found]
 
     eng = Engine(pki.client_settings(), pki.settings(ciphersuites=suite))
-    ls = listener()
+    ls = listening_socket()
     args = ["--x509cafile", str(pki.ca), "--priority", TLSHD_PRIORITY]
     if mtls:
         args += [

@@ -27,7 +27,6 @@ from supervisorfakes import (
     ready,
     run_until,
     serving,
-    tcp_listener,
     worker_channel_fd,
 )
 
@@ -45,16 +44,6 @@ from tlshd.supervisor.workers import Worker
 # cap (1000 characters and a marker) and the " [netns init]" tag.
 LINE_MAX = 1100
 FLOOD = 5000
-
-
-@pytest.fixture
-def listener():
-    yield from tcp_listener()
-
-
-@pytest.fixture
-def sup(tmp_path):
-    yield from serving(tmp_path)
 
 
 def worker_lines(caplog) -> list[logging.LogRecord]:
