@@ -157,6 +157,14 @@ HELLO = protocol.Hello(pid=100, uid=65534, gid=65534, cap_eff=0,
                        no_new_privs=1, seccomp=2)
 
 
+def test_the_table_is_fixed() -> None:
+    """Its rows cannot be changed at run time."""
+    import dataclasses
+    rule = MON_TABLE[protocol.Hello]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(rule, "permitted", Monitor._always)
+
+
 def test_the_table_rows() -> None:
     assert {t: (r.permitted, r.answer) for t, r in MON_TABLE.items()} == {
         protocol.LogRecord: (Monitor._always, Monitor.answer_log),
@@ -313,6 +321,8 @@ def test_a_late_answer_is_ignored_once(env: Env, ktls: list[int]) -> None:
     (AM.PSK, (0x51,), False),
     (AM.PSK, (0x51, 0x53), True),
     (AM.PSK, (), False),
+    (AM.UNSPEC, (X509_ID,), True),
+    (4, (X509_ID,), True),  # a mode this agent does not know
 ])
 def test_bad_answer(env: Env, auth: int, ids: tuple[int, ...],
                     bad: bool) -> None:
@@ -340,11 +350,16 @@ def psks(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
-def test_lookup_answers_in_the_namespace_s_scope(env: Env,
-                                                 psks: list[Any]) -> None:
+def test_lookup_answers_in_the_namespace_s_scope(
+        env: Env, psks: list[Any], caplog: pytest.LogCaptureFixture) -> None:
     req = env.request(keyring=0x2A)
-    env.deliver(protocol.PskLookup(identity=b"known"), req.req_id)
-    env.deliver(protocol.PskLookup(identity=b"other"), req.req_id)
+    with caplog.at_level(logging.DEBUG, logger="tlshd.supervisor.monitor"):
+        env.deliver(protocol.PskLookup(identity=b"known"), req.req_id)
+        env.deliver(protocol.PskLookup(identity=b"other"), req.req_id)
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "tlshd.supervisor.monitor"] == [
+        "PSK lookup for request %d in netns a: key 00000077" % req.req_id,
+        "PSK lookup for request %d in netns a: not found" % req.req_id]
     assert psks == [(b"known", 0x2A, False, ("ring",)),
                     (b"other", 0x2A, False, ("ring",))]
     assert [(m.psk.serial if m.psk else None, i) for m, i in env.found] == [
@@ -370,6 +385,8 @@ def test_lookups_are_bounded(env: Env, psks: list[Any]) -> None:
     (MT.CLIENTHELLO, AM.PSK),  # a client was handed its PSKs
     (MT.SERVERHELLO, AM.X509),
     (MT.SERVERHELLO, AM.UNAUTH),
+    (MT.SERVERKEYUPDATE, AM.PSK),  # re-keying needs no PSK
+    (MT.CLIENTKEYUPDATE, AM.PSK),
 ])
 def test_only_a_psk_server_looks_up(env: Env, psks: list[Any],
                                     msg_type: int, auth: int) -> None:

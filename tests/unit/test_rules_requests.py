@@ -114,6 +114,9 @@ def table(monkeypatch: pytest.MonkeyPatch) -> tuple[Requests, Recorder,
     (MT.CLIENTHELLO, None, 7.0),  # the client role's default
     (MT.SERVERHELLO, None, 30.0),
     (MT.CLIENTHELLO, 0, 7.0),  # 0: no TIMEOUT of its own
+    (MT.UNSPEC, None, 30.0),  # only a client hello is the client's
+    (MT.CLIENTKEYUPDATE, None, 30.0),
+    (MT.SERVERKEYUPDATE, None, 30.0),
     (MT.SERVERHELLO, 10000, 9.5),  # its own, less the margin
     (MT.SERVERHELLO, 2000, 1.8),  # a tenth at most
     (MT.SERVERHELLO, 5000, 4.5),  # both the same
@@ -192,7 +195,7 @@ def test_dispatch_message(table: Any) -> None:
     keys.x509 = (b"cert", b"key")
     acc = accepted(MT.SERVERHELLO, AM.X509, peername="peer",
                    key_update=0, session_id=0)
-    req = reqs.submit(namespace(), acc, 5.0)
+    req = reqs.submit(namespace(), acc, 100.0)
     w = worker()
     reqs.dispatch(req, w)
     (msg, req_id, fds), = w.channel.sent
@@ -202,7 +205,7 @@ def test_dispatch_message(table: Any) -> None:
         MT.SERVERHELLO, AM.X509, "peer")
     assert (msg.x509_cert, msg.x509_key, msg.psks) == (b"cert", b"key", ())
     assert msg.keep_secrets is True
-    assert 4000 < msg.timeout_ms <= 5000  # what is left, in ms
+    assert 99_900 < msg.timeout_ms <= 100_000  # what is left, in ms
     assert keys.client_calls == 0  # a server reads no client PSKs
     reqs.fail_all(errno.EIO)
 
@@ -234,6 +237,7 @@ def test_dispatch_reads_keys_in_the_namespace_s_scope(table: Any) -> None:
     (MT.SERVERHELLO, AM.PSK, False),  # the server looks keys up later
     (MT.CLIENTHELLO, AM.X509, False),
     (MT.CLIENTHELLO, AM.UNAUTH, False),
+    (MT.UNSPEC, AM.PSK, False),
 ])
 def test_client_psks_are_read_for_a_psk_client_only(
         table: Any, msg_type: int, auth: int, read: bool,
@@ -466,3 +470,21 @@ def test_complete_twice_names_the_request(table: Any) -> None:
     with pytest.raises(AssertionError, match=r"^request 2 completed twice$"):
         reqs.complete(second, 0, ())
     assert len(done.dones) == 2 and ns.succeeded == 0
+
+
+def test_refuse_answers_a_stray_fd_once(table: Any) -> None:
+    """An fd no request owns (numbered below and above a request's):
+    one DONE, no session id."""
+    reqs, done, _ = table
+    ns = namespace()
+    below = socket.socket().detach()
+    req = reqs.submit(ns, accepted(), 5.0)
+    above = socket.socket().detach()
+    assert below < req.sockfd < above
+    reqs.refuse(ns, below, errno.EINVAL)
+    reqs.refuse(ns, above, errno.EIO)
+    reqs.refuse(ns, req.sockfd, errno.EIO)
+    assert done.dones == [("a-nl", below, errno.EINVAL, (), 0),
+                          ("a-nl", above, errno.EIO, (), 0)]
+    assert (ns.failed, len(reqs)) == (0, 1)  # not a request's failure
+    reqs.fail_all(errno.EIO)
