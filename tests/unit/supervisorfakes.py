@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,22 @@ from tlshd.supervisor import netlink_codec, netlink_family
 from tlshd.supervisor.arbiter import HANDLED_SIGNALS, Supervisor
 from tlshd.supervisor.namespaces import Namespace
 from tlshd.supervisor.workers import Worker
+
+
+# Netlink attributes built by hand, independently of netlink_codec, so
+# that the codec's tests do not check it against itself.
+def attr(atype: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return (struct.pack("=HH", length, atype) + payload
+            + b"\0" * ((-length) % 4))
+
+
+def u32(atype: int, v: int) -> bytes:
+    return attr(atype, struct.pack("=I", v))
+
+
+def s32(atype: int, v: int) -> bytes:
+    return attr(atype, struct.pack("=i", v))
 
 
 class FakeNl:

@@ -5,24 +5,11 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from supervisorfakes import attr, s32, u32
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ProtocolError
 from tlshd.supervisor import netlink_codec
-
-
-def attr(atype, payload):
-    length = 4 + len(payload)
-    return (struct.pack("=HH", length, atype) + payload
-            + b"\0" * ((-length) % 4))
-
-
-def u32(atype, v):
-    return attr(atype, struct.pack("=I", v))
-
-
-def s32(atype, v):
-    return attr(atype, struct.pack("=i", v))
 
 
 def accept_attrs(**over):

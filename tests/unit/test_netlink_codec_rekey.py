@@ -6,22 +6,13 @@ import struct
 
 import pytest
 from pyroute2.netlink import ctrlmsg
+from supervisorfakes import attr, u32
 
 from tlshd.shared import protocol, uapi
 from tlshd.shared.errors import ProtocolError
 from tlshd.supervisor import netlink_codec, netlink_family
 
 KU = uapi.KeyUpdateType
-
-
-def attr(atype, payload):
-    length = 4 + len(payload)
-    return (struct.pack("=HH", length, atype) + payload
-            + b"\0" * ((-length) % 4))
-
-
-def u32(atype, v):
-    return attr(atype, struct.pack("=I", v))
 
 
 def accept_attrs(msg_type=uapi.MsgType.CLIENTKEYUPDATE, key_update=KU.SEND,

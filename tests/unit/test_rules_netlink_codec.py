@@ -13,6 +13,7 @@ import errno
 import struct
 
 import pytest
+from supervisorfakes import attr, s32, u32
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ProtocolError
@@ -26,20 +27,6 @@ from tlshd.supervisor.netlink_codec import (
 A = uapi
 NESTED = 0x8000  # NLA_F_NESTED
 BYTEORDER = 0x4000  # NLA_F_NET_BYTEORDER
-
-
-def attr(atype: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return (struct.pack("=HH", length, atype) + payload
-            + b"\0" * ((-length) % 4))
-
-
-def u32(atype: int, v: int) -> bytes:
-    return attr(atype, struct.pack("=I", v))
-
-
-def s32(atype: int, v: int) -> bytes:
-    return attr(atype, struct.pack("=i", v))
 
 
 def cert(c: int | None, k: int | None, size: int = 4) -> bytes:
