@@ -86,6 +86,10 @@ class Supervisor:
         self.control: control.ControlServer | None = None
         # systemd's notify socket (Type=notify), set by main once listening
         self.notify_address: str | bytes | None = None
+        # Off until main has sent READY=1: parsing certificates imports
+        # cryptography (a second under emulation); main then checks the
+        # namespaces served so far.
+        self.warn_certificates = False
         self._setup_signals()
 
     # ---- set-up ---------------------------------------------------------
@@ -122,7 +126,8 @@ class Supervisor:
         return self.discovery.add(label, config_path, nlsock, key, nsfd)
 
     def _added(self, ns: Namespace) -> None:
-        control.warn_expiring(ns.label, ns.cfg)
+        if self.warn_certificates:
+            control.warn_expiring(ns.label, ns.cfg)
         self._listen(ns)
         # The kernel may already hold requests for this namespace whose
         # READY no one here heard: sent to a supervisor that then died

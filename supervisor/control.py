@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography import x509
-
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor.namespaces import Namespace
@@ -72,6 +70,10 @@ class CertInfo:
 
 def certificates(cfg: config.Config) -> list[CertInfo]:
     """The certificates a configuration names (first of each file)."""
+    # Imported here, not before the daemon listens: a second under
+    # emulation (docs/benchmarks.md, Start-up).
+    from cryptography import x509
+
     out = []
     for role, rc in (("client", cfg.client), ("server", cfg.server)):
         for what, path in ((role, rc.certificate),

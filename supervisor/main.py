@@ -9,30 +9,52 @@ import os
 import pwd
 import subprocess
 import sys
-from importlib import metadata
+from typing import TYPE_CHECKING
 
 import setproctitle
 
 from tlshd.shared import config, linux, tlsstat
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import (
-    control,
-    keyrings,
-    ktlswarm,
-    netlink_family,
-    sdnotify,
-)
-from tlshd.supervisor.arbiter import Supervisor
+from tlshd.supervisor import netlink_family, netlink_socket, netns, sdnotify
+
+# Only what it takes to listen is imported before READY=1: the rest of the
+# supervisor (the loop, workers, control socket) costs seconds under
+# emulation (docs/benchmarks.md, Start-up) and is imported by serve().
+if TYPE_CHECKING:
+    from tlshd.supervisor.arbiter import Supervisor
 
 log = logging.getLogger("tlshd")
 
+# control.DEFAULT_PATH, without importing control (tests check they agree)
+DEFAULT_CONTROL_SOCKET = "/run/tlshd/control.sock"
+
 
 def _version() -> str:
+    # Imported here: importlib.metadata costs about a second under
+    # emulation, and the daemon logs its version only once listening.
+    from importlib import metadata
+
     try:
         return metadata.version("tlshd")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked for (see _version)."""
+
+    def __init__(self, option_strings: list[str], dest: str,
+                 **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0,
+                         default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser,
+                 namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print("tlshd, built from tlshd (Python) %s" % _version())
+        parser.exit()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,10 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="load every namespace's configuration and "
                         "credentials, report problems, and exit")
     p.add_argument("--control-socket", metavar="PATH",
-                   default=control.DEFAULT_PATH,
+                   default=DEFAULT_CONTROL_SOCKET,
                    help="tlshdctl's socket (default %(default)s)")
-    p.add_argument("-v", "--version", action="version",
-                   version="tlshd, built from tlshd (Python) %s" % _version())
+    p.add_argument("-v", "--version", action=_Version)
     return p.parse_args(argv)
 
 
@@ -290,30 +311,66 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return os.EX_CONFIG
     tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
-    log.info("Built from tlshd (Python) %s", _version())
-    preload_modules()
-    ktlswarm.warm_aeads()
-    keyrings.setup_session_keyring(cfg.keyrings)
     try:
         family = netlink_family.probe_family()
     except ConfigError as e:
         log.error("%s", e)
         return os.EX_UNAVAILABLE
-    log.info("Kernel handshake family: %s", family.describe())
-    log.info("Kernel capabilities: %s", family.capabilities())
-    log.info("%s", family.rekey_status(tlsstat.rekey_supported()))
     try:
         ids = worker_ids(cfg.worker_user)
     except ConfigError as e:
         log.error("%s", e)
         return os.EX_CONFIG
+    # Joined to the tlshd group in the initial namespace: consumers
+    # ordered after tlshd.service may start.  Their requests wait in this
+    # socket until the loop below adopts it, then for the worker.
+    nlsock = netlink_socket.HandshakeSocket(family, "init")
+    sdnotify.notify(notify_address, "READY=1")
+    return serve(args, cfg, family, ids, nlsock, notify_address)
+
+
+def serve(args: argparse.Namespace, cfg: config.Config,
+          family: netlink_family.FamilyInfo, ids: tuple[int, int] | None,
+          nlsock: netlink_socket.HandshakeSocket,
+          notify_address: str | bytes | None) -> int:
+    """Import and start the rest of the supervisor, then run its loop."""
+    from tlshd.supervisor import keyrings
+    from tlshd.supervisor.arbiter import Supervisor
+
+    preload_modules()
+    keyrings.setup_session_keyring(cfg.keyrings)
     supervisor = Supervisor(cfg, family, debug=cfg.loglevel > 0,
                             worker_ids=ids)
+    supervisor.notify_address = notify_address
+    supervisor.add_namespace(
+        "init", cfg.path, nlsock, netns.initial().key,
+        os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
     supervisor.use_template()
     supervisor.serve_control(args.control_socket)
     supervisor.serve_namespaces()
-    # Listening in the initial namespace now: consumers ordered after
-    # tlshd.service may start (their requests wait for the worker).
-    supervisor.notify_address = notify_address
-    sdnotify.notify(notify_address, "READY=1")
+    # One turn of the loop first: it asks the template for the initial
+    # namespace's worker, which then starts while we finish here.
+    supervisor.step(max_wait=0)
+    after_ready(supervisor, family)
     return supervisor.run()
+
+
+def after_ready(supervisor: Supervisor,
+                family: netlink_family.FamilyInfo) -> None:
+    """Start-up work no listener needs, done while the worker template
+    imports and forks the first worker.  Requests that arrive meanwhile
+    wait in the kernel: they could not be served before that worker's
+    HELLO anyway, and the AEAD warm-up must come before its first
+    handshake."""
+    log.info("Built from tlshd (Python) %s", _version())
+    log.info("Kernel handshake family: %s", family.describe())
+    log.info("Kernel capabilities: %s", family.capabilities())
+    log.info("%s", family.rekey_status(tlsstat.rekey_supported()))
+    from tlshd.supervisor import control, ktlswarm
+
+    for ns in supervisor.namespaces:
+        control.warn_expiring(ns.label, ns.cfg)
+    supervisor.warn_certificates = True
+    # Before the first handshake, which would otherwise pay for the
+    # kernel's AEAD module loads.
+    ktlswarm.warm_aeads()

@@ -1,11 +1,13 @@
 """What the running kernel's ``handshake`` netlink family offers.
 
-This is the only module that imports pyroute2, and only at start-up: to
-resolve the family's id, its ``tlshd`` multicast group, the flags of its
-operations and DONE's attribute policy (CTRL_CMD_GETPOLICY), from which
-the re-key upcall is switched on (tlshd.supervisor.netlink_socket uses the
-result).
-pyroute2 stays behind ``probe_family``: FamilyInfo is a plain dataclass.
+Asked of the generic netlink controller (nlctrl) once, at start-up: the
+family's id, its ``tlshd`` multicast group, the flags of its operations
+(CTRL_CMD_GETFAMILY) and DONE's attribute policy (CTRL_CMD_GETPOLICY),
+from which the re-key upcall is switched on (tlshd.supervisor.netlink_socket
+uses the result).  Spoken directly with tlshd.supervisor.netlink_codec
+rather than through pyroute2, whose import alone took 4.6 s of the
+daemon's 6-7 s start under emulation (docs/benchmarks.md, Start-up).
+FamilyInfo is a plain dataclass.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 from tlshd.shared import uapi
-from tlshd.shared.errors import ConfigError
+from tlshd.shared.errors import ConfigError, ProtocolError
+from tlshd.supervisor import netlink_codec
+from tlshd.supervisor.netlink_codec import iter_attrs
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,26 @@ GENL_ADMIN_PERM = 0x1
 NL_ATTR_TYPE_U32 = 4
 NL_ATTR_TYPE_STRING = 11
 NL_ATTR_TYPE_NUL_STRING = 12
+
+# <linux/genetlink.h>: the controller family and the attributes read here.
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_CMD_GETPOLICY = 10
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+CTRL_ATTR_OPS = 6
+CTRL_ATTR_MCAST_GROUPS = 7
+CTRL_ATTR_POLICY = 8
+CTRL_ATTR_OP_POLICY = 9
+CTRL_ATTR_OP_ID = 1
+CTRL_ATTR_OP_FLAGS = 2
+CTRL_ATTR_MCAST_GRP_NAME = 1
+CTRL_ATTR_MCAST_GRP_ID = 2
+CTRL_ATTR_POLICY_DO = 1
+NL_POLICY_TYPE_ATTR_TYPE = 1
+NLM_F_DUMP = 0x300
+CTRL_TIMEOUT = 5.0  # seconds; the kernel answers within send()
 
 
 @dataclass(frozen=True)
@@ -96,39 +121,123 @@ class FamilyInfo:
                 % (tags, has(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH)))
 
 
-def _get(msg: Any, name: str, default: Any = None) -> Any:
-    return msg.get_attr(name, default)
+def _u32(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolError("nlctrl: %d-byte u32" % len(payload))
+    return int(struct.unpack("=I", payload)[0])
 
 
-def _done_policy(replies: tuple[Any, ...]) -> dict[int, int]:
+def _u16(payload: bytes) -> int:
+    if len(payload) != 2:
+        raise ProtocolError("nlctrl: %d-byte u16" % len(payload))
+    return int(struct.unpack("=H", payload)[0])
+
+
+def _string(payload: bytes) -> str:
+    return payload.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _done_policy_index(op_policy: bytes) -> int | None:
+    """DONE's "do" policy index in one CTRL_ATTR_OP_POLICY."""
+    for op, policy in iter_attrs(op_policy):
+        if op == uapi.HANDSHAKE_CMD_DONE:
+            for kind, value in iter_attrs(policy):
+                if kind == CTRL_ATTR_POLICY_DO:
+                    return _u32(value)
+    return None
+
+
+def _policy_types(policy: bytes,
+                  policies: dict[int, dict[int, int]]) -> None:
+    """Add one CTRL_ATTR_POLICY (index -> attribute -> its properties)."""
+    for idx, attrs in iter_attrs(policy):
+        for attr, props in iter_attrs(attrs):
+            kind = dict(iter_attrs(props)).get(NL_POLICY_TYPE_ATTR_TYPE)
+            policies.setdefault(idx, {})[attr] = (
+                0 if kind is None else _u32(kind))
+
+
+def _done_policy(replies: list[bytes]) -> dict[int, int]:
     """DONE's "do" policy: attribute number -> NL_ATTR_TYPE_* (0 if the
-    kernel did not say)."""
+    kernel did not say), from the attributes of each GETPOLICY reply."""
     done_policy_idx = None
     policies: dict[int, dict[int, int]] = {}
-    for msg in replies:
-        oppol = _get(msg, "CTRL_ATTR_OP_POLICY")
-        if oppol is not None:
-            for name, value in oppol["attrs"]:
-                if name == "OP(%d)" % uapi.HANDSHAKE_CMD_DONE:
-                    done_policy_idx = value.get_attr("CTRL_ATTR_POLICY_DO")
-        pol = _get(msg, "CTRL_ATTR_POLICY")
-        if pol is not None:
-            for pname, pvalue in pol["attrs"]:
-                idx = int(pname[len("POLICY("):-1])
-                for aname, avalue in pvalue["attrs"]:
-                    kind = avalue.get_attr("NL_POLICY_TYPE_ATTR_TYPE")
-                    policies.setdefault(idx, {})[
-                        int(aname[len("ATTR("):-1])] = int(kind or 0)
+    for reply in replies:
+        for atype, payload in iter_attrs(reply):
+            if atype == CTRL_ATTR_OP_POLICY:
+                done_policy_idx = (_done_policy_index(payload)
+                                   if done_policy_idx is None
+                                   else done_policy_idx)
+            elif atype == CTRL_ATTR_POLICY:
+                _policy_types(payload, policies)
     if done_policy_idx is None:
         return {}
     return dict(policies.get(done_policy_idx, {}))
 
 
+def _family(reply: bytes) -> tuple[int, int | None, dict[int, int]]:
+    """(family id, tlshd group id or None, op flags) of a GETFAMILY reply."""
+    top = dict(iter_attrs(reply))
+    group = None
+    for _, grp in iter_attrs(top.get(CTRL_ATTR_MCAST_GROUPS, b"")):
+        g = dict(iter_attrs(grp))
+        if _string(g.get(CTRL_ATTR_MCAST_GRP_NAME, b"")) == (
+                uapi.HANDSHAKE_MCGRP_TLSHD):
+            group = _u32(g[CTRL_ATTR_MCAST_GRP_ID])
+    op_flags = {}
+    for _, op in iter_attrs(top.get(CTRL_ATTR_OPS, b"")):
+        o = dict(iter_attrs(op))
+        op_flags[_u32(o[CTRL_ATTR_OP_ID])] = _u32(
+            o.get(CTRL_ATTR_OP_FLAGS, bytes(4)))
+    return _u16(top[CTRL_ATTR_FAMILY_ID]), group, op_flags
+
+
+def _ctrl_request(cmd: int, name: str, flags: int, seq: int) -> bytes:
+    value = name.encode() + b"\0"
+    length = netlink_codec.NLA_HDR.size + len(value)
+    attr = (netlink_codec.NLA_HDR.pack(length, CTRL_ATTR_FAMILY_NAME)
+            + value + bytes(-length % 4))
+    body = netlink_codec.GENL_HDR.pack(cmd, 1, 0) + attr
+    return netlink_codec.NLMSG_HDR.pack(
+        netlink_codec.NLMSG_HDR.size + len(body), GENL_ID_CTRL,
+        netlink_codec.NLM_F_REQUEST | flags, seq, 0) + body
+
+
+def ask_ctrl(cmd: int, name: str, dump: bool = False) -> list[bytes]:
+    """Send one nlctrl request about family ``name``; return the
+    attributes of each reply.  Raises OSError with the kernel's errno
+    (ENOENT: no such family)."""
+    seq = 1
+    with socket.socket(socket.AF_NETLINK,
+                       socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_GENERIC) as sock:
+        sock.bind((0, 0))
+        sock.settimeout(CTRL_TIMEOUT)
+        sock.send(_ctrl_request(cmd, name, NLM_F_DUMP if dump else 0, seq))
+        replies: list[bytes] = []
+        while True:
+            data, (port, _) = sock.recvfrom(65536)
+            if port != 0:
+                continue  # not the kernel's
+            for msg in netlink_codec.split_messages(data):
+                if msg.seq != seq:
+                    continue
+                if msg.type == netlink_codec.NLMSG_ERROR:
+                    err = netlink_codec.netlink_error(msg)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    return replies
+                if msg.type == netlink_codec.NLMSG_DONE:
+                    return replies
+                if msg.type == GENL_ID_CTRL:
+                    replies.append(netlink_codec.genl_payload(msg)[1])
+                    if not dump:
+                        return replies
+
+
 def unavailable_message(e: Exception) -> str:
     """Why the handshake family could not be resolved, for an admin."""
-    code = getattr(e, "code", None)
-    if not isinstance(code, int):
-        code = getattr(e, "errno", None)
+    code = getattr(e, "errno", None)
     if code == errno.ENOENT:
         why = ('this kernel has no "%s" netlink family'
                % uapi.HANDSHAKE_FAMILY_NAME)
@@ -143,42 +252,25 @@ def unavailable_message(e: Exception) -> str:
             % (why, tls))
 
 
-def probe_family() -> FamilyInfo:
+def probe_family(name: str = uapi.HANDSHAKE_FAMILY_NAME) -> FamilyInfo:
     """Resolve the handshake family in the current network namespace.
 
     Raises ConfigError when the kernel has no handshake family (too old, or
-    CONFIG_NET_HANDSHAKE off).
+    CONFIG_NET_HANDSHAKE off).  ``name``: tests ask for one that is absent.
     """
-    from pyroute2.netlink import genlmsg
-    from pyroute2.netlink.generic import GenericNetlinkSocket
-
-    nl = GenericNetlinkSocket()
     try:
-        try:
-            # bind() registers the nlctrl decoder, then resolves the family.
-            nl.bind(uapi.HANDSHAKE_FAMILY_NAME, genlmsg)
-            fam = nl.discovery(uapi.HANDSHAKE_FAMILY_NAME)
-        except Exception as e:
-            raise ConfigError(unavailable_message(e)) from e
-        family_id = int(_get(fam, "CTRL_ATTR_FAMILY_ID"))
-        groups = {
-            g.get_attr("CTRL_ATTR_MCAST_GRP_NAME"):
-                g.get_attr("CTRL_ATTR_MCAST_GRP_ID")
-            for g in _get(fam, "CTRL_ATTR_MCAST_GROUPS", [])
-        }
-        if uapi.HANDSHAKE_MCGRP_TLSHD not in groups:
-            raise ConfigError("handshake family has no 'tlshd' group")
-        op_flags = {
-            int(op.get_attr("CTRL_ATTR_OP_ID")):
-                int(op.get_attr("CTRL_ATTR_OP_FLAGS"))
-            for op in _get(fam, "CTRL_ATTR_OPS", [])
-        }
-        try:
-            done_types = _done_policy(nl.policy(uapi.HANDSHAKE_FAMILY_NAME))
-        except Exception as e:  # kernels before 5.10 have no GETPOLICY
-            log.warning("Cannot read the handshake policy: %s", e)
-            done_types = {}
-        return FamilyInfo(family_id, int(groups[uapi.HANDSHAKE_MCGRP_TLSHD]),
-                          op_flags, frozenset(done_types), done_types)
-    finally:
-        nl.close()
+        replies = ask_ctrl(CTRL_CMD_GETFAMILY, name)
+        family_id, group, op_flags = _family(replies[0])
+    except (OSError, ProtocolError, IndexError, KeyError) as e:
+        raise ConfigError(unavailable_message(e)) from e
+    if group is None:
+        raise ConfigError("handshake family has no 'tlshd' group")
+    try:
+        done_types = _done_policy(ask_ctrl(CTRL_CMD_GETPOLICY, name,
+                                           dump=True))
+    except (OSError, ProtocolError) as e:
+        # kernels before 5.10 have no GETPOLICY
+        log.warning("Cannot read the handshake policy: %s", e)
+        done_types = {}
+    return FamilyInfo(family_id, group, op_flags, frozenset(done_types),
+                      done_types)

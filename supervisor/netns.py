@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psutil
-
 from tlshd.shared import linux
 
 log = logging.getLogger(__name__)
@@ -122,6 +120,10 @@ def placeholder_ages() -> list[float]:
 
 def unnamed(exclude_pids: set[int]) -> list[Found]:
     """Namespaces that some process (not one of ours) is in."""
+    # Imported here: only [netns] unnamed= needs it, and it costs most of
+    # a second under emulation before the daemon listens.
+    import psutil
+
     dev = nsfs_device()
     seen: dict[Key, Found] = {}
     for proc in psutil.process_iter([]):

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import setproctitle
 
@@ -158,6 +159,7 @@ def boot(args: WorkerArgs, channel: Channel,
     which must boot exactly as a worker does (``keep_stdio``: but keeps
     its stdout and stderr to report on).
     """
+    steps = [("", time.monotonic())]
     if args.netns_fd is not None:
         # First, while still root: every socket, DNS lookup and keyring
         # search from now on happens in the namespace this worker serves.
@@ -172,11 +174,19 @@ def boot(args: WorkerArgs, channel: Channel,
     except OSError as e:
         log.warning("Cannot join an empty session keyring (%s); keyctl is "
                     "forbidden once sandboxed all the same", e)
+    steps.append(("namespace", time.monotonic()))
     engine = load_engine(args.config, args.uid)
+    steps.append(("credentials", time.monotonic()))
     server = Server(channel, lock, engine, args.threads)
+    steps.append(("pool", time.monotonic()))
     if not keep_stdio:
         detach_stdio()
     hello = sandbox.lock_down(args.uid, args.gid, 64 + 2 * args.threads)
+    steps.append(("lock-down", time.monotonic()))
+    # Where a worker's start goes (bench/startup.py reads it).
+    log.debug("Boot %.3f s: %s", steps[-1][1] - steps[0][1], ", ".join(
+        "%s %.3f" % (name, t - steps[i][1])
+        for i, (name, t) in enumerate(steps[1:])))
     return server, hello
 
 

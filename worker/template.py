@@ -9,7 +9,12 @@ the imported code copy-on-write.
 It never reads a configuration or a credential, so a fork inherits nothing
 of any namespace; the forked worker boots exactly as an exec'd one does
 (tlshd.worker.main: enter the namespace, load its own credentials, drop to
-the worker user, lock down).
+the worker user, lock down).  What is the same for every worker is done
+here once, before the first fork: the imports, and a throwaway TLS engine
+(no credentials; the system's public CA bundle) whose construction sets
+OpenSSL up and runs its one-off check, an in-memory handshake, so that the
+forked workers inherit OpenSSL's initialised state and skip that check.
+OpenSSL reseeds its random generator in a forked child.
 
 Workers are double-forked so that they are re-parented to the supervisor,
 which is a child subreaper: it reaps them and watches them through pidfds
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import socket
 import sys
@@ -33,9 +39,10 @@ import setproctitle  # noqa: E402
 
 from tlshd.shared import linux, protocol  # noqa: E402
 from tlshd.shared.channel import Channel  # noqa: E402
+from tlshd.shared.config import RoleConfig  # noqa: E402
 from tlshd.shared.errors import PeerGone  # noqa: E402
 from tlshd.worker import main as worker_main  # noqa: E402
-from tlshd.worker import tlsengine  # noqa: E402, F401  (import, not use)
+from tlshd.worker import tlsengine  # noqa: E402
 
 
 def _worker_args(req: protocol.SpawnRequest, netns_fd: int,
@@ -114,6 +121,11 @@ def main() -> int:
     # for.  Each forked worker inherits it until its own lock-down.
     linux.set_dumpable(False)
     setproctitle.setproctitle("tlshd: worker template")
+    # Each worker's first Engine would do this (docstring): do it once.
+    # Its warnings (no system CA bundle) are no one's concern here: each
+    # worker's own engine gives them again, through its channel.
+    logging.getLogger().addHandler(logging.NullHandler())
+    tlsengine.Engine(RoleConfig(), RoleConfig())
     # Everything imported so far lives as long as any worker: move it out
     # of the collector's reach, so that no worker's full collection walks
     # (or copy-on-write dirties) the imported TLS stack.

@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# OpenSSL sends no tickets: checked by this process's first Engine, or
+# inherited from the worker template's (the configuration is global).
+_tickets_checked = False
 
 # The kTLS-capable suites; AES-256-GCM first, as in GnuTLS's NORMAL.
 DEFAULT_CIPHERSUITES = (
@@ -128,7 +131,8 @@ class Engine:
             else None
         )
         self.psk = PskHandshakes(self._base_context, self.run)
-        self._check_no_tickets()
+        if not _tickets_checked:
+            self._check_no_tickets()
 
     # -- contexts ---------------------------------------------------------
 
@@ -206,6 +210,8 @@ class Engine:
                 f" tickets; OPENSSL_CONF={openssl_conf_path()} must be set"
                 " before OpenSSL is first imported"
             )
+        global _tickets_checked
+        _tickets_checked = True
 
     # -- OpenSSL callbacks (must not raise) -------------------------------
 

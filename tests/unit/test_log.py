@@ -61,24 +61,11 @@ def test_journal_stream_must_be_stderr_itself(monkeypatch, tmp_path):
     f.close()
 
 
-class NoFamily(Exception):
-    """What pyroute2's NetlinkError carries: the errno as ``code``."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code, os.strerror(code))
-        self.code = code
-
-
-def test_missing_handshake_family_names_what_is_needed(monkeypatch):
-    """Not an errno tuple: the kernel version and option it takes."""
-    from pyroute2.netlink.generic import GenericNetlinkSocket
-
-    def bind(self, *args):
-        raise NoFamily(errno.ENOENT)
-
-    monkeypatch.setattr(GenericNetlinkSocket, "bind", bind)
+def test_missing_handshake_family_names_what_is_needed():
+    """Not an errno tuple: the kernel version and option it takes.  Asks
+    the host's real nlctrl for a family no kernel has."""
     with pytest.raises(ConfigError) as e:
-        netlink_family.probe_family()
+        netlink_family.probe_family("tlshd-test-none")
     text = str(e.value)
     assert text.startswith("Kernel handshake service is not available: "
                            'this kernel has no "handshake" netlink family')
@@ -89,5 +76,6 @@ def test_missing_handshake_family_names_what_is_needed(monkeypatch):
 
 
 def test_other_netlink_errors_are_named():
-    text = netlink_family.unavailable_message(NoFamily(errno.EPERM))
+    text = netlink_family.unavailable_message(
+        OSError(errno.EPERM, os.strerror(errno.EPERM)))
     assert "cannot ask the kernel for it: Operation not permitted" in text

@@ -5,7 +5,6 @@ the supervisor-worker fields that carry them (protocol version 3)."""
 import struct
 
 import pytest
-from pyroute2.netlink import ctrlmsg
 from supervisorfakes import attr, u32
 
 from tlshd.shared import protocol, uapi
@@ -116,7 +115,8 @@ def nest(atype, payload):
 
 def policy_dump(done_types):
     """Two CTRL_CMD_GETPOLICY replies, as the kernel sends them: the op
-    table (DONE's do policy is index 1) and the policy's attributes."""
+    table (DONE's do policy is index 1) and the policy's attributes;
+    returned as netlink_family.ask_ctrl does, each reply's attributes."""
     def msg(attrs):
         body = struct.pack("=BBH", 10, 1, 0) + attrs
         return struct.pack("=IHHII", 16 + len(body), 0x10, 2, 1, 0) + body
@@ -125,12 +125,9 @@ def policy_dump(done_types):
         9, nest(uapi.HANDSHAKE_CMD_DONE, u32(1, 1))))
     attrs = b"".join(nest(n, u32(1, t)) for n, t in done_types.items())
     pol = msg(attr(1, struct.pack("=H", 0x21)) + nest(8, nest(1, attrs)))
-    out = []
-    for raw in (ops, pol):
-        m = ctrlmsg(raw)
-        m.decode()
-        out.append(m)
-    return tuple(out)
+    # What netlink_family.ask_ctrl returns: each reply's attributes.
+    return [netlink_codec.genl_payload(m)[1] for raw in (ops, pol)
+            for m in netlink_codec.split_messages(raw)]
 
 
 MAINLINE = {1: 4, 2: 8, 3: 4}  # STATUS u32, SOCKFD s32, REMOTE_AUTH u32
@@ -166,6 +163,35 @@ def test_nfsd_tag_at_4_is_not_a_session_id():
     fam = family({**MAINLINE, 4: netlink_family.NL_ATTR_TYPE_NUL_STRING})
     assert not fam.rekey_upcall
     assert "session_tags=supported" in fam.capabilities()
+
+
+def test_getfamily_reply_gives_id_group_and_op_flags():
+    """A CTRL_CMD_GETFAMILY reply as 6.12 sends it: the id (u16), the
+    ops (ACCEPT and DONE admin-only) and the multicast groups, the
+    ``tlshd`` one second."""
+    ops = nest(6, nest(1, u32(1, uapi.HANDSHAKE_CMD_ACCEPT) + u32(2, 0xB))
+               + nest(2, u32(1, uapi.HANDSHAKE_CMD_DONE) + u32(2, 0xB)))
+    groups = nest(7, nest(1, attr(1, b"none\0") + u32(2, 4))
+                  + nest(2, attr(1, b"tlshd\0") + u32(2, 5)))
+    reply = (attr(1, struct.pack("=H", 0x21)) + attr(2, b"handshake\0")
+             + ops + groups)
+    assert netlink_family._family(reply) == (
+        0x21, 5, {uapi.HANDSHAKE_CMD_ACCEPT: 0xB,
+                  uapi.HANDSHAKE_CMD_DONE: 0xB})
+    assert netlink_family._family(attr(1, struct.pack("=H", 0x21)))[1] is None
+    with pytest.raises(ProtocolError):
+        netlink_family._family(attr(1, struct.pack("=I", 0x21)))
+
+
+def test_ctrl_request_names_the_family():
+    data = netlink_family._ctrl_request(
+        netlink_family.CTRL_CMD_GETPOLICY, "handshake",
+        netlink_family.NLM_F_DUMP, 7)
+    (msg,) = netlink_codec.split_messages(data)
+    assert (msg.type, msg.flags, msg.seq) == (0x10, 0x301, 7)
+    cmd, attrs = netlink_codec.genl_payload(msg)
+    assert cmd == netlink_family.CTRL_CMD_GETPOLICY
+    assert netlink_codec.iter_attrs(attrs) == [(2, b"handshake\0")]
 
 
 def test_mainline_done_never_carries_a_session_id():
