@@ -61,7 +61,11 @@ class Namespace:
     # burst of reloads cannot starve requests.
     successor: Worker | None = None
     retiring: list[Worker] = field(default_factory=list)
-    restart_at: float | None = 0.0
+    # When to start a worker; None: none is wanted now (on-demand workers
+    # start at the namespace's first request, see workerpool).
+    restart_at: float | None = None
+    # The back-off after a worker's death: none starts before this.
+    not_before: float = 0.0
     held: bool = False  # a configuration error: wait for SIGHUP
     removed: bool = False
     # Not listened to until then (a flood; see arbiter.FLOOD_PAUSE).
