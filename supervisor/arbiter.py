@@ -356,6 +356,7 @@ class Supervisor:
         now = time.monotonic()
         self.discovery.reloaded(self.cfg)
         self.pool.set_idle_timeout(self.cfg.worker_idle_timeout, now)
+        starting = 0
         for ns in self.namespaces:
             try:
                 ns.cfg = config.load(ns.config_path)
@@ -365,7 +366,10 @@ class Supervisor:
                 log.error("netns %s: %s", ns.label, e)
                 problems.append("netns %s: %s" % (ns.label, e))
                 ns.held = True
-            self.pool.reloaded(ns, now)
+            starting += self.pool.reloaded(ns, now)
+        log.info("Reload done: %d of %d namespace(s) start a worker with "
+                 "the new configuration (the others at their next request)",
+                 starting, len(self.namespaces))
         self.scan()
         return problems
 

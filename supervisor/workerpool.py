@@ -251,21 +251,30 @@ class WorkerPool:
                      ns.label, now - worker.last_busy)
             self.retire(ns, worker)
 
-    def reloaded(self, ns: Namespace, now: float) -> None:
-        """``ns`` has a new configuration: start a successor worker."""
+    def reloaded(self, ns: Namespace, now: float) -> bool:
+        """``ns`` has a new configuration: start a successor worker, or a
+        first one if workers are kept for ever or a request waits.
+        Returns whether a worker starts."""
         ns.backoff.failures = 0
         if ns.successor is not None:
             # Superseded before it was ready: it holds no request, and
             # finishing its start-up would only burn CPU.
             ns.successor.kill()
             self.retire(ns, ns.successor)
+        starts = False
         if ns.worker is None:
             ns.not_before = 0.0
-            if self.idle_timeout <= 0 or self.requests.pending(ns):
-                if not self.is_spawning(ns):
-                    ns.restart_at = now
+            if ((self.idle_timeout <= 0 or self.requests.pending(ns))
+                    and not self.is_spawning(ns)):
+                ns.restart_at = now
+                starts = True
         elif not ns.held:
             self.start(ns, now, successor=True)
+            starts = True
+        if starts:
+            log.info("netns %s: starting a worker with the new "
+                     "configuration", ns.label)
+        return starts
 
     def on_exit(self, ns: Namespace, worker: Worker) -> None:
         """Reap a worker; fail what it held; restart or hold its slot."""

@@ -48,7 +48,10 @@ def start_attacker(family: int, wait: float) -> subprocess.Popen[str]:
 def config(pki, tmp_path: Path, userns: bool) -> str:
     tenant = tmp_path / "tenant.conf"
     tenant.write_text(pki.config())
-    return pki.config() + "[netns]\nunnamed=%s\nunnamed_userns=%s\n" % (
+    # worker_idle_timeout=0: the tests wait for the namespace's worker
+    # before the attack, with no handshake to start it.
+    return pki.config() + ("[netns]\nunnamed=%s\nunnamed_userns=%s\n"
+                           "worker_idle_timeout=0\n") % (
         tenant, "true" if userns else "false")
 
 
