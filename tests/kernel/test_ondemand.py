@@ -26,7 +26,7 @@ READY = r"Worker (\d+) for netns init ready"
 
 
 def on_demand(pki, idle: float) -> str:
-    return pki.config() + "[netns]\nworker_idle_timeout=%s\n" % idle
+    return pki.config(idle_timeout=idle)
 
 
 def ready_pids(text: str) -> list[int]:

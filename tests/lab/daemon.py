@@ -46,6 +46,27 @@ class Tlshd:
                       timeout, mark)
         if keeps_workers(self.conf.read_text()):
             self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+        else:
+            self.wait_for_template(timeout)
+
+    def wait_for_template(self, timeout: float) -> None:
+        """Wait until the worker template has imported the TLS stack (its
+        title is set after that): from then on, a namespace's first
+        request waits only for a fork, not for the imports as well."""
+        assert self.proc is not None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for status in Path("/proc").glob("[0-9]*/status"):
+                try:
+                    text = status.read_text()
+                    title = (status.parent / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if (title.startswith(b"tlshd: worker template")
+                        and "\nPPid:\t%d\n" % self.proc.pid in text):
+                    return
+            time.sleep(0.1)
+        raise AssertionError("no worker template within %s s" % timeout)
 
     def kill_and_restart(self, timeout: float = 120) -> tuple[float, float]:
         """SIGKILL the supervisor and start it again at once with the same
