@@ -269,9 +269,11 @@ class Daemon:
 
     def ready(self, mark: int) -> bool:
         if self.impl in (*OURS_VARIANTS, "base"):
-            # The supervisor joins the group before its worker is up.
-            return bool(re.search(r"Worker \d+ for netns init ready",
-                                  self.log_since(mark)))
+            # Listening in the initial namespace, as for the reference:
+            # workers start on demand (the warm-up's first handshake
+            # starts ours), or, in older versions, right after.
+            return bool(re.search(r"Listening for handshake requests in "
+                                  r"netns init\b", self.log_since(mark)))
         return group_listeners(self.group_id) > 0
 
     def stop(self) -> None:

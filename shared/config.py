@@ -32,6 +32,10 @@ Namespaces (top-level file only; see tlshd.conf(5)):
       CAP_NET_ADMIN over them and can send to tlshd's netlink socket).
   [netns] max_namespaces = how many namespaces one supervisor serves at
       most, the initial one included (default 1024).
+  [netns] worker_idle_timeout = seconds a namespace's worker may sit with
+      nothing in flight before it exits (default 60; 0: keep every
+      namespace's worker for ever, started with the namespace).  A
+      namespace without a worker starts one at its next request.
   [sandbox] user = the unprivileged user workers run as (default tlshd).
 
 Parsing only: nothing here opens a certificate or a key.  The key-file
@@ -76,6 +80,11 @@ DEFAULT_SESSION_CACHE_SIZE = 256
 MAX_SESSION_CACHE_SIZE = 65536
 DEFAULT_MAX_NAMESPACES = 1024
 MAX_MAX_NAMESPACES = 65536
+# An idle worker costs about 8 MiB; a new one from the template costs a
+# fraction of a second, and bursts (nconnect, NVMe queues, mount retries)
+# come within seconds: a minute keeps a burst on one worker.
+DEFAULT_WORKER_IDLE_TIMEOUT = 60.0
+MAX_WORKER_IDLE_TIMEOUT = 7 * 24 * 3600.0
 
 _ROLE_KEYS = {
     "x509.truststore": "truststore",
@@ -94,7 +103,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "authenticate.client": frozenset(_ROLE_KEYS),
     "authenticate.server": frozenset(_ROLE_KEYS),
     "netns": frozenset({"default", "unnamed", "unnamed_userns",
-                        "max_namespaces"}),
+                        "max_namespaces", "worker_idle_timeout"}),
     "sandbox": frozenset({"user"}),
 }
 # Keys ktls-utils knows that have no effect here: a warning when set
@@ -168,6 +177,7 @@ class Config:
     netns_unnamed: str | None = None
     netns_unnamed_userns: bool = False
     netns_max: int = DEFAULT_MAX_NAMESPACES
+    worker_idle_timeout: float = DEFAULT_WORKER_IDLE_TIMEOUT
     worker_user: str = "tlshd"
     # Problems that do not make the file unusable, "path:line: what".
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -235,6 +245,9 @@ def parse(text: str, path: str = "<string>") -> Config:
     netns_max = int(kf.number("netns", "max_namespaces",
                               DEFAULT_MAX_NAMESPACES, 1, MAX_MAX_NAMESPACES,
                               integer=True))
+    idle_timeout = kf.number("netns", "worker_idle_timeout",
+                             DEFAULT_WORKER_IDLE_TIMEOUT, 0,
+                             MAX_WORKER_IDLE_TIMEOUT, integer=False)
     loglevel = int(kf.number("debug", "loglevel", 0, 0, 2 ** 31 - 1,
                              integer=True))
     client = _role(kf, "authenticate.client")
@@ -254,6 +267,7 @@ def parse(text: str, path: str = "<string>") -> Config:
         netns_unnamed=kf.path_value("netns", "unnamed"),
         netns_unnamed_userns=kf.boolean("netns", "unnamed_userns", False),
         netns_max=netns_max,
+        worker_idle_timeout=idle_timeout,
         worker_user=kf.get("sandbox", "user") or "tlshd",
         loglevel=loglevel,
         keyrings=keyrings,

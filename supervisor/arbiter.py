@@ -6,8 +6,9 @@ watch, each namespace's handshake netlink socket (READY: ACCEPT, then
 ``requests.submit``), each worker's channel (``monitor``) and pidfd
 (``workerpool.on_exit``), the worker template and the control socket.
 After every wake-up come the timers: overdue requests are completed with
-ETIMEDOUT, paused namespaces are listened to again, scans run, and workers
-whose back-off has elapsed are started.
+ETIMEDOUT, paused namespaces are listened to again, scans run, idle workers
+are retired, and workers that are wanted (a request waits, or workers are
+kept for ever) and whose back-off has elapsed are started.
 
 The parts, each with its own state: ``requests`` (the in-flight table,
 the only sender of DONE), ``discovery`` (namespaces.Discovery, the served
@@ -81,7 +82,7 @@ class Supervisor:
         self.pool = WorkerPool(self.requests, self._watch_fd,
                                self._unwatch_fd,
                                lambda ns, w: self.monitor.on_channel(ns, w),
-                               debug, worker_ids)
+                               debug, worker_ids, cfg.worker_idle_timeout)
         self.monitor = Monitor(self.requests, self.pool)
         self.control: control.ControlServer | None = None
         # systemd's notify socket (Type=notify), set by main once listening
@@ -129,6 +130,7 @@ class Supervisor:
         if self.warn_certificates:
             control.warn_expiring(ns.label, ns.cfg)
         self._listen(ns)
+        self.pool.added(ns, time.monotonic())
         # The kernel may already hold requests for this namespace whose
         # READY no one here heard: sent to a supervisor that then died
         # (the pending list outlives its agent), or multicast to another
@@ -223,6 +225,7 @@ class Supervisor:
                           req.sockfd)
                 continue
             self.requests.submit(ns, req)
+            self.pool.demand(ns, time.monotonic())
         # More may be pending: carry on after the other namespaces' turn.
         ns.nlsock.ready = True
 
@@ -284,15 +287,16 @@ class Supervisor:
         self.resume_paused(now)
         if self.discovery.scan_due(now):
             self.scan()
+        self.pool.retire_idle(self.namespaces, now)
         self.pool.manage(self.namespaces, now)
         self.accept_noted()
 
     def _next_wakeup(self, now: float) -> float:
         times = [ns.restart_at for ns in self.namespaces
                  if ns.restart_at is not None and ns.worker is None]
-        due = self.requests.next_wakeup()
-        if due is not None:
-            times.append(due)
+        for due in (self.requests.next_wakeup(), self.pool.idle_check):
+            if due is not None:
+                times.append(due)
         if self.stopping is not None:
             times.append(self.stopping)
         times += self.discovery.scans
@@ -356,6 +360,8 @@ class Supervisor:
         log.info("Reloading configuration from %s", self.cfg.path)
         now = time.monotonic()
         self.discovery.reloaded(self.cfg)
+        self.pool.set_idle_timeout(self.cfg.worker_idle_timeout, now)
+        starting = 0
         for ns in self.namespaces:
             try:
                 ns.cfg = config.load(ns.config_path)
@@ -365,7 +371,10 @@ class Supervisor:
                 log.error("netns %s: %s", ns.label, e)
                 problems.append("netns %s: %s" % (ns.label, e))
                 ns.held = True
-            self.pool.reloaded(ns, now)
+            starting += self.pool.reloaded(ns, now)
+        log.info("Reload done: %d of %d namespace(s) start a worker with "
+                 "the new configuration (the others at their next request)",
+                 starting, len(self.namespaces))
         self.scan()
         return problems
 

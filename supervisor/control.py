@@ -1,10 +1,11 @@
 """The supervisor's control socket: what ``tlshdctl`` reads.
 
 A root-only AF_UNIX stream socket (mode 0600 in a 0700 directory).  A
-client sends one command line ("status", "status-json", "metrics",
-"reload" or "reload-status") and reads the answer until EOF.  The
-supervisor is single-threaded, so a client gets a short time to send its
-line, and answers are small.
+client sends one command line ("status", "status-netns NAME",
+"status-json", "metrics", "reload" or "reload-status") and reads the
+answer until EOF.  The supervisor is single-threaded, so a client gets a
+short time to send its line.  What the answers say is built in
+statustext from the rows ``status`` makes here.
 
 "reload" does what SIGHUP does and answers at once; new workers then load
 the new configuration in the background.  Until each namespace has taken
@@ -12,12 +13,14 @@ it up (or failed to), "reload" and "reload-status" answer "pending";
 then the report (see ReloadWatch), which tlshdctl polls for.
 
 Certificates named by a namespace's configuration are read here for their
-subject and expiry dates only; private keys are never opened by the
-supervisor.
+subject and expiry dates only, and kept by path until the file changes
+(a thousand namespaces usually share a few files); private keys are never
+opened by the supervisor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -30,6 +33,7 @@ from typing import Any, Protocol
 
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
+from tlshd.supervisor import statustext
 from tlshd.supervisor.namespaces import Namespace
 from tlshd.supervisor.workers import Worker
 
@@ -38,7 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = "/run/tlshd/control.sock"
 EXPIRY_WARNING_DAYS = 30
 CLIENT_TIMEOUT = 0.5
-MAX_COMMAND = 64
+MAX_COMMAND = 320  # "status-netns " and a name of up to 255 bytes
+# Certificate files read, by path; emptied when it grows past this.
+CERT_CACHE_MAX = 4096
 
 
 class Served(Protocol):
@@ -68,6 +74,30 @@ class CertInfo:
         return (self.not_after - now).total_seconds() / 86400
 
 
+_cert_cache: dict[str, tuple[tuple[int, int, int], CertInfo]] = {}
+
+
+def certificate(role: str, path: str) -> CertInfo:
+    """The first certificate of ``path``, read again only if the file
+    changed (its inode, size or modification time)."""
+    try:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _cert_cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return dataclasses.replace(cached[1], role=role)
+        with open(path, "rb") as f:
+            first = x509.load_pem_x509_certificates(f.read())[0]
+        info = CertInfo(role, path, first.subject.rfc4514_string(),
+                        first.not_valid_after_utc)
+    except (OSError, ValueError, IndexError) as e:
+        return CertInfo(role, path, "", None, str(e))
+    if len(_cert_cache) >= CERT_CACHE_MAX:
+        _cert_cache.clear()
+    _cert_cache[path] = (stamp, info)
+    return info
+
+
 def certificates(cfg: config.Config) -> list[CertInfo]:
     """The certificates a configuration names (first of each file)."""
     # Imported here, not before the daemon listens: a second under
@@ -78,16 +108,8 @@ def certificates(cfg: config.Config) -> list[CertInfo]:
     for role, rc in (("client", cfg.client), ("server", cfg.server)):
         for what, path in ((role, rc.certificate),
                            (role + "-truststore", rc.truststore)):
-            if not path:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    certs = x509.load_pem_x509_certificates(f.read())
-                first = certs[0]
-                out.append(CertInfo(what, path, first.subject.rfc4514_string(),
-                                    first.not_valid_after_utc))
-            except (OSError, ValueError, IndexError) as e:
-                out.append(CertInfo(what, path, "", None, str(e)))
+            if path:
+                out.append(certificate(what, path))
     return out
 
 
@@ -138,7 +160,8 @@ def held_reason(ns: Namespace) -> str:
             % ns.config_path)
 
 
-def namespace_status(ns: Namespace, in_flight: int) -> dict[str, Any]:
+def namespace_status(ns: Namespace, in_flight: int,
+                     spawning: bool = False) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC)
     worker = ns.worker
     certs = []
@@ -160,6 +183,7 @@ def namespace_status(ns: Namespace, in_flight: int) -> dict[str, Any]:
         "held_reason": held_reason(ns) if ns.held else "",
         "worker_pid": worker.pid if worker else None,
         "worker_ready": bool(worker and worker.ready),
+        "worker_starting": spawning or bool(worker and not worker.ready),
         "worker_uptime": (round(time.monotonic() - worker.started, 1)
                           if worker else None),
         "worker_restarts": ns.restarts,
@@ -172,79 +196,8 @@ def namespace_status(ns: Namespace, in_flight: int) -> dict[str, Any]:
 
 
 def status(sup: Served) -> list[dict[str, Any]]:
-    return [namespace_status(ns, sup.in_flight(ns)) for ns in sup.namespaces]
-
-
-def render_status(rows: list[dict[str, Any]]) -> str:
-    out = []
-    for r in rows:
-        out.append("netns %s (inode %s)%s" % (
-            r["netns"], r["inode"], "  HELD until a reload"
-            if r["held"] else ""))
-        if r["held"]:
-            out.append("  held:      %s" % r.get("held_reason", ""))
-        out.append("  config:    %s" % r["config"])
-        if r["worker_pid"]:
-            out.append("  worker:    pid %d, %s, up %.0f s, %d restart(s)" % (
-                r["worker_pid"], "ready" if r["worker_ready"] else "starting",
-                r["worker_uptime"], r["worker_restarts"]))
-        else:
-            out.append("  worker:    none (%d restart(s))"
-                       % r["worker_restarts"])
-        out.append("  handshakes: %d succeeded, %d failed, %d in flight" % (
-            r["succeeded"], r["failed"], r["in_flight"]))
-        if r["last_failure"]:
-            out.append("  last failure: %s" % r["last_failure"])
-        for c in r["certificates"]:
-            out.append("  %-18s %s  expires %s%s" % (
-                c["role"] + ":", c["subject"] or c["path"],
-                c["not_after"] or "?",
-                "  ** %s **" % c["warning"] if c["warning"] else ""))
-    return "\n".join(out) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
-def render_metrics(rows: list[dict[str, Any]]) -> str:
-    """Prometheus text exposition format."""
-    lines = [
-        "# HELP tlshd_handshakes_total Handshakes answered, by result.",
-        "# TYPE tlshd_handshakes_total counter",
-    ]
-    for r in rows:
-        ns = _label(r["netns"])
-        lines.append('tlshd_handshakes_total{netns="%s",result="success"} %d'
-                     % (ns, r["succeeded"]))
-        lines.append('tlshd_handshakes_total{netns="%s",result="failure"} %d'
-                     % (ns, r["failed"]))
-    lines += ["# HELP tlshd_handshakes_in_flight Requests not yet answered.",
-              "# TYPE tlshd_handshakes_in_flight gauge"]
-    lines += ['tlshd_handshakes_in_flight{netns="%s"} %d'
-              % (_label(r["netns"]), r["in_flight"]) for r in rows]
-    lines += ["# HELP tlshd_worker_up 1 if the namespace's worker is ready.",
-              "# TYPE tlshd_worker_up gauge"]
-    lines += ['tlshd_worker_up{netns="%s"} %d'
-              % (_label(r["netns"]), 1 if r["worker_ready"] else 0)
-              for r in rows]
-    lines += ["# HELP tlshd_worker_restarts_total Worker deaths.",
-              "# TYPE tlshd_worker_restarts_total counter"]
-    lines += ['tlshd_worker_restarts_total{netns="%s"} %d'
-              % (_label(r["netns"]), r["worker_restarts"]) for r in rows]
-    lines += ["# HELP tlshd_certificate_expiry_timestamp_seconds "
-              "When a configured certificate expires (Unix time).",
-              "# TYPE tlshd_certificate_expiry_timestamp_seconds gauge"]
-    for r in rows:
-        for c in r["certificates"]:
-            if c["not_after"]:
-                ts = datetime.datetime.fromisoformat(c["not_after"])
-                lines.append(
-                    'tlshd_certificate_expiry_timestamp_seconds{netns="%s",'
-                    'role="%s",subject="%s"} %d'
-                    % (_label(r["netns"]), _label(c["role"]),
-                       _label(c["subject"]), int(ts.timestamp())))
-    return "\n".join(lines) + "\n"
+    return [namespace_status(ns, sup.in_flight(ns), sup.spawning(ns))
+            for ns in sup.namespaces]
 
 
 @dataclass(eq=False)
@@ -374,12 +327,25 @@ class ControlServer:
 
 
 def answer(sup: Served, command: str) -> str:
+    verb, _, arg = command.partition(" ")
+    if verb == "status-netns":
+        return status_of(sup, arg)
     rows = status(sup)
     if command == "status":
-        return render_status(rows)
+        return statustext.render_status(rows)
     if command == "status-json":
         return json.dumps(rows, indent=2) + "\n"
     if command == "metrics":
-        return render_metrics(rows)
-    return ("error: unknown command %r (status, status-json, metrics, "
-            "reload, reload-status)\n" % command[:MAX_COMMAND])
+        return statustext.render_metrics(rows)
+    return ("error: unknown command %r (status, status-netns NAME, "
+            "status-json, metrics, reload, reload-status)\n"
+            % command[:MAX_COMMAND])
+
+
+def status_of(sup: Served, name: str) -> str:
+    """One namespace in full: by name, or by inode number."""
+    for ns in sup.namespaces:
+        if name in (ns.label, str(ns.key[1] if ns.key else None)):
+            row = namespace_status(ns, sup.in_flight(ns), sup.spawning(ns))
+            return "\n".join(statustext.render_namespace(row)) + "\n"
+    return "error: no namespace %r is served (tlshdctl status)\n" % name

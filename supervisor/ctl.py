@@ -55,9 +55,11 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="tlshdctl",
-        description="Show the state of a running tlshd: per network "
-                    "namespace, its worker, handshake counts, last failure "
-                    "and certificates; or the same as Prometheus metrics. "
+        description="Show the state of a running tlshd: a summary line, "
+                    "then per network namespace its worker, handshake "
+                    "counts, last failure and certificates (with many "
+                    "namespaces, those that need a look; --netns NAME "
+                    "for one); or the same as Prometheus metrics. "
                     "Or reload its configuration, as SIGHUP does, and "
                     "report when every namespace has taken it up.")
     p.add_argument("-S", "--socket", default=DEFAULT_PATH,
@@ -65,16 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-t", "--timeout", type=float, default=60.0,
                    help="reload: how long to wait for the new workers "
                         "(default %(default)s s)")
+    p.add_argument("-n", "--netns", metavar="NAME",
+                   help="status: show this namespace (name or inode "
+                        "number) in full")
     p.add_argument("-v", "--version", action="version",
                    version="tlshdctl, built from tlshd (Python) %s"
                    % _version())
     p.add_argument("command", choices=COMMANDS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    command = args.command
+    if args.netns is not None:
+        if command != "status":
+            p.error("--netns goes with status")
+        command = "status-netns " + args.netns
     try:
-        if args.command == "reload":
+        if command == "reload":
             out = reload(args.socket, args.timeout)
         else:
-            out = query(args.socket, args.command)
+            out = query(args.socket, command)
     except OSError as e:
         print("tlshdctl: cannot reach tlshd at %s: %s"
               % (args.socket, e.strerror or e), file=sys.stderr)

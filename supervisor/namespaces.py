@@ -29,8 +29,14 @@ log = logging.getLogger(__name__)
 # After a change in /run/netns, look again this much later: "ip netns add"
 # mounts the namespace onto its file after creating it, unseen by inotify.
 RESCAN_DELAYS = (0.05, 0.3, 1.0)
-# How often to look for unnamed namespaces, when they are served.
+# How often to look for unnamed namespaces, when they are served: the
+# pause between the end of one walk over /proc and the start of the next.
 UNNAMED_SCAN_INTERVAL = 2.0
+# How long one turn of the loop may spend walking /proc.
+WALK_SLICE = 0.002
+# How often /run/netns is read in full, to catch a mount or unmount that
+# came with no inotify event (the entries events name are read at once).
+NAMED_RESYNC = 30.0
 # While a /run/netns entry is not (yet) a namespace, look again this often;
 # once it is older than PENDING_FAST_FOR (most likely a file a failed
 # "ip netns add" left behind), only every PENDING_SLOW seconds.
@@ -61,7 +67,11 @@ class Namespace:
     # burst of reloads cannot starve requests.
     successor: Worker | None = None
     retiring: list[Worker] = field(default_factory=list)
-    restart_at: float | None = 0.0
+    # When to start a worker; None: none is wanted now (on-demand workers
+    # start at the namespace's first request, see workerpool).
+    restart_at: float | None = None
+    # The back-off after a worker's death: none starts before this.
+    not_before: float = 0.0
     held: bool = False  # a configuration error: wait for SIGHUP
     removed: bool = False
     # Not listened to until then (a flood; see arbiter.FLOOD_PAUSE).
@@ -87,7 +97,7 @@ class Wanted:
     """A namespace that should be served, and with which configuration."""
 
     found: netns.Found
-    config_path: str
+    config_path: str  # "": a named one's, not looked up yet
     unnamed: bool  # found through /proc, not /run/netns
 
 
@@ -111,8 +121,17 @@ class Discovery:
         self._removing = removing
         self.served: list[Namespace] = []
         self.watcher: netns.Watcher | None = None
-        self.scans: list[float] = []  # when to scan again
+        self._scans: list[float] = []  # when to scan again
         self._unserved: set[netns.Key] = set()  # logged once each
+        self._named = netns.NamedCache()
+        self._resync_at: float | None = None  # once watching
+        # The unnamed namespaces the last complete walk over /proc found,
+        # the walk under way, and when the next one starts.
+        self._unnamed: list[netns.Found] = []
+        self._walk: netns.ProcWalk | None = None
+        self._walk_at = 0.0
+        self.walks = 0  # walks completed
+        self._recheck = False  # look at served namespaces' files again
 
     def add(self, label: str, config_path: str,
             nlsock: netlink_socket.HandshakeSocket | None = None,
@@ -159,63 +178,131 @@ class Discovery:
         """A new main configuration: say again what is not served."""
         self.cfg = cfg
         self._unserved.clear()
+        self._recheck = True
+        if not cfg.netns_unnamed:
+            self._stop_walk()
+            self._unnamed = []
 
     # ---- which namespaces -----------------------------------------------
 
     def watch(self) -> netns.Watcher:
         """Start watching /run/netns; the caller polls the watcher."""
         self.watcher = netns.Watcher()
+        self._named.mark(None)
+        self._resync_at = time.monotonic() + NAMED_RESYNC
         return self.watcher
 
     def on_watch(self) -> bool:
         """/run/netns changed: True if a scan is due now (then the next
         few are set up, see RESCAN_DELAYS)."""
         assert self.watcher is not None
-        if not self.watcher.drain():
+        changed = self.watcher.drain()
+        if changed is not None and not changed:
             return False
+        self._named.mark(changed)
         now = time.monotonic()
-        self.scans.extend(now + d for d in RESCAN_DELAYS)
+        self._scans.extend(now + d for d in RESCAN_DELAYS)
         return True
 
+    @property
+    def scans(self) -> list[float]:
+        """When discovery wants the loop to wake up (a walk over /proc
+        under way: at once)."""
+        times = list(self._scans)
+        if self._resync_at is not None:
+            times.append(self._resync_at)
+        if self.cfg.netns_unnamed:
+            times.append(0.0 if self._walk is not None else self._walk_at)
+        return times
+
     def scan_due(self, now: float) -> bool:
-        """Whether a timed scan is due; sets up the next unnamed scan."""
-        due = bool(self.scans) and now >= min(self.scans)
+        """Whether a scan is due; walks /proc for one slice if unnamed
+        namespaces are served (due when a walk is complete)."""
+        due = bool(self._scans) and now >= min(self._scans)
         if due:
-            self.scans = [t for t in self.scans if t > now]
-        if self.cfg.netns_unnamed and not self.scans:
-            self.scans.append(now + UNNAMED_SCAN_INTERVAL)
+            self._scans = [t for t in self._scans if t > now]
+        if self._resync_at is not None and now >= self._resync_at:
+            self._named.mark(None)
+            self._resync_at = now + NAMED_RESYNC
+            due = True
+        if self.cfg.netns_unnamed and self._walk_unnamed(now):
+            due = True
         return due
 
-    def _wanted(self) -> list[Wanted]:
-        wanted = [Wanted(netns.initial(), self.cfg.path, False)]
-        for f in netns.named():
-            path = self.cfg.netns_config(f.label)
-            if path is None:
-                if f.key not in self._unserved:
-                    log.info("netns %s has no configuration; not serving it",
-                             f.label)
-                self._unserved.add(f.key)
-                continue
-            wanted.append(Wanted(f, path, False))
-        if self.cfg.netns_unnamed:
+    def _walk_unnamed(self, now: float) -> bool:
+        """One slice of the walk over /proc (starting one if it is time);
+        True when a walk has just completed."""
+        if self._walk is None:
+            if now < self._walk_at:
+                return False
             ours = {os.getpid()}
             for ns in self.served:
                 ours.update(w.pid for w in ns.workers())
-            for f in netns.unnamed(ours):
-                wanted.append(Wanted(f, self.cfg.netns_unnamed, True))
-        return wanted
+            self._walk = netns.ProcWalk(ours)
+        if not self._walk.step(time.monotonic() + WALK_SLICE):
+            return False
+        self._unnamed = self._walk.result()
+        self._walk = None
+        self._walk_at = time.monotonic() + UNNAMED_SCAN_INTERVAL
+        self.walks += 1
+        return True
+
+    def _stop_walk(self) -> None:
+        if self._walk is not None:
+            self._walk.close()
+            self._walk = None
+        self._walk_at = 0.0
+
+    def _found(self) -> dict[netns.Key, Wanted]:
+        """The namespaces that exist: initial, named (from the cache of
+        /run/netns), unnamed (from the last complete walk over /proc).
+        The configuration path of a named one is looked up later, and
+        only when needed (it costs a stat)."""
+        found = [Wanted(netns.initial(), self.cfg.path, False)]
+        self._named.refresh()
+        found += [Wanted(f, "", False) for f in self._named.found()]
+        if self.cfg.netns_unnamed:
+            found += [Wanted(f, self.cfg.netns_unnamed, True)
+                      for f in self._unnamed]
+        out: dict[netns.Key, Wanted] = {}
+        for w in found:
+            out.setdefault(w.found.key, w)
+        return out
+
+    def _configured(self, w: Wanted) -> Wanted | None:
+        """``w`` with its configuration path (None: not to be served)."""
+        if w.config_path:
+            return w
+        path = self.cfg.netns_config(w.found.label)
+        if path is None:
+            if w.found.key not in self._unserved:
+                log.info("netns %s has no configuration; not serving it",
+                         w.found.label)
+            self._unserved.add(w.found.key)
+            return None
+        return Wanted(w.found, path, False)
 
     def scan(self) -> None:
-        """Bring the served set in line with the namespaces that exist."""
-        wanted: dict[netns.Key, Wanted] = {}
-        for w in self._wanted():
-            wanted.setdefault(w.found.key, w)
+        """Bring the served set in line with the namespaces that exist.
+
+        A served named namespace keeps its configuration file until a
+        reload, when whether it has one is looked at again; so a scan
+        after one change costs no system call per unchanged namespace.
+        """
+        found = self._found()
+        recheck, self._recheck = self._recheck, False
         for ns in list(self.served):
-            if ns.key is not None and ns.key not in wanted:
+            if ns.key is None:
+                continue
+            w = found.get(ns.key)
+            if w is None or (recheck and self._configured(w) is None):
                 self.remove(ns)
         have = {ns.key for ns in self.served}
-        for key, w in wanted.items():
+        for key, w in found.items():
             if key in have:
+                continue
+            wanted = self._configured(w)
+            if wanted is None:
                 continue
             if len(self.served) >= self.cfg.netns_max:
                 self._not_served(key, "netns %s is not served: %d namespaces"
@@ -223,7 +310,7 @@ class Discovery:
                                  "allows" % (w.found.label,
                                              len(self.served)))
                 continue
-            self._serve(w)
+            self._serve(wanted)
         self._rescan_placeholders(time.monotonic())
 
     def _serve(self, w: Wanted) -> None:
@@ -274,10 +361,10 @@ class Discovery:
         """Look again while a /run/netns entry is not a namespace yet: the
         mount that makes it one comes unseen by inotify, and may come
         later than the last of RESCAN_DELAYS."""
-        ages = netns.placeholder_ages()
+        ages = self._named.placeholder_ages(time.time())
         if not ages:
             return
         delay = (PENDING_RESCAN if min(ages) < PENDING_FAST_FOR
                  else PENDING_SLOW)
-        if not any(t <= now + delay for t in self.scans):
-            self.scans.append(now + delay)
+        if not any(t <= now + delay for t in self._scans):
+            self._scans.append(now + delay)

@@ -5,15 +5,20 @@ reused, inode numbers cannot while the namespace lives.  Sources:
 
 - the initial namespace (the supervisor's own);
 - named namespaces: the nsfs bind mounts in /run/netns (``ip netns add``),
-  watched with inotify.  ``ip netns add`` creates the file first and
-  bind-mounts the namespace onto it a moment later, and a mount makes no
-  inotify event, so an event triggers a few re-scans over the next second;
+  watched with inotify and kept in a ``NamedCache``: an event re-examines
+  only the entries it names, and entries that are not a namespace yet.
+  ``ip netns add`` creates the file first and bind-mounts the namespace
+  onto it a moment later, and a mount makes no inotify event, so an event
+  triggers a few re-scans over the next second; a mount or unmount with
+  no event at all is caught by an occasional full re-read;
 - when configured, unnamed namespaces found through /proc/*/ns/net (the
-  container runtimes that do not name theirs), found by scanning processes
-  with psutil, every few seconds.  By default only those owned by the
-  initial user namespace: the root of a user namespace holds CAP_NET_ADMIN
-  over the network namespaces it owns, so it can talk to our netlink
-  socket there (see tlshd.supervisor.netlink_socket); serving those is opt-in.
+  container runtimes that do not name theirs), found by walking /proc
+  every few seconds, a bounded slice per turn of the loop (``ProcWalk``),
+  so ten thousand processes never hold it up.  By default only those
+  owned by the initial user namespace: the root of a user namespace holds
+  CAP_NET_ADMIN over the network namespaces it owns, so it can talk to
+  our netlink socket there (see tlshd.supervisor.netlink_socket); serving
+  those is opt-in.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import ctypes
 import fcntl
 import logging
 import os
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,6 +47,10 @@ IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
 IN_DELETE_SELF = 0x400
 IN_ATTRIB = 0x4
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+# struct inotify_event: wd, mask, cookie, len, then len bytes of name.
+EVENT_HEADER = struct.Struct("iIII")
 
 # ioctl(2) on a namespace fd: an fd of the user namespace that owns it
 # (<linux/nsfs.h>, _IO(0xb7, 0x1)).
@@ -76,68 +86,145 @@ def initial() -> Found:
 
 def named() -> list[Found]:
     """The namespaces bind-mounted in /run/netns right now."""
-    dev = nsfs_device()
-    out = []
-    try:
-        names = sorted(os.listdir(RUN_NETNS))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        path = os.path.join(RUN_NETNS, name)
+    cache = NamedCache()
+    cache.refresh()
+    return cache.found()
+
+
+class NamedCache:
+    """The entries of /run/netns, re-examined only where something changed.
+
+    ``mark(names)`` says which entries an inotify event named (None: all
+    of them, as after an overflow); ``refresh`` then stats only those and
+    the entries that are not a namespace yet (placeholders: "ip netns add"
+    mounts the namespace onto its file with no event).  The other entries
+    keep their key without a system call, so a scan after one change costs
+    the same with 1000 namespaces as with 10.  ``dev``: the nsfs device
+    (the tests pass another one).
+    """
+
+    def __init__(self, directory: str | None = None,
+                 dev: int | None = None) -> None:
+        self.directory = RUN_NETNS if directory is None else directory
+        self.dev = nsfs_device() if dev is None else dev
+        # name -> the namespace, or when the placeholder appeared (ctime)
+        self._entries: dict[str, Found | float] = {}
+        self._marked: set[str] | None = None  # None: re-read everything
+        self.stats = 0  # stat(2) calls made, for the tests and benchmarks
+
+    def mark(self, names: Iterable[str] | None) -> None:
+        """Re-examine ``names`` (None: every entry) at the next refresh."""
+        if names is None or self._marked is None:
+            self._marked = None
+        else:
+            self._marked.update(names)
+
+    def refresh(self) -> None:
+        """Stat what was marked, and every placeholder."""
+        if self._marked is None:
+            try:
+                names: Iterable[str] = os.listdir(self.directory)
+            except FileNotFoundError:
+                names = []
+            self._entries = {}
+        else:
+            names = self._marked | {n for n, e in self._entries.items()
+                                    if not isinstance(e, Found)}
+        self._marked = set()
+        for name in names:
+            self._entries.pop(name, None)
+            path = os.path.join(self.directory, name)
+            self.stats += 1
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            # Until "ip netns add" has mounted the namespace onto the file,
+            # it is an empty regular file on tmpfs: not (yet) a namespace.
+            if st.st_dev != self.dev:
+                self._entries[name] = st.st_ctime
+            else:
+                self._entries[name] = Found((st.st_dev, st.st_ino), path,
+                                            name)
+
+    def found(self) -> list[Found]:
+        """The namespaces, by name."""
+        return [e for _, e in sorted(self._entries.items())
+                if isinstance(e, Found)]
+
+    def placeholder_ages(self, now: float) -> list[float]:
+        """Seconds since each entry that is not (yet) a namespace appeared
+        (``now``: time.time()).  Setting a namespace up can take more than
+        a second on a busy machine."""
+        return [max(0.0, now - e) for e in self._entries.values()
+                if not isinstance(e, Found)]
+
+
+def unnamed(exclude_pids: Container[int]) -> list[Found]:
+    """Namespaces that some process (not one of ours) is in, in one go."""
+    walk = ProcWalk(exclude_pids)
+    while not walk.step(float("inf")):
+        pass
+    return walk.result()
+
+
+class ProcWalk:
+    """One pass over /proc/<pid>/ns/net, a slice at a time.
+
+    ``step`` looks at processes until the deadline passes (at least one),
+    so a host with ten thousand processes costs the loop many short turns
+    instead of one long one.  /proc is read as a directory stream: pids
+    that come and go during the pass are seen or not, as with any scan.
+    The walk owns an fd of /proc until it is finished or closed.
+    """
+
+    CHECK_EVERY = 32  # processes between two looks at the clock
+
+    def __init__(self, exclude_pids: Container[int],
+                 proc: str = "/proc") -> None:
+        self.exclude = exclude_pids
+        self.proc = proc
+        self.dev = nsfs_device()
+        self._it: Iterator[os.DirEntry[str]] | None = os.scandir(proc)
+        self._seen: dict[Key, Found] = {}
+        self.looked = 0  # processes looked at
+
+    def step(self, deadline: float) -> bool:
+        """Walk on until ``deadline`` (time.monotonic()); True when done."""
+        it = self._it
+        if it is None:
+            return True
+        while True:
+            for _ in range(self.CHECK_EVERY):
+                entry = next(it, None)
+                if entry is None:
+                    self.close()
+                    return True
+                self._look(entry.name)
+            if time.monotonic() >= deadline:
+                return False
+
+    def _look(self, name: str) -> None:
+        if not name.isdigit() or int(name) in self.exclude:
+            return
+        self.looked += 1
+        path = "%s/%s/ns/net" % (self.proc, name)
         try:
             st = os.stat(path)
         except OSError:
-            continue
-        # Until "ip netns add" has mounted the namespace onto the file, it
-        # is an empty regular file on tmpfs: not (yet) a namespace.
-        if st.st_dev != dev:
-            continue
-        out.append(Found((st.st_dev, st.st_ino), path, name))
-    return out
-
-
-def placeholder_ages() -> list[float]:
-    """Seconds since each /run/netns entry that is not (yet) a namespace
-    appeared.  "ip netns add" creates the file, then sets the namespace up
-    and mounts it there, which inotify does not report; setting a
-    namespace up can take more than a second on a busy machine."""
-    dev = nsfs_device()
-    now = time.time()
-    ages = []
-    try:
-        names = os.listdir(RUN_NETNS)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        try:
-            st = os.stat(os.path.join(RUN_NETNS, name))
-        except OSError:
-            continue
-        if st.st_dev != dev:
-            ages.append(max(0.0, now - st.st_ctime))
-    return ages
-
-
-def unnamed(exclude_pids: set[int]) -> list[Found]:
-    """Namespaces that some process (not one of ours) is in."""
-    # Imported here: only [netns] unnamed= needs it, and it costs most of
-    # a second under emulation before the daemon listens.
-    import psutil
-
-    dev = nsfs_device()
-    seen: dict[Key, Found] = {}
-    for proc in psutil.process_iter([]):
-        if proc.pid in exclude_pids:
-            continue
-        path = "/proc/%d/ns/net" % proc.pid
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue  # gone, or a kernel thread
+            return  # gone, or a kernel thread
         key = (st.st_dev, st.st_ino)
-        if st.st_dev == dev and key not in seen:
-            seen[key] = Found(key, path, str(st.st_ino))
-    return list(seen.values())
+        if st.st_dev == self.dev and key not in self._seen:
+            self._seen[key] = Found(key, path, str(st.st_ino))
+
+    def result(self) -> list[Found]:
+        """The namespaces found (complete once ``step`` said done)."""
+        return list(self._seen.values())
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None:
+            it.close()  # type: ignore[attr-defined]
 
 
 def owner_userns(nsfd: int) -> Key:
@@ -196,21 +283,34 @@ class Watcher:
     def fileno(self) -> int:
         return self.fd
 
-    def drain(self) -> bool:
-        """Consume pending events; True if there were any.
-
-        What changed is not read from the events: any change means "scan
-        /run/netns again" (a scan compares the whole directory anyway).
-        """
-        changed = False
+    def drain(self) -> set[str] | None:
+        """Consume pending events: the names they concern (empty: none),
+        or None when any entry may have changed (the queue overflowed, or
+        the directory itself went away)."""
+        names: set[str] | None = set()
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
-                return changed
+                return names
             if not data:
-                return changed
-            changed = True
+                return names
+            for mask, name in parse_events(data):
+                if mask & (IN_Q_OVERFLOW | IN_DELETE_SELF | IN_IGNORED):
+                    names = None
+                elif names is not None and name:
+                    names.add(name)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def parse_events(data: bytes) -> Iterator[tuple[int, str]]:
+    """(mask, name) of each inotify event in ``data``."""
+    offset = 0
+    while offset + EVENT_HEADER.size <= len(data):
+        _, mask, _, size = EVENT_HEADER.unpack_from(data, offset)
+        offset += EVENT_HEADER.size
+        raw = data[offset:offset + size]
+        offset += size
+        yield mask, raw.split(b"\0", 1)[0].decode(errors="surrogateescape")

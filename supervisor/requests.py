@@ -130,6 +130,11 @@ class Requests:
     def get(self, req_id: int) -> Request | None:
         return self._table.get(req_id)
 
+    def busy_workers(self) -> set[Worker]:
+        """The workers that hold a request."""
+        return {r.worker for r in self._table.values()
+                if r.worker is not None}
+
     def pending(self, ns: Namespace) -> list[Request]:
         return [r for r in self._table.values()
                 if r.ns is ns and r.worker is None]
@@ -217,6 +222,7 @@ class Requests:
             self.complete(req, errno.EIO, ())
             return
         req.worker = worker
+        worker.last_busy = time.monotonic()
         req.handed.update(p.serial for p in psks)
 
     def _key_material(self, req: Request) -> KeyMaterial | None:
@@ -265,6 +271,10 @@ class Requests:
         if self._table.pop(req.req_id, None) is None:
             raise AssertionError("request %d completed twice" % req.req_id)
         ns = req.ns
+        if req.worker is not None:
+            req.worker.last_busy = time.monotonic()
+            if session_id:
+                req.worker.sessions += 1
         if status == 0:
             ns.succeeded += 1
         else:

@@ -2,7 +2,13 @@
 
 The verbs on a namespace's worker slots (``Namespace.worker``,
 ``successor``, ``retiring``) and its restart back-off, gunicorn's
-spawn/reap/manage.  Kept apart from workers.py (one process) because
+spawn/reap/manage.
+
+Workers are on demand: a namespace has none until a request arrives
+(``demand``), and one with nothing in flight for ``idle_timeout`` seconds
+exits (``retire_idle``), unless it keeps re-key secrets the kernel may
+still ask for.  With ``idle_timeout`` 0, every namespace keeps a worker
+from the moment it is served.  Kept apart from workers.py (one process) because
 namespaces.py needs the Worker type, and these verbs need Namespace and
 the request table: one module for both would be an import cycle.
 
@@ -44,7 +50,8 @@ class WorkerPool:
 
     def __init__(self, requests: Requests, watch: Watch, unwatch: Unwatch,
                  on_message: Callable[[Namespace, Worker], None], debug: bool,
-                 worker_ids: tuple[int, int] | None) -> None:
+                 worker_ids: tuple[int, int] | None,
+                 idle_timeout: float = 0.0) -> None:
         self.requests = requests
         self._watch = watch
         self._unwatch = unwatch
@@ -55,6 +62,10 @@ class WorkerPool:
         # Template spawn requests awaiting an answer: (namespace, successor)
         self.spawning: dict[int, tuple[Namespace, bool]] = {}
         self.stopping = False  # no new workers once set
+        # Seconds an idle worker lives (0: for ever), and when to look
+        # for idle workers next (None: none can be idle).
+        self.idle_timeout = idle_timeout
+        self.idle_check: float | None = None
 
     # ---- the worker template --------------------------------------------
 
@@ -96,6 +107,18 @@ class WorkerPool:
         return any(n is ns for n, _ in self.spawning.values())
 
     # ---- start ----------------------------------------------------------
+
+    def added(self, ns: Namespace, now: float) -> None:
+        """``ns`` is served: start its worker now, unless on demand."""
+        if self.idle_timeout <= 0:
+            ns.restart_at = now
+
+    def demand(self, ns: Namespace, now: float) -> None:
+        """A request waits in ``ns``: start a worker for it, unless one is
+        starting, or the back-off or a configuration error says wait."""
+        if (ns.worker is None and ns.restart_at is None and not ns.held
+                and not self.stopping and not self.is_spawning(ns)):
+            ns.restart_at = max(now, ns.not_before)
 
     def manage(self, namespaces: list[Namespace], now: float) -> None:
         """Start the workers whose back-off has elapsed."""
@@ -141,6 +164,8 @@ class WorkerPool:
         """``worker`` said HELLO and passed its check: it takes over from
         its predecessor, and the namespace's pending requests."""
         worker.ready = True
+        worker.last_busy = time.monotonic()
+        self._note_idle(worker.last_busy)
         if worker is ns.successor:
             old = ns.worker
             ns.worker, ns.successor = worker, None
@@ -179,7 +204,11 @@ class WorkerPool:
         self.close_if_idle(worker)
 
     def close_if_idle(self, worker: Worker) -> None:
-        if (worker.retiring and worker.returncode is None
+        """``worker`` may hold nothing now: a retiring one is told to exit,
+        another may idle out later (see retire_idle)."""
+        if not worker.retiring:
+            self._note_idle(time.monotonic())
+        elif (worker.returncode is None
                 and not self.requests.held_by(worker)):
             # EOF on its channel tells the worker to exit.
             try:
@@ -187,18 +216,65 @@ class WorkerPool:
             except OSError:
                 pass
 
-    def reloaded(self, ns: Namespace, now: float) -> None:
-        """``ns`` has a new configuration: start a successor worker."""
+    def set_idle_timeout(self, seconds: float, now: float) -> None:
+        """A reload changed ``worker_idle_timeout``: look again from
+        ``now`` (the next look also finds workers idle already)."""
+        self.idle_timeout = seconds
+        self.idle_check = None
+        self._note_idle(now)
+
+    def _note_idle(self, now: float) -> None:
+        """A worker may have become idle at ``now``: look then."""
+        if self.idle_timeout > 0 and self.idle_check is None:
+            self.idle_check = now + self.idle_timeout
+
+    def retire_idle(self, namespaces: list[Namespace], now: float) -> None:
+        """Retire every worker idle for ``idle_timeout``; note when the
+        next one may be.  Only when due: it looks at every namespace."""
+        if self.idle_check is None or now < self.idle_check:
+            return
+        self.idle_check = None
+        if self.idle_timeout <= 0 or self.stopping:
+            return
+        busy = self.requests.busy_workers()
+        for ns in namespaces:
+            worker = ns.worker
+            if (worker is None or not worker.ready or worker.sessions
+                    or ns.successor is not None or worker in busy):
+                continue
+            due = worker.last_busy + self.idle_timeout
+            if now < due:
+                self.idle_check = min(due, self.idle_check or due)
+                continue
+            log.info("Worker %d for netns %s idle for %.0f s; stopping it "
+                     "(the next request starts another)", worker.pid,
+                     ns.label, now - worker.last_busy)
+            self.retire(ns, worker)
+
+    def reloaded(self, ns: Namespace, now: float) -> bool:
+        """``ns`` has a new configuration: start a successor worker, or a
+        first one if workers are kept for ever or a request waits.
+        Returns whether a worker starts."""
         ns.backoff.failures = 0
         if ns.successor is not None:
             # Superseded before it was ready: it holds no request, and
             # finishing its start-up would only burn CPU.
             ns.successor.kill()
             self.retire(ns, ns.successor)
+        starts = False
         if ns.worker is None:
-            ns.restart_at = now
+            ns.not_before = 0.0
+            if ((self.idle_timeout <= 0 or self.requests.pending(ns))
+                    and not self.is_spawning(ns)):
+                ns.restart_at = now
+                starts = True
         elif not ns.held:
             self.start(ns, now, successor=True)
+            starts = True
+        if starts:
+            log.info("netns %s: starting a worker with the new "
+                     "configuration", ns.label)
+        return starts
 
     def on_exit(self, ns: Namespace, worker: Worker) -> None:
         """Reap a worker; fail what it held; restart or hold its slot."""
@@ -232,9 +308,15 @@ class WorkerPool:
             ns.held = True
             self.requests.fail_all(errno.EIO, namespace=ns,
                                    pending_only=True)
-        else:
-            ns.restarts += 1
-            ns.restart_at = ns.backoff.failed(time.monotonic())
+            return
+        ns.restarts += 1
+        ns.not_before = ns.backoff.failed(time.monotonic())
+        if not worker.ready:
+            # It died starting: the requests that wait for it get their
+            # DONE now instead of waiting out the back-off.
+            self.requests.fail_all(errno.EIO, "worker %s while starting"
+                                   % how, namespace=ns, pending_only=True)
+        ns.restart_at = ns.not_before if self.idle_timeout <= 0 else None
 
     def close(self, namespaces: list[Namespace]) -> None:
         """Kill and reap every worker; close the template."""

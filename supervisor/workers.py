@@ -48,6 +48,11 @@ class Worker:
     ready: bool = False
     retiring: bool = False
     returncode: int | None = None
+    # When it last held a request (idle workers exit, see workerpool).
+    last_busy: float = 0.0
+    # Sessions whose re-key secrets it keeps (DONE named a session id):
+    # the kernel may ask for them any time, so it never idles out.
+    sessions: int = 0
     # What it logs goes through here: sanitised and rate-limited.
     logs: WorkerLog = field(init=False)
 

@@ -47,9 +47,12 @@ def start_attacker(family: int, wait: float) -> subprocess.Popen[str]:
 
 def config(pki, tmp_path: Path, userns: bool) -> str:
     tenant = tmp_path / "tenant.conf"
-    tenant.write_text(pki.config())
-    return pki.config() + "[netns]\nunnamed=%s\nunnamed_userns=%s\n" % (
-        tenant, "true" if userns else "false")
+    tenant.write_text(pki.config(idle_timeout=None))
+    # worker_idle_timeout=0: the tests wait for the namespace's worker
+    # before the attack, with no handshake to start it.
+    return pki.config(idle_timeout=None) + (
+        "[netns]\nunnamed=%s\nunnamed_userns=%s\nworker_idle_timeout=0\n"
+        % (tenant, "true" if userns else "false"))
 
 
 def test_flood_from_a_user_namespace_leaves_others_served(

@@ -295,7 +295,9 @@ def reuse_lab(nfs_server) -> Iterator[dict]:
            "&& ip -n rb addr add {n}.2/24 dev vrb && "
            "ip -n rb link set vrb up".format(n=NS_NET))
         sites["ra"].start_nfs(["127.0.0.1", "%s.0/24" % NS_NET])
-        daemon.start(reuse_config(creds["init"].config()))
+        # Workers for ra and rb from the start (waited for below).
+        daemon.start(reuse_config(creds["init"].config())
+                     + "[netns]\nworker_idle_timeout=0\n")
         for name in ("ra", "rb"):
             daemon.wait_for(r"Worker \d+ for netns %s ready" % name, 120)
         yield {"daemon": daemon, "sites": sites}

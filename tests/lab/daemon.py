@@ -11,6 +11,13 @@ from pathlib import Path
 from lab.shell import VENV_BIN, ensure_worker_user
 
 
+def keeps_workers(config_text: str) -> bool:
+    """Whether a configuration keeps a worker in every namespace from the
+    start (worker_idle_timeout=0), instead of starting them on demand."""
+    return re.search(r"^worker_idle_timeout\s*=\s*0*(\.0*)?\s*$",
+                     config_text, re.M) is not None
+
+
 class Tlshd:
     """Our tlshd, started as ``tlshd -s -c FILE`` as the admin would."""
 
@@ -35,12 +42,37 @@ class Tlshd:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+        self.wait_for(r"Listening for handshake requests in netns init\b",
+                      timeout, mark)
+        if keeps_workers(self.conf.read_text()):
+            self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+        else:
+            self.wait_for_template(timeout)
+
+    def wait_for_template(self, timeout: float) -> None:
+        """Wait until the worker template has imported the TLS stack (its
+        title is set after that): from then on, a namespace's first
+        request waits only for a fork, not for the imports as well."""
+        assert self.proc is not None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for status in Path("/proc").glob("[0-9]*/status"):
+                try:
+                    text = status.read_text()
+                    title = (status.parent / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if (title.startswith(b"tlshd: worker template")
+                        and "\nPPid:\t%d\n" % self.proc.pid in text):
+                    return
+            time.sleep(0.1)
+        raise AssertionError("no worker template within %s s" % timeout)
 
     def kill_and_restart(self, timeout: float = 120) -> tuple[float, float]:
         """SIGKILL the supervisor and start it again at once with the same
         configuration, as systemd's Restart=on-failure does (after its
-        RestartSec).  Returns when the new one's init worker is ready:
+        RestartSec).  Returns when the new one listens in the initial
+        namespace (and, if it keeps workers, its init worker is ready):
         (time of the kill, time ready), time.monotonic()."""
         assert self.proc is not None
         killed = time.monotonic()
@@ -82,7 +114,9 @@ class Tlshd:
         self.conf.write_text(config_text)
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
-        self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
+        self.wait_for(r"Reload done", timeout, mark)
+        if re.search(r"netns init: starting a worker", self.since(mark)):
+            self.wait_for(r"Worker \d+ for netns init ready", timeout, mark)
 
     def stop(self) -> None:
         if self.proc is None:

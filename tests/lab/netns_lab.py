@@ -42,6 +42,8 @@ class NetnsLab:
         self.default_config = workdir / "default.conf"
         self.default_config.write_text(self.creds["default"].config())
         self._group = 0
+        # [netns] worker_idle_timeout of the main configuration.
+        self.idle_timeout = "0"
 
     # -- configuration and sites --
 
@@ -52,8 +54,12 @@ class NetnsLab:
         return path
 
     def main_config(self) -> str:
+        # Workers from the start, kept for ever: these tests look at each
+        # namespace's worker before any handshake (on-demand workers:
+        # test_ondemand.py).
         return self.creds["init"].config(
-            "[netns]\ndefault=%s\n" % self.default_config)
+            "[netns]\ndefault=%s\nworker_idle_timeout=%s\n"
+            % (self.default_config, self.idle_timeout))
 
     def new_creds(self, name: str, ips: list[str] | None = None
                   ) -> NsCreds:

@@ -170,7 +170,12 @@ class Pki:
         extra_client: str = "",
         extra_server: str = "",
         timeout: float | None = None,
+        idle_timeout: float | None = 0,
     ) -> str:
+        """A main configuration.  ``idle_timeout``: [netns]
+        worker_idle_timeout; 0 (the default here, not tlshd's): a worker
+        from the start, as most tests want one before their first mount;
+        None: no [netns] section (tlshd's default, workers on demand)."""
         lines = ["[debug]", "loglevel=1", "tls=0", "nl=0", "[authenticate]"]
         if timeout is not None:
             lines.append("handshake_timeout=%s" % timeout)
@@ -191,6 +196,8 @@ class Pki:
             "x509.private_key=%s" % self.path(server + ".key"),
             extra_server,
         ]
+        if idle_timeout is not None:
+            lines += ["[netns]", "worker_idle_timeout=%s" % idle_timeout]
         return "\n".join(lines) + "\n"
 
 

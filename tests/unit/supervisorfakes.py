@@ -121,14 +121,18 @@ def connected_fd(listener: socket.socket) -> tuple[int, socket.socket]:
     return cli.detach(), peer
 
 
-def serving(tmp_path: Path, nl: FakeNl | None = None
+def serving(tmp_path: Path, nl: FakeNl | None = None,
+            idle_timeout: str = "0"
             ) -> Iterator[tuple[Supervisor, FakeNl, Namespace]]:
     """Body of a ``sup`` fixture: a Supervisor serving one namespace
     through FakeNl (``nl``, which may hold requests already); stopped,
-    shut down and its signals restored after."""
+    shut down and its signals restored after.  ``idle_timeout``: the
+    [netns] worker_idle_timeout (0, the default here: a worker from the
+    start, kept for ever)."""
     conf = tmp_path / "tlshd.conf"
     conf.write_text("[authenticate]\nhandshake_timeout=2\n"
-                    "[authenticate.client]\n[authenticate.server]\n")
+                    "[authenticate.client]\n[authenticate.server]\n"
+                    "[netns]\nworker_idle_timeout=%s\n" % idle_timeout)
     cfg = config.load(str(conf))
     s = Supervisor(cfg, netlink_family.FamilyInfo(0x21, 5))
     if nl is None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tlshd.shared import config
-from tlshd.supervisor import control
+from tlshd.supervisor import control, statustext
 
 from .conftest import DAY, PKI
 
@@ -62,12 +62,12 @@ def test_expiring_certificates_are_marked_in_status(tmp_path: Path) -> None:
     assert "No such file" in warnings["server-truststore"]
     days = {c["role"]: c["days_left"] for c in row["certificates"]}
     assert 9 < days["server"] <= 10 and days["client"] > 399
-    text = control.render_status([row])
+    text = statustext.render_status([row])
     assert "server:            CN=soon" in text
     assert "** expires soon **" in text and "** expired **" in text
     assert "last failure: EACCES: certificate verify failed" in text
     # The same dates in the metrics, as Unix times.
-    metrics = control.render_metrics([row])
+    metrics = statustext.render_metrics([row])
     soon = [line for line in metrics.splitlines()
             if 'role="server",subject="CN=soon"' in line]
     assert len(soon) == 1

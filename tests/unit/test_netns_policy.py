@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tlshd.shared import config
-from tlshd.supervisor import netlink_family, netns
+from tlshd.supervisor import namespaces, netlink_family, netns
 from tlshd.supervisor.arbiter import Supervisor
 
 FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
@@ -69,11 +69,25 @@ def served(s: Supervisor) -> set[netns.Key | None]:
     return {ns.key for ns in s.namespaces}
 
 
+def scan(s: Supervisor) -> None:
+    """Walk /proc to the end, a slice per turn as the loop does, then
+    scan (unnamed namespaces come from the last complete walk).  The
+    clock is moved past the pause between two walks."""
+    walks = s.discovery.walks
+    for _ in range(100000):
+        later = time.monotonic() + namespaces.UNNAMED_SCAN_INTERVAL
+        if s.discovery.scan_due(later):
+            s.scan()
+        if s.discovery.walks > walks:
+            return
+    raise AssertionError("the walk over /proc never finished")
+
+
 @pytest.fixture
-def scanning(monkeypatch) -> Iterator[list[Supervisor]]:
+def scanning(monkeypatch, tmp_path) -> Iterator[list[Supervisor]]:
     """Supervisors made by the test, torn down after it; /run/netns is
     left out (other tests may have named namespaces there)."""
-    monkeypatch.setattr(netns, "named", lambda: [])
+    monkeypatch.setattr(netns, "RUN_NETNS", str(tmp_path / "netns"))
     made: list[Supervisor] = []
     yield made
     for s in made:
@@ -93,14 +107,14 @@ def test_userns_owned_namespace_is_not_served_by_default(
     caplog.set_level(logging.INFO, logger="tlshd")
     s = supervisor(tmp_path, "")
     scanning.append(s)
-    s.scan()
+    scan(s)
     assert root_owned in served(s)
     assert userns_owned not in served(s)
     said = [r.getMessage() for r in caplog.records
             if "owned by a user namespace" in r.getMessage()]
     assert said == ["netns %d is owned by a user namespace; not serving it "
                     "([netns] unnamed_userns is off)" % userns_owned[1]]
-    s.scan()  # said once, not at every scan
+    scan(s)  # said once, not at every scan
     assert len([r for r in caplog.records
                 if "owned by a user namespace" in r.getMessage()]) == 1
 
@@ -109,7 +123,7 @@ def test_userns_owned_namespace_served_when_configured(
         tmp_path, scanning, userns_owned):
     s = supervisor(tmp_path, "unnamed_userns=true\n")
     scanning.append(s)
-    s.scan()
+    scan(s)
     assert userns_owned in served(s)
 
 
@@ -118,7 +132,7 @@ def test_no_more_than_max_namespaces(tmp_path, scanning, root_owned,
     caplog.set_level(logging.INFO, logger="tlshd")
     s = supervisor(tmp_path, "max_namespaces=1\n")
     scanning.append(s)
-    s.scan()
+    scan(s)
     assert len(s.namespaces) == 1 and s.namespaces[0].label == "init"
     assert root_owned not in served(s)
     assert any("max_namespaces" in r.getMessage() for r in caplog.records)
@@ -130,3 +144,24 @@ def test_max_namespaces_is_checked(tmp_path, value):
     conf.write_text("[netns]\nmax_namespaces=%s\n" % value)
     with pytest.raises(config.ConfigError):
         config.load(str(conf))
+
+
+def test_the_walk_takes_a_slice_per_turn(tmp_path, scanning, root_owned,
+                                         monkeypatch):
+    monkeypatch.setattr(namespaces, "WALK_SLICE", 0.0)
+    s = supervisor(tmp_path, "")
+    scanning.append(s)
+    s.scan()
+    assert root_owned not in served(s)  # no walk has completed yet
+    turns = 0
+    while s.discovery.walks == 0:
+        now = time.monotonic()
+        # A walk under way: the loop is to come back at once.
+        assert min(s.discovery.scans) <= now
+        if s.discovery.scan_due(now):
+            s.scan()
+        turns += 1
+    assert turns > 1
+    assert root_owned in served(s)
+    # The next walk waits for UNNAMED_SCAN_INTERVAL.
+    assert min(s.discovery.scans) > time.monotonic() + 1.0

@@ -103,3 +103,37 @@ def test_send_checks_the_fd_count(pair):
         a.send(protocol.SpawnAnswer(pid=3), 0, (0,))
     with pytest.raises(ValueError):
         a.send(TO_WORKER[0][0], 0, ())
+
+
+def test_peer_closing_with_unread_messages_is_peer_gone(pair):
+    """A worker that dies with messages still unread in its queue makes
+    the kernel reset the channel (ECONNRESET, not EOF): that too is the
+    peer gone, not an error that would escape the supervisor's loop."""
+    a, b = pair
+    b.send(protocol.SpawnAnswer(pid=3))  # left unread in a's queue
+    a.close()
+    with pytest.raises(PeerGone, match="reset"):
+        b.recv()
+
+
+def test_a_message_of_exactly_max_msg_bytes_passes(pair):
+    """The receive buffer holds a whole MAX_MSG datagram: the largest
+    message the encoder allows is not refused as truncated."""
+    a, b = pair
+    empty = protocol.HandshakeRequest(msg_type=1, auth_mode=3,
+                                      timeout_ms=1, peername=None)
+    room = protocol.MAX_MSG - len(protocol.encode(empty))
+    msg = protocol.HandshakeRequest(
+        msg_type=1, auth_mode=3, timeout_ms=1, peername=None,
+        x509_cert=b"c" * (room // 2), x509_key=b"k" * (room - room // 2))
+    assert len(protocol.encode(msg, 5)) == protocol.MAX_MSG
+    r, w = os.pipe()
+    try:
+        a.send(msg, 5, (r,))
+        got, req_id, fds = b.recv()
+    finally:
+        os.close(r)
+        os.close(w)
+    for fd in fds:
+        os.close(fd)
+    assert (got, req_id, len(fds)) == (msg, 5, 1)

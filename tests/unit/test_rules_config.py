@@ -221,3 +221,76 @@ def test_file_hidden_by_the_service_is_warned_about():
     assert len(warnings) == 1
     assert "/etc/tlshd/config:2:" in warnings[0]
     assert "ProtectHome" in warnings[0]
+
+
+def test_a_namespace_file_setting_loglevel_is_warned_about():
+    """Only the main file's loglevel counts; a namespace's file setting a
+    level is told so (one left at 0 is harmless and not mentioned)."""
+    cfg = config.parse("# n\n[debug]\nloglevel = 2\n", "/etc/n")
+    assert config.namespace_warnings(cfg) == [
+        "/etc/n:3: [debug] loglevel has no effect in a namespace's file "
+        "(read from the main file only)"]
+    assert config.namespace_warnings(
+        config.parse("[debug]\nloglevel = 0\n", "/etc/n")) == []
+
+
+def test_the_legacy_file_is_used_only_if_it_exists(tmp_path, monkeypatch,
+                                                   caplog):
+    """ktls-utils' order: an explicit file, else /etc/tlshd.conf if it
+    exists (with a warning to move it), else /etc/tlshd/config."""
+    legacy = tmp_path / "tlshd.conf"
+    monkeypatch.setattr(config, "LEGACY_PATH", str(legacy))
+    assert config.find_config(None) == config.DEFAULT_PATH
+    assert not caplog.records
+    legacy.write_text("")
+    assert config.find_config(None) == str(legacy)
+    assert "Please relocate" in caplog.text
+    assert config.find_config("/x") == "/x"
+
+
+def test_path_settings_and_roles_are_immutable():
+    """A Config is shared by every namespace using the file: none of its
+    parts can be changed under them."""
+    import dataclasses
+    cfg = config.parse("[authenticate.client]\nx509.crl = /c\n")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.paths[0].value = "/other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.client.crl = "/other"
+
+
+def stat_of(uid, mode=0o100600):
+    return os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0))
+
+
+def test_only_root_or_our_own_user_may_own_the_file(monkeypatch):
+    """The supervisor runs as root: a file owned by any other user (uid
+    1, daemon, included) is refused.  Run as another user (tests), that
+    user's own files are accepted too, and root's."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    config.check_owner("f", stat_of(0))
+    for uid in (1, 1000, 2 ** 32 - 1):
+        with pytest.raises(ConfigError, match="bad owner: uid %d" % uid):
+            config.check_owner("f", stat_of(uid))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    config.check_owner("f", stat_of(0))
+    config.check_owner("f", stat_of(1000))
+    with pytest.raises(ConfigError, match="bad owner"):
+        config.check_owner("f", stat_of(1))
+
+
+@pytest.mark.parametrize("mode", [0o647, 0o4621, 0o661])
+def test_a_writable_file_is_refused_naming_its_mode(mode):
+    with pytest.raises(ConfigError) as err:
+        config.check_owner("f", stat_of(0, 0o100000 | mode))
+    assert "bad permissions: mode %04o is group- or world-writable" % mode \
+        in str(err.value)
+
+
+def test_the_size_limit_is_one_mib():
+    """A file of 1 MiB is read; one byte more is refused (tlshd.conf(5)
+    files are a few hundred bytes: the limit only stops a runaway
+    file)."""
+    config.parse_bytes(b"#" * (1 << 20), "f")
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        config.parse_bytes(b"#" * ((1 << 20) + 1), "f")

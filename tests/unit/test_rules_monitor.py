@@ -55,6 +55,8 @@ class Worker:
         self.label = "a"
         self.ready = ready
         self.returncode: int | None = None
+        self.last_busy = 0.0
+        self.sessions = 0
         self.channel = Channel()
         self.killed = 0
         self.logged: list[tuple[int, str]] = []
@@ -259,6 +261,8 @@ def test_success_with_ktls_is_passed_on(env: Env, ktls: list[int]) -> None:
     assert env.done.dones == [(req.sockfd, 0, (X509_ID,), 9)]
     assert env.pool.events == [("idle", env.worker)]
     assert env.worker.killed == 0 and env.ns.succeeded == 1
+    # It keeps that session's re-key secrets: it must not idle out.
+    assert env.worker.sessions == 1
 
 
 def test_success_without_ktls_is_eio(env: Env, ktls: list[int]) -> None:

@@ -74,6 +74,7 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any,
         "[authenticate.client]\nx509.truststore=%s\n"
         "[authenticate.server]\nx509.truststore=%s\n"
         "x509.certificate=%s\nx509.private_key=%s\n"
+        "[netns]\nworker_idle_timeout=0\n"
         % (pki.ca, pki.ca, pki.server.cert, pki.server.key))
     ids = _ids(identity)
     s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5),

@@ -38,7 +38,8 @@ sys.exit(s.run())
 class Running:
     def __init__(self, tmp_path: Path) -> None:
         conf = tmp_path / "tlshd.conf"
-        conf.write_text("[authenticate.client]\n[authenticate.server]\n")
+        conf.write_text("[authenticate.client]\n[authenticate.server]\n"
+                        "[netns]\nworker_idle_timeout=0\n")
         conf.chmod(0o600)
         env = dict(os.environ)
         env.pop("JOURNAL_STREAM", None)  # a terminal's format

@@ -245,7 +245,8 @@ def test_reload_storm_does_not_starve_requests(sup, listener):
 
 def test_workers_forked_from_template(tmp_path, listener):
     conf = tmp_path / "tlshd.conf"
-    conf.write_text("[authenticate.client]\n[authenticate.server]\n")
+    conf.write_text("[authenticate.client]\n[authenticate.server]\n"
+                    "[netns]\nworker_idle_timeout=0\n")
     s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
     s.use_template()
     nl = FakeNl()

@@ -172,7 +172,7 @@ def test_hello_checked_against_proc(tmp_path, listener, monkeypatch,
     try:
         s.pool.worker_ids = ids
         fd, peer = connected_fd(listener)
-        nl.submit(fd, timeout_ms=20000)  # waits for a ready worker
+        nl.submit(fd, timeout_ms=20000)  # waits for the worker
         run_until(s, lambda: ns.worker is not None)
         liar = ns.worker
         run_until(s, lambda: liar.returncode is not None or liar.ready,
@@ -182,14 +182,20 @@ def test_hello_checked_against_proc(tmp_path, listener, monkeypatch,
         assert any("Worker %d (netns init) is not what it claims" % liar.pid
                    in r.getMessage() and r.levelno == logging.ERROR
                    for r in caplog.records)
-        assert nl.dones == []  # still waiting for a worker
+        # The request that waited for it fails at once (a worker that
+        # died starting), rather than at its deadline.
+        run_until(s, lambda: nl.dones, timeout=5)
+        assert nl.dones == [(fd, errno.EIO, ())]
         # A real worker (the template is not used here) takes over and
-        # answers the request.
+        # answers the next request.
         monkeypatch.undo()
         s.pool.worker_ids = None
         peer.close()
-        run_until(s, lambda: nl.dones, timeout=30)
-        assert nl.dones[0][0] == fd and nl.dones[0][1] != errno.EIO
+        fd2, peer2 = connected_fd(listener)
+        peer2.close()
+        nl.submit(fd2)
+        run_until(s, lambda: len(nl.dones) == 2, timeout=30)
+        assert nl.dones[1][0] == fd2 and nl.dones[1][1] != errno.EIO
         assert ready(ns) and ns.worker is not liar
     finally:
         next(gen, None)
@@ -209,7 +215,8 @@ def test_exec_worker_stdio_is_dev_null(sup):
 
 def test_template_worker_stdio_is_dev_null(tmp_path):
     conf = tmp_path / "tlshd.conf"
-    conf.write_text("[authenticate.client]\n[authenticate.server]\n")
+    conf.write_text("[authenticate.client]\n[authenticate.server]\n"
+                    "[netns]\nworker_idle_timeout=0\n")
     s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
     s.use_template()
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)

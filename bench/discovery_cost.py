@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""How long namespace discovery holds the supervisor's loop.
+
+Runs as root on the host (no handshake family needed: the sockets join a
+made-up group, as the unit tests' do), in a private mount namespace so
+the host's /run/netns is never touched:
+
+    .venv/bin/python bench/discovery_cost.py [--named 1000] [--procs 10000]
+
+It makes N named namespaces with ``ip netns add`` (on a private tmpfs at
+/run/netns) and starts P sleeping processes, then times, each as the
+median and maximum of several calls: the /run/netns listing
+(``netns.named``), the placeholder look (``netns.placeholder_ages``),
+the /proc walk for unnamed namespaces, a real Supervisor's first scan
+(serving them all) and its later scans when nothing changed, and the
+longest single turn of the loop spent on discovery while the /proc walk
+runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tlshd.shared import config
+from tlshd.supervisor import namespaces, netlink_family, netns
+from tlshd.supervisor.arbiter import Supervisor
+
+FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
+INNER = "TLSHD_DISCOVERY_COST_INNER"
+
+
+def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
+    """(median, max) milliseconds of ``runs`` calls."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), max(times)
+
+
+def row(name: str, figures: tuple[float, float]) -> None:
+    print("%-30s median %8.2f ms  max %8.2f ms" % (name, *figures))
+
+
+def private_run_netns() -> None:
+    """Re-run in a private mount namespace with a tmpfs on /run/netns."""
+    if os.environ.get(INNER) is None:
+        os.environ[INNER] = "1"
+        sys.exit(subprocess.run(["unshare", "-m", "--propagation",
+                                 "private", sys.executable, *sys.argv],
+                                check=False).returncode)
+    os.makedirs(netns.RUN_NETNS, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", netns.RUN_NETNS],
+                   check=True)
+
+
+def sleepers(count: int) -> subprocess.Popen[bytes]:
+    """``count`` sleeping processes in one process group."""
+    script = "for i in $(seq %d); do sleep 3600 & done; wait" % count
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len([p for p in os.listdir("/proc") if p.isdigit()]) < count:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return proc
+
+
+def loop_turns(sup: Supervisor, seconds: float) -> tuple[float, int]:
+    """Longest discovery turn (ms) and turns, driving scan_due as the
+    loop does."""
+    longest, turns = 0.0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        if sup.discovery.scan_due(time.monotonic()):
+            sup.scan()
+        longest = max(longest, (time.perf_counter() - t) * 1000)
+        turns += 1
+        time.sleep(0.001)
+    return longest, turns
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--named", type=int, default=1000)
+    p.add_argument("--procs", type=int, default=10000)
+    p.add_argument("--runs", type=int, default=20)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (see the docstring)")
+    private_run_netns()
+    t = time.monotonic()
+    for i in range(args.named):
+        subprocess.run(["ip", "netns", "add", "d%04d" % i], check=True)
+    print("%d named namespaces made in %.1f s"
+          % (args.named, time.monotonic() - t))
+    sleep = sleepers(args.procs)
+    nprocs = len([p for p in os.listdir("/proc") if p.isdigit()])
+    print("%d processes" % nprocs)
+    work = Path(tempfile.mkdtemp(prefix="tlshd-discovery-"))
+    try:
+        (work / "tenant.conf").write_text("[authenticate.client]\n")
+        (work / "tlshd.conf").write_text(
+            "[netns]\ndefault=%s\nunnamed=%s\nmax_namespaces=65536\n"
+            % (work / "tenant.conf", work / "tenant.conf"))
+        row("netns.named() (full read)", timed(netns.named, args.runs))
+        cache = netns.NamedCache()
+        cache.refresh()
+
+        def one_change() -> None:
+            cache.mark(["d0000"])
+            cache.refresh()
+        row("NamedCache, one entry marked", timed(one_change, args.runs))
+        row("netns.unnamed() (full walk)",
+            timed(lambda: netns.unnamed({os.getpid()}), 5))
+        walk = netns.ProcWalk({os.getpid()})
+        slices = [timed(lambda: walk.step(
+            time.monotonic() + namespaces.WALK_SLICE), 1)[0]]
+        while walk._it is not None:
+            slices += [timed(lambda: walk.step(
+                time.monotonic() + namespaces.WALK_SLICE), 1)[0]]
+        print("%-30s %d slices, longest %.2f ms" % (
+            "ProcWalk slices", len(slices), max(slices)))
+        sup = Supervisor(config.load(str(work / "tlshd.conf")), FAMILY)
+        sup.discovery.watch()
+        first = timed(sup.scan, 1)[0]
+        print("%-30s %8.2f ms (%d served)"
+              % ("first Discovery.scan()", first, len(sup.namespaces)))
+        longest, turns = loop_turns(sup, 5.0)
+        print("%-30s %8.2f ms over %d turns (%d served, %d walks)"
+              % ("longest discovery turn", longest, turns,
+                 len(sup.namespaces), sup.discovery.walks))
+        row("Discovery.scan(), no change", timed(sup.scan, args.runs))
+
+        def churn() -> None:
+            subprocess.run(["ip", "netns", "add", "churn"], check=True)
+            sup.on_watch()
+            sup.scan()
+            subprocess.run(["ip", "netns", "del", "churn"], check=True)
+            sup.on_watch()
+            sup.scan()
+        churn()
+        t = time.perf_counter()
+        longest = 0.0
+        for _ in range(args.runs):
+            subprocess.run(["ip", "netns", "add", "churn"], check=True)
+            for _ in (0, 1):
+                t = time.perf_counter()
+                sup.on_watch()
+                sup.scan()
+                longest = max(longest, (time.perf_counter() - t) * 1000)
+            subprocess.run(["ip", "netns", "del", "churn"], check=True)
+            t = time.perf_counter()
+            sup.on_watch()
+            sup.scan()
+            longest = max(longest, (time.perf_counter() - t) * 1000)
+        print("%-30s %8.2f ms (longest on_watch+scan)"
+              % ("add/del churn", longest))
+        for ns in list(sup.namespaces):
+            sup.remove_namespace(ns)
+    finally:
+        os.killpg(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Discovery that scales (issue 17): /run/netns is re-read only where an
+inotify event says something changed, and /proc is walked a bounded
+slice at a time, so neither 1000 named namespaces nor 10,000 processes
+hold up the supervisor's loop.  Real files, a real inotify watch, the
+host's real /proc; no privileges needed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tlshd.supervisor import netns
+
+
+def cache_of(tmp_path: Path, *names: str) -> netns.NamedCache:
+    """A cache of a directory whose regular files count as namespaces."""
+    for name in names:
+        (tmp_path / name).write_text("")
+    return netns.NamedCache(str(tmp_path), dev=os.stat(tmp_path).st_dev)
+
+
+def keys(cache: netns.NamedCache) -> dict[str, netns.Key]:
+    return {f.label: f.key for f in cache.found()}
+
+
+def test_a_full_read_finds_every_entry(tmp_path):
+    cache = cache_of(tmp_path, "a", "b", "c")
+    cache.refresh()
+    assert sorted(keys(cache)) == ["a", "b", "c"]
+    assert cache.found()[0].path == str(tmp_path / "a")
+    assert cache.stats == 3
+
+
+def test_only_marked_entries_are_looked_at_again(tmp_path):
+    cache = cache_of(tmp_path, "a", "b", "c")
+    cache.refresh()
+    before = keys(cache)
+    # "b" replaced with no event: the cache still has the old one ...
+    (tmp_path / "b").unlink()
+    (tmp_path / "b2").write_text("")  # keeps b's inode from being reused
+    (tmp_path / "b").write_text("")
+    cache.refresh()
+    assert keys(cache) == before and cache.stats == 3
+    # ... until an event names it: then only it is looked at.
+    cache.mark(["b"])
+    cache.refresh()
+    assert cache.stats == 4
+    assert keys(cache)["b"] != before["b"]
+    assert keys(cache)["a"] == before["a"] and "b2" not in keys(cache)
+    cache.mark(None)  # everything, as after an overflow
+    cache.refresh()
+    assert sorted(keys(cache)) == ["a", "b", "b2", "c"]
+
+
+def test_a_deleted_entry_is_dropped(tmp_path):
+    cache = cache_of(tmp_path, "a", "b")
+    cache.refresh()
+    (tmp_path / "a").unlink()
+    cache.mark(["a"])
+    cache.refresh()
+    assert list(keys(cache)) == ["b"]
+
+
+def test_placeholders_are_looked_at_at_every_refresh(tmp_path):
+    # On another device than the "namespaces": not mounted yet.
+    (tmp_path / "new").write_text("")
+    cache = netns.NamedCache(str(tmp_path), dev=-1)
+    cache.refresh()
+    assert cache.found() == []
+    ages = cache.placeholder_ages(time.time() + 10)
+    assert len(ages) == 1 and 9 < ages[0] < 60
+    cache.refresh()
+    cache.refresh()
+    assert cache.stats == 3
+    (tmp_path / "new").unlink()
+    cache.refresh()
+    assert cache.placeholder_ages(time.time()) == []
+
+
+def test_a_missing_directory_is_empty(tmp_path):
+    cache = netns.NamedCache(str(tmp_path / "none"))
+    cache.refresh()
+    assert cache.found() == [] and cache.placeholder_ages(0.0) == []
+
+
+def test_the_watcher_names_what_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr(netns, "RUN_NETNS", str(tmp_path / "netns"))
+    watcher = netns.Watcher()
+    try:
+        assert watcher.drain() == set()
+        (tmp_path / "netns" / "x").write_text("")
+        (tmp_path / "netns" / "y").write_text("")
+        (tmp_path / "netns" / "x").unlink()
+        assert watcher.drain() == {"x", "y"}
+        assert watcher.drain() == set()
+    finally:
+        watcher.close()
+
+
+def test_events_are_parsed_and_an_overflow_means_everything():
+    def event(mask: int, name: bytes) -> bytes:
+        padded = name + b"\0" * (16 - len(name))
+        return netns.EVENT_HEADER.pack(1, mask, 0, len(padded)) + padded
+    data = event(netns.IN_CREATE, b"a") + event(netns.IN_DELETE, b"bb")
+    assert list(netns.parse_events(data)) == [(netns.IN_CREATE, "a"),
+                                              (netns.IN_DELETE, "bb")]
+    overflow = netns.EVENT_HEADER.pack(-1, netns.IN_Q_OVERFLOW, 0, 0)
+    assert list(netns.parse_events(overflow)) == [(netns.IN_Q_OVERFLOW, "")]
+
+
+def test_the_walk_over_proc_goes_in_bounded_slices():
+    ours = netns.key_of("/proc/self/ns/net")
+    walk = netns.ProcWalk(set())
+    steps = 0
+    while True:
+        looked = walk.looked
+        done = walk.step(0.0)  # the deadline has passed: one batch only
+        assert walk.looked - looked <= netns.ProcWalk.CHECK_EVERY
+        steps += 1
+        if done:
+            break
+    processes = len([p for p in os.listdir("/proc") if p.isdigit()])
+    assert steps >= processes // netns.ProcWalk.CHECK_EVERY
+    assert ours in {f.key for f in walk.result()}
+    assert walk.step(0.0) is True  # finished walks stay finished
+
+
+class Everyone:
+    def __contains__(self, pid: object) -> bool:
+        return True
+
+
+def test_the_walk_leaves_out_our_own_processes():
+    assert netns.unnamed(set())
+    assert netns.unnamed(Everyone()) == []
+
+
+def test_a_closed_walk_gives_back_its_fd():
+    fds = len(os.listdir("/proc/self/fd"))
+    walk = netns.ProcWalk(set())
+    walk.step(0.0)
+    walk.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert walk.step(0.0) is True
