@@ -86,6 +86,10 @@ def certificate(role: str, path: str) -> CertInfo:
         cached = _cert_cache.get(path)
         if cached is not None and cached[0] == stamp:
             return dataclasses.replace(cached[1], role=role)
+        # Imported here, not before the daemon listens: a second under
+        # emulation (docs/benchmarks.md, Start-up).
+        from cryptography import x509
+
         with open(path, "rb") as f:
             first = x509.load_pem_x509_certificates(f.read())[0]
         info = CertInfo(role, path, first.subject.rfc4514_string(),
@@ -100,10 +104,6 @@ def certificate(role: str, path: str) -> CertInfo:
 
 def certificates(cfg: config.Config) -> list[CertInfo]:
     """The certificates a configuration names (first of each file)."""
-    # Imported here, not before the daemon listens: a second under
-    # emulation (docs/benchmarks.md, Start-up).
-    from cryptography import x509
-
     out = []
     for role, rc in (("client", cfg.client), ("server", cfg.server)):
         for what, path in ((role, rc.certificate),
