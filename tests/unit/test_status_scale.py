@@ -125,9 +125,11 @@ def test_certificate_files_are_read_once(tmp_path: Path, monkeypatch):
     leaf = pki.leaf("shared", not_after=100 * DAY)
     cfg = config.parse("[authenticate.server]\nx509.certificate=%s\n"
                        "x509.private_key=%s\n" % (leaf.cert, leaf.key))
+    from cryptography import x509
+
     reads = []
-    real = control.x509.load_pem_x509_certificates
-    monkeypatch.setattr(control.x509, "load_pem_x509_certificates",
+    real = x509.load_pem_x509_certificates
+    monkeypatch.setattr(x509, "load_pem_x509_certificates",
                         lambda data: reads.append(1) or real(data))
     control._cert_cache.clear()
     rows = control.status(Served(
