@@ -8,13 +8,14 @@ the host's /run/netns is never touched:
     .venv/bin/python bench/discovery_cost.py [--named 1000] [--procs 10000]
 
 It makes N named namespaces with ``ip netns add`` (on a private tmpfs at
-/run/netns) and starts P sleeping processes, then times, each as the
-median and maximum of several calls: the /run/netns listing
-(``netns.named``), the placeholder look (``netns.placeholder_ages``),
-the /proc walk for unnamed namespaces, a real Supervisor's first scan
-(serving them all) and its later scans when nothing changed, and the
-longest single turn of the loop spent on discovery while the /proc walk
-runs.
+/run/netns) and starts P sleeping processes, then times, as the median
+and maximum of several calls: the full read of /run/netns
+(``netns.named``), a ``NamedCache`` refresh after one entry changed, a
+full walk over /proc (``netns.unnamed``) and each slice of one
+(``ProcWalk``), a real Supervisor's first scan (serving them all), the
+longest turn of the loop spent on discovery over 5 s, its scans when
+nothing changed, and ``on_watch`` + ``scan`` around ``ip netns add`` and
+``ip netns del``.
 """
 
 from __future__ import annotations
@@ -125,11 +126,12 @@ def main() -> int:
         row("netns.unnamed() (full walk)",
             timed(lambda: netns.unnamed({os.getpid()}), 5))
         walk = netns.ProcWalk({os.getpid()})
-        slices = [timed(lambda: walk.step(
-            time.monotonic() + namespaces.WALK_SLICE), 1)[0]]
-        while walk._it is not None:
-            slices += [timed(lambda: walk.step(
-                time.monotonic() + namespaces.WALK_SLICE), 1)[0]]
+        slices: list[float] = []
+        done = False
+        while not done:
+            t = time.perf_counter()
+            done = walk.step(time.monotonic() + namespaces.WALK_SLICE)
+            slices.append((time.perf_counter() - t) * 1000)
         print("%-30s %d slices, longest %.2f ms" % (
             "ProcWalk slices", len(slices), max(slices)))
         sup = Supervisor(config.load(str(work / "tlshd.conf")), FAMILY)
