@@ -34,6 +34,12 @@ RESCAN_DELAYS = (0.05, 0.3, 1.0)
 UNNAMED_SCAN_INTERVAL = 2.0
 # How long one turn of the loop may spend walking /proc.
 WALK_SLICE = 0.002
+# How long one scan may spend starting to serve new namespaces (at least
+# one); the rest are served by another scan SERVE_PAUSE later, after the
+# loop's other work (a start with 1000 named namespaces: each is a setns,
+# a netlink socket and its configuration file read).
+SERVE_SLICE = 0.005
+SERVE_PAUSE = 0.01
 # How often /run/netns is read in full, to catch a mount or unmount that
 # came with no inotify event (the entries events name are read at once).
 NAMED_RESYNC = 30.0
@@ -285,7 +291,8 @@ class Discovery:
         The work is set arithmetic on keys plus a system call per
         namespace that changed: a served named namespace keeps its
         configuration file until a reload, when whether it has one is
-        looked at again.
+        looked at again.  New namespaces are served for SERVE_SLICE at
+        most, the rest by the next scan.
         """
         self._named.refresh()
         initial = netns.initial()
@@ -308,7 +315,8 @@ class Discovery:
         # The order in which they come when max_namespaces is short.
         new.sort(key=lambda w: (w.found.key != initial.key, w.unnamed,
                                 w.found.label))
-        for w in new:
+        deadline = time.monotonic() + SERVE_SLICE
+        for i, w in enumerate(new):
             wanted = self._configured(w)
             if wanted is None:
                 continue
@@ -319,6 +327,10 @@ class Discovery:
                                  % (w.found.label, len(self.served)))
                 continue
             self._serve(wanted)
+            now = time.monotonic()
+            if now >= deadline and i + 1 < len(new):
+                self._scans.append(now + SERVE_PAUSE)
+                break
         self._rescan_placeholders(time.monotonic())
 
     def _serve(self, w: Wanted) -> None:
