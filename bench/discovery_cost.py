@@ -15,7 +15,8 @@ full walk over /proc (``netns.unnamed``) and each slice of one
 (``ProcWalk``), a real Supervisor's first scan (serving them all), the
 longest turn of the loop spent on discovery over 5 s, its scans when
 nothing changed, and ``on_watch`` + ``scan`` around ``ip netns add`` and
-``ip netns del``.
+``ip netns del``.  ``--clock cpu`` times with the thread's CPU time
+instead of the wall clock, for a host that others keep busy.
 """
 
 from __future__ import annotations
@@ -39,13 +40,23 @@ FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
 INNER = "TLSHD_DISCOVERY_COST_INNER"
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = [time.perf_counter]
+
+
+def clock() -> float:
+    """Seconds on the clock chosen with --clock: wall time, or this
+    thread's CPU time (what a busy host's preemption does not inflate)."""
+    return _clock[0]()
+
+
 def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
     """(median, max) milliseconds of ``runs`` calls."""
     times = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append((time.perf_counter() - t) * 1000)
+        times.append((clock() - t) * 1000)
     return statistics.median(times), max(times)
 
 
@@ -83,10 +94,10 @@ def loop_turns(sup: Supervisor, seconds: float) -> tuple[float, int]:
     longest, turns = 0.0, 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        t = time.perf_counter()
+        t = clock()
         if sup.discovery.scan_due(time.monotonic()):
             sup.scan()
-        longest = max(longest, (time.perf_counter() - t) * 1000)
+        longest = max(longest, (clock() - t) * 1000)
         turns += 1
         time.sleep(0.001)
     return longest, turns
@@ -97,7 +108,9 @@ def main() -> int:
     p.add_argument("--named", type=int, default=1000)
     p.add_argument("--procs", type=int, default=10000)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = p.parse_args()
+    _clock[0] = CLOCKS[args.clock]
     if os.geteuid() != 0:
         raise SystemExit("run as root (see the docstring)")
     private_run_netns()
@@ -129,9 +142,9 @@ def main() -> int:
         slices: list[float] = []
         done = False
         while not done:
-            t = time.perf_counter()
+            t = clock()
             done = walk.step(time.monotonic() + namespaces.WALK_SLICE)
-            slices.append((time.perf_counter() - t) * 1000)
+            slices.append((clock() - t) * 1000)
         print("%-30s %d slices, longest %.2f ms" % (
             "ProcWalk slices", len(slices), max(slices)))
         sup = Supervisor(config.load(str(work / "tlshd.conf")), FAMILY)
@@ -153,20 +166,20 @@ def main() -> int:
             sup.on_watch()
             sup.scan()
         churn()
-        t = time.perf_counter()
+        t = clock()
         longest = 0.0
         for _ in range(args.runs):
             subprocess.run(["ip", "netns", "add", "churn"], check=True)
             for _ in (0, 1):
-                t = time.perf_counter()
+                t = clock()
                 sup.on_watch()
                 sup.scan()
-                longest = max(longest, (time.perf_counter() - t) * 1000)
+                longest = max(longest, (clock() - t) * 1000)
             subprocess.run(["ip", "netns", "del", "churn"], check=True)
-            t = time.perf_counter()
+            t = clock()
             sup.on_watch()
             sup.scan()
-            longest = max(longest, (time.perf_counter() - t) * 1000)
+            longest = max(longest, (clock() - t) * 1000)
         print("%-30s %8.2f ms (longest on_watch+scan)"
               % ("add/del churn", longest))
         for ns in list(sup.namespaces):
