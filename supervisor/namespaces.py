@@ -34,6 +34,12 @@ RESCAN_DELAYS = (0.05, 0.3, 1.0)
 UNNAMED_SCAN_INTERVAL = 2.0
 # How long one turn of the loop may spend walking /proc.
 WALK_SLICE = 0.002
+# How long one scan may spend starting to serve new namespaces (at least
+# one); the rest are served by another scan SERVE_PAUSE later, after the
+# loop's other work (a start with 1000 named namespaces: each is a setns,
+# a netlink socket and its configuration file read).
+SERVE_SLICE = 0.005
+SERVE_PAUSE = 0.01
 # How often /run/netns is read in full, to catch a mount or unmount that
 # came with no inotify event (the entries events name are read at once).
 NAMED_RESYNC = 30.0
@@ -127,7 +133,7 @@ class Discovery:
         self._resync_at: float | None = None  # once watching
         # The unnamed namespaces the last complete walk over /proc found,
         # the walk under way, and when the next one starts.
-        self._unnamed: list[netns.Found] = []
+        self._unnamed: dict[netns.Key, netns.Found] = {}
         self._walk: netns.ProcWalk | None = None
         self._walk_at = 0.0
         self.walks = 0  # walks completed
@@ -181,7 +187,7 @@ class Discovery:
         self._recheck = True
         if not cfg.netns_unnamed:
             self._stop_walk()
-            self._unnamed = []
+            self._unnamed = {}
 
     # ---- which namespaces -----------------------------------------------
 
@@ -241,7 +247,7 @@ class Discovery:
             self._walk = netns.ProcWalk(ours)
         if not self._walk.step(time.monotonic() + WALK_SLICE):
             return False
-        self._unnamed = self._walk.result()
+        self._unnamed = {f.key: f for f in self._walk.result()}
         self._walk = None
         self._walk_at = time.monotonic() + UNNAMED_SCAN_INTERVAL
         self.walks += 1
@@ -253,21 +259,22 @@ class Discovery:
             self._walk = None
         self._walk_at = 0.0
 
-    def _found(self) -> dict[netns.Key, Wanted]:
-        """The namespaces that exist: initial, named (from the cache of
-        /run/netns), unnamed (from the last complete walk over /proc).
-        The configuration path of a named one is looked up later, and
-        only when needed (it costs a stat)."""
-        found = [Wanted(netns.initial(), self.cfg.path, False)]
-        self._named.refresh()
-        found += [Wanted(f, "", False) for f in self._named.found()]
-        if self.cfg.netns_unnamed:
-            found += [Wanted(f, self.cfg.netns_unnamed, True)
-                      for f in self._unnamed]
-        out: dict[netns.Key, Wanted] = {}
-        for w in found:
-            out.setdefault(w.found.key, w)
-        return out
+    def _candidate(self, key: netns.Key,
+                   initial: netns.Found) -> Wanted | None:
+        """What serving ``key`` would be: the initial namespace, a named
+        one (from the cache of /run/netns) or an unnamed one (from the
+        last complete walk over /proc), in that order.  A named one's
+        configuration path is looked up later, only when needed (it
+        costs a stat)."""
+        if key == initial.key:
+            return Wanted(initial, self.cfg.path, False)
+        f = self._named.by_key.get(key)
+        if f is not None:
+            return Wanted(f, "", False)
+        f = self._unnamed.get(key)
+        if f is not None and self.cfg.netns_unnamed:
+            return Wanted(f, self.cfg.netns_unnamed, True)
+        return None
 
     def _configured(self, w: Wanted) -> Wanted | None:
         """``w`` with its configuration path (None: not to be served)."""
@@ -285,32 +292,49 @@ class Discovery:
     def scan(self) -> None:
         """Bring the served set in line with the namespaces that exist.
 
-        A served named namespace keeps its configuration file until a
-        reload, when whether it has one is looked at again; so a scan
-        after one change costs no system call per unchanged namespace.
+        The work is set arithmetic on keys plus a system call per
+        namespace that changed: a served named namespace keeps its
+        configuration file until a reload, when whether it has one is
+        looked at again.  New namespaces are served for SERVE_SLICE at
+        most, the rest by the next scan.
         """
-        found = self._found()
+        self._named.refresh()
+        initial = netns.initial()
+        exist = self._named.by_key.keys() | {initial.key}
+        if self.cfg.netns_unnamed:
+            exist |= self._unnamed.keys()
         recheck, self._recheck = self._recheck, False
-        for ns in list(self.served):
-            if ns.key is None:
-                continue
-            w = found.get(ns.key)
-            if w is None or (recheck and self._configured(w) is None):
-                self.remove(ns)
-        have = {ns.key for ns in self.served}
-        for key, w in found.items():
-            if key in have:
-                continue
+        served = {ns.key for ns in self.served}
+        gone = served - exist - {None}
+        if gone or recheck:
+            for ns in list(self.served):
+                w = None if ns.key is None else self._candidate(ns.key,
+                                                                initial)
+                if ns.key in gone or (w is not None and recheck
+                                      and self._configured(w) is None):
+                    self.remove(ns)
+            served = {ns.key for ns in self.served}
+        new = [w for key in exist - served
+               if (w := self._candidate(key, initial)) is not None]
+        # The order in which they come when max_namespaces is short.
+        new.sort(key=lambda w: (w.found.key != initial.key, w.unnamed,
+                                w.found.label))
+        deadline = time.monotonic() + SERVE_SLICE
+        for i, w in enumerate(new):
             wanted = self._configured(w)
             if wanted is None:
                 continue
             if len(self.served) >= self.cfg.netns_max:
-                self._not_served(key, "netns %s is not served: %d namespaces"
-                                 " are, the most [netns] max_namespaces "
-                                 "allows" % (w.found.label,
-                                             len(self.served)))
+                self._not_served(w.found.key, "netns %s is not served: %d "
+                                 "namespaces are, the most [netns] "
+                                 "max_namespaces allows"
+                                 % (w.found.label, len(self.served)))
                 continue
             self._serve(wanted)
+            now = time.monotonic()
+            if now >= deadline and i + 1 < len(new):
+                self._scans.append(now + SERVE_PAUSE)
+                break
         self._rescan_placeholders(time.monotonic())
 
     def _serve(self, w: Wanted) -> None:

@@ -107,8 +107,10 @@ class NamedCache:
                  dev: int | None = None) -> None:
         self.directory = RUN_NETNS if directory is None else directory
         self.dev = nsfs_device() if dev is None else dev
-        # name -> the namespace, or when the placeholder appeared (ctime)
-        self._entries: dict[str, Found | float] = {}
+        self._found: dict[str, Found] = {}  # the namespaces, by name
+        self.by_key: dict[Key, Found] = {}  # the same, by key
+        # The placeholders: name -> when it appeared (ctime).
+        self._pending: dict[str, float] = {}
         self._marked: set[str] | None = None  # None: re-read everything
         self.stats = 0  # stat(2) calls made, for the tests and benchmarks
 
@@ -126,13 +128,12 @@ class NamedCache:
                 names: Iterable[str] = os.listdir(self.directory)
             except FileNotFoundError:
                 names = []
-            self._entries = {}
+            self._found, self.by_key, self._pending = {}, {}, {}
         else:
-            names = self._marked | {n for n, e in self._entries.items()
-                                    if not isinstance(e, Found)}
+            names = self._marked | self._pending.keys()
         self._marked = set()
         for name in names:
-            self._entries.pop(name, None)
+            self._forget(name)
             path = os.path.join(self.directory, name)
             self.stats += 1
             try:
@@ -142,22 +143,26 @@ class NamedCache:
             # Until "ip netns add" has mounted the namespace onto the file,
             # it is an empty regular file on tmpfs: not (yet) a namespace.
             if st.st_dev != self.dev:
-                self._entries[name] = st.st_ctime
+                self._pending[name] = st.st_ctime
             else:
-                self._entries[name] = Found((st.st_dev, st.st_ino), path,
-                                            name)
+                f = Found((st.st_dev, st.st_ino), path, name)
+                self._found[name] = self.by_key[f.key] = f
+
+    def _forget(self, name: str) -> None:
+        self._pending.pop(name, None)
+        old = self._found.pop(name, None)
+        if old is not None:
+            del self.by_key[old.key]
 
     def found(self) -> list[Found]:
         """The namespaces, by name."""
-        return [e for _, e in sorted(self._entries.items())
-                if isinstance(e, Found)]
+        return [f for _, f in sorted(self._found.items())]
 
     def placeholder_ages(self, now: float) -> list[float]:
         """Seconds since each entry that is not (yet) a namespace appeared
         (``now``: time.time()).  Setting a namespace up can take more than
         a second on a busy machine."""
-        return [max(0.0, now - e) for e in self._entries.values()
-                if not isinstance(e, Found)]
+        return [max(0.0, now - t) for t in self._pending.values()]
 
 
 def unnamed(exclude_pids: Container[int]) -> list[Found]:

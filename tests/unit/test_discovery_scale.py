@@ -21,7 +21,12 @@ def cache_of(tmp_path: Path, *names: str) -> netns.NamedCache:
 
 
 def keys(cache: netns.NamedCache) -> dict[str, netns.Key]:
-    return {f.label: f.key for f in cache.found()}
+    by_name = {f.label: f.key for f in cache.found()}
+    # The index by key is kept along with the entries.
+    assert {f.key: f.label for f in cache.by_key.values()} == {
+        k: n for n, k in by_name.items()}
+    assert all(cache.by_key[k].key == k for k in cache.by_key)
+    return by_name
 
 
 def test_a_full_read_finds_every_entry(tmp_path):

@@ -69,18 +69,27 @@ def served(s: Supervisor) -> set[netns.Key | None]:
     return {ns.key for ns in s.namespaces}
 
 
-def scan(s: Supervisor) -> None:
+def scan(s: Supervisor, finish: bool = True) -> None:
     """Walk /proc to the end, a slice per turn as the loop does, then
     scan (unnamed namespaces come from the last complete walk).  The
-    clock is moved past the pause between two walks."""
+    clock is moved past the pause between two walks.  ``finish``: also
+    run the scans that serve what did not fit in the first
+    (SERVE_SLICE)."""
     walks = s.discovery.walks
     for _ in range(100000):
         later = time.monotonic() + namespaces.UNNAMED_SCAN_INTERVAL
         if s.discovery.scan_due(later):
             s.scan()
         if s.discovery.walks > walks:
+            break
+    else:
+        raise AssertionError("the walk over /proc never finished")
+    for _ in range(10000 if finish else 0):
+        soon = time.monotonic() + 1.0  # before the next walk
+        if min(s.discovery.scans) > soon:
             return
-    raise AssertionError("the walk over /proc never finished")
+        if s.discovery.scan_due(soon):
+            s.scan()
 
 
 @pytest.fixture
@@ -165,3 +174,22 @@ def test_the_walk_takes_a_slice_per_turn(tmp_path, scanning, root_owned,
     assert root_owned in served(s)
     # The next walk waits for UNNAMED_SCAN_INTERVAL.
     assert min(s.discovery.scans) > time.monotonic() + 1.0
+
+
+def test_new_namespaces_are_served_a_slice_at_a_time(
+        tmp_path, scanning, userns_owned, root_owned, monkeypatch):
+    """Serving a namespace is a setns, a socket and a file read: a scan
+    that finds many serves them for SERVE_SLICE, then comes back."""
+    monkeypatch.setattr(namespaces, "SERVE_SLICE", 0.0)
+    s = supervisor(tmp_path, "unnamed_userns=true\n")
+    scanning.append(s)
+    scan(s, finish=False)  # the walk's end: only the first is served
+    assert [ns.label for ns in s.namespaces] == ["init"]
+    assert min(s.discovery.scans) <= time.monotonic() + 1.0
+    for _ in range(1000):
+        before = len(s.namespaces)
+        s.scan()
+        assert len(s.namespaces) <= before + 1
+        if {userns_owned, root_owned} <= served(s):
+            break
+    assert {userns_owned, root_owned} <= served(s)

@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""tlshd with many network namespaces: memory, add latency, churn.
+
+Runs as root inside the VM (it creates namespaces, starts nfsd and tlshd):
+
+    tools/vm-run --kernel 6.12 --smp 2 --timeout 1800 -- \\
+        .venv/bin/python bench/scale.py --count 100 --cycles 200
+
+Every namespace is served through ``[netns] default=`` with one set of
+throwaway credentials, and ``[netns] unnamed=`` is set, so the supervisor
+walks /proc all along (``--procs`` sleeping processes give it something
+to walk).  In order, it prints:
+
+1. ``ip netns add`` -> served, for COUNT-1 namespaces added one at a time
+   to a running tlshd: served = a socket in the namespace has joined the
+   tlshd group (from then on the kernel hands its requests to tlshd),
+   timed from the return of ``ip netns add`` and from its start;
+2. total PSS of the tlshd tree (supervisor, template, workers) with
+   COUNT namespaces served and idle (once no worker is starting);
+3. submit -> accept of NFS mounts in the initial namespace (the
+   handshake tracepoints) while a loop adds and deletes a namespace and
+   the /proc walk runs;
+4. the supervisor's fds and VmRSS before and after CYCLES add/delete
+   cycles.
+
+While every served namespace holds a live worker (8 MiB each), keep
+COUNT at about 100 in the VM's 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# The lab package (tests/lab), shared with the kernel tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from lab import nfs, trace
+from lab.netns import tlshd_group_joined
+from lab.pki import Pki
+from lab.procs import fd_count, rss_kib
+from lab.shell import REPO, VENV_BIN, ensure_worker_user, sh
+
+from tlshd.supervisor.ctl import query
+
+CONTROL = "/run/tlshd/control.sock"
+PREFIX = "scale"
+
+
+def wait(what: str, cond: Callable[[], bool], timeout: float,
+         every: float = 0.005) -> float:
+    """Poll ``cond`` until true; time.monotonic() when it was."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise SystemExit("timed out waiting for %s" % what)
+        time.sleep(every)
+    return time.monotonic()
+
+
+def served(name: str) -> bool:
+    """Is ``name`` in status (the supervisor knows it)?"""
+    try:
+        return not query(CONTROL, "status-netns " + name).startswith(
+            "error:")
+    except OSError:
+        return False
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid -> title of every process below ``root``, and ``root``."""
+    parent: dict[int, int] = {}
+    title: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        title[pid] = cmd.decode(errors="replace")
+    out = {root: title.get(root, "?")}
+    grew = True
+    while grew:
+        new = {p: title[p] for p, pp in parent.items()
+               if pp in out and p not in out}
+        out.update(new)
+        grew = bool(new)
+    return out
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Daemon:
+    """tlshd started as ``tlshd -s -c FILE``, its log in a file."""
+
+    def __init__(self, work: Path, config: str) -> None:
+        (work / "tlshd.conf").write_text(config)
+        self.logfile = work / "tlshd.log"
+        with open(self.logfile, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "tlshd"), "-s", "-c",
+                 str(work / "tlshd.conf")],
+                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
+        wait("tlshd serving init", lambda: self.alive() and served("init"),
+             300, 0.2)
+        m = re.search(r"group tlshd id (\d+)", self.logfile.read_text())
+        if not m:
+            raise SystemExit("no group id in tlshd's log")
+        self.group = int(m.group(1))
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise SystemExit("tlshd exited with %s:\n%s" % (
+                self.proc.returncode, self.logfile.read_text()[-3000:]))
+        return True
+
+    def joined(self, name: str) -> bool:
+        return tlshd_group_joined(name, self.group)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def add_namespaces(d: Daemon, count: int) -> None:
+    after, total = [], []
+    for i in range(1, count):
+        name = "%s%04d" % (PREFIX, i)
+        start = time.monotonic()
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        added = time.monotonic()
+        joined = wait("group joined in " + name,
+                      lambda name=name: d.alive() and d.joined(name), 30)
+        after.append(joined - added)
+        total.append(joined - start)
+    if after:
+        print("ip netns add -> served (%d namespaces): p50 %.3f s, max "
+              "%.3f s after it returned; p50 %.3f s, max %.3f s after it "
+              "started" % (len(after), statistics.median(after), max(after),
+                           statistics.median(total), max(total)))
+
+
+def idle_pss(d: Daemon, count: int, settle: float) -> None:
+    def settled() -> bool:
+        out = query(CONTROL, "status")
+        m = re.match(r"(\d+) namespace\(s\) served.*?(\d+) starting", out)
+        return bool(m) and int(m.group(1)) >= count and m.group(2) == "0"
+    wait("every namespace served, no worker starting", settled, 3600, 1.0)
+    time.sleep(settle)
+    tree = descendants(d.proc.pid)
+    kib = {pid: pss_kib(pid) for pid in tree}
+    workers = [p for p, t in tree.items() if t.startswith("tlshd: worker [")]
+    print("idle, %d namespaces: total PSS %.1f MiB (supervisor %.1f, %d "
+          "workers %.1f, other %.1f); %s"
+          % (count, sum(kib.values()) / 1024, kib[d.proc.pid] / 1024,
+             len(workers), sum(kib[p] for p in workers) / 1024,
+             (sum(kib.values()) - kib[d.proc.pid]
+              - sum(kib[p] for p in workers)) / 1024,
+             query(CONTROL, "status").splitlines()[0]))
+
+
+@contextmanager
+def churning() -> Iterator[None]:
+    """A namespace added and deleted over and over, meanwhile."""
+    loop = subprocess.Popen(
+        ["bash", "-c", "while :; do ip netns add %schurn; sleep 0.1; "
+         "ip netns del %schurn; sleep 0.1; done" % (PREFIX, PREFIX)],
+        start_new_session=True)
+    try:
+        yield
+    finally:
+        os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+        subprocess.run(["ip", "netns", "del", PREFIX + "churn"],
+                       check=False, capture_output=True)
+
+
+def mounts_under_churn(d: Daemon, mounts: int) -> None:
+    client = nfs.Nfs(nfs.start_server())
+    trace.enable()
+    failed = 0
+    with churning():
+        for _ in range(mounts):
+            r = client.mount("", "tls")
+            failed += not r.ok
+            client.umount()
+            d.alive()
+    waits = [(r.accept - r.submit) * 1000 for r in trace.read_requests()
+             if r.accept is not None and r.submit is not None]
+    if not waits:
+        raise SystemExit("no handshake was accepted")
+    print("submit -> accept under churn and /proc walks: %d requests, p50 "
+          "%.1f ms, p99 %.1f ms, max %.1f ms; %d of %d mounts failed"
+          % (len(waits), statistics.median(waits), pct(waits, 0.99),
+             max(waits), failed, mounts))
+
+
+def cycles(d: Daemon, count: int) -> None:
+    pid = d.proc.pid
+    fd0, rss0 = fd_count(pid), rss_kib(pid)
+    start = time.monotonic()
+    for i in range(count):
+        name = "%sc%d" % (PREFIX, i)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        wait("served " + name, lambda name=name: d.alive() and served(name),
+             30, 0.01)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+        wait("dropped " + name,
+             lambda name=name: d.alive() and not served(name), 30, 0.01)
+    fd1, rss1 = fd_count(pid), rss_kib(pid)
+    print("%d add/delete cycles in %.0f s: supervisor fds %d -> %d, VmRSS "
+          "%d -> %d KiB (%+d KiB)" % (count, time.monotonic() - start, fd0,
+                                      fd1, rss0, rss1, rss1 - rss0))
+
+
+def sleepers(count: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["bash", "-c", "for i in $(seq %d); do sleep 100000 & done; wait"
+         % count], start_new_session=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=1000,
+                   help="namespaces served, the initial one included")
+    p.add_argument("--cycles", type=int, default=1000)
+    p.add_argument("--mounts", type=int, default=20)
+    p.add_argument("--procs", type=int, default=1000,
+                   help="extra processes for the /proc walk")
+    p.add_argument("--settle", type=float, default=3.0)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root in the VM (see the docstring)")
+    ensure_worker_user()
+    sh("modprobe tls")
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    print("scale: kernel %s, %d CPU, python %s, commit %s; --count %d "
+          "--cycles %d --mounts %d --procs %d"
+          % (platform.release(), os.cpu_count() or 0,
+             platform.python_version(), commit or "?", args.count,
+             args.cycles, args.mounts, args.procs), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="tlshd-scale-"))
+    work.chmod(0o755)
+    pki = Pki(work / "pki")
+    text = pki.config()
+    tenant = work / "tenant.conf"
+    # The namespaces' file: the credentials, without the main file's
+    # [debug] section.
+    tenant.write_text("[authenticate]" + text.split("[authenticate]", 1)[1])
+    procs = sleepers(args.procs)
+    d = Daemon(work, text + "[netns]\ndefault=%s\nunnamed=%s\n"
+               "max_namespaces=65536\n" % (tenant, tenant))
+    try:
+        add_namespaces(d, args.count)
+        sys.stdout.flush()
+        idle_pss(d, args.count, args.settle)
+        sys.stdout.flush()
+        mounts_under_churn(d, args.mounts)
+        sys.stdout.flush()
+        cycles(d, args.cycles)
+    finally:
+        d.stop()
+        os.killpg(procs.pid, signal.SIGKILL)
+        procs.wait()
+        for name in os.listdir("/run/netns"):
+            if name.startswith(PREFIX):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
