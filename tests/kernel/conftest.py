@@ -77,13 +77,17 @@ def rpc_tls_peer() -> Iterator[Callable[[int, str], RpcTlsPeer]]:
 
 
 @pytest.fixture(scope="module")
-def netns_lab(nfs_server: str) -> Iterator[NetnsLab]:
+def netns_lab(request: pytest.FixtureRequest,
+              nfs_server: str) -> Iterator[NetnsLab]:
     """Namespaces a and b with their nfsd, then tlshd serving all three
-    (NetnsLab.open)."""
+    (NetnsLab.open).  A test module's WORKER_IDLE_TIMEOUT, if it has one,
+    is the [netns] worker_idle_timeout (default "0": workers from the
+    start)."""
     ensure_worker_user()
     workdir = Path(tempfile.mkdtemp(prefix="tlshd-netns-"))
     workdir.chmod(0o755)
     lab = NetnsLab(workdir)
+    lab.idle_timeout = getattr(request.module, "WORKER_IDLE_TIMEOUT", "0")
     try:
         lab.open(nfs_server)
         yield lab

@@ -126,6 +126,26 @@ class NetnsLab:
                                      % (timeout, rows))
             time.sleep(0.2)
 
+    def wait_served(self, labels: list[str], timeout: float = 180,
+                    no_workers: bool = False) -> None:
+        """Wait until each label is served; with ``no_workers``, also
+        until none has a worker (on-demand workers have idled out)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                rows = self.status()
+            except (OSError, ValueError):  # restarting (fault matrix)
+                rows = {}
+            if all(label in rows and not (no_workers and (
+                    rows[label]["worker_pid"] is not None
+                    or rows[label].get("worker_starting")))
+                   for label in labels):
+                return
+            if time.monotonic() > end:
+                raise AssertionError("not served%s within %s s: %r" % (
+                    " without workers" if no_workers else "", timeout, rows))
+            time.sleep(0.2)
+
     def group_id(self) -> int:
         """The tlshd multicast group's id, as the supervisor logged it."""
         if not self._group:
@@ -206,9 +226,14 @@ class NetnsLab:
         started = time.monotonic()
         Path(nfs_root, "whoami").write_text("init\n")
         self.daemon.start(self.main_config())
-        self.wait_ready(["init", "a", "b"])
-        print("tlshd up, workers for init, a, b ready after %.1f s"
-              % (time.monotonic() - started))
+        if self.idle_timeout == "0":
+            self.wait_ready(["init", "a", "b"])
+            print("tlshd up, workers for init, a, b ready after %.1f s"
+                  % (time.monotonic() - started))
+        else:
+            self.wait_served(["init", "a", "b"])
+            print("tlshd up, serving init, a, b (workers on demand) after "
+                  "%.1f s" % (time.monotonic() - started))
 
     def close(self) -> None:
         self.daemon.stop()
