@@ -257,7 +257,9 @@ def test_service_under_systemd(systemd: ServiceManager, pki: Any,
     creds = ETC / "test"
     shutil.rmtree(creds, ignore_errors=True)
     shutil.copytree(pki.root, creds)
-    config = pki.config().replace(str(pki.root), str(creds))
+    # tlshd's defaults: workers on demand.
+    config = pki.config(idle_timeout=None).replace(str(pki.root),
+                                                   str(creds))
     (ETC / "config").write_text(config)
     (ETC / "netns" / NETNS).mkdir(parents=True, exist_ok=True)
     (ETC / "netns" / NETNS / "config").write_text(config)
