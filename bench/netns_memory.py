@@ -187,7 +187,9 @@ def main() -> int:
         text = credentials(creds)
         (workdir / "default.conf").write_text(text)
         (workdir / "tlshd.conf").write_text(
-            text + "[netns]\ndefault=%s\n" % (workdir / "default.conf"))
+            # A live worker in every namespace: what this measures.
+            text + "[netns]\ndefault=%s\nworker_idle_timeout=0\n"
+            % (workdir / "default.conf"))
         commit = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=False).stdout.strip()

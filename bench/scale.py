@@ -159,8 +159,12 @@ def add_namespaces(d: Daemon, count: int) -> None:
         start = time.monotonic()
         subprocess.run(["ip", "netns", "add", name], check=True)
         added = time.monotonic()
-        joined = wait("group joined in " + name,
-                      lambda name=name: d.alive() and d.joined(name), 30)
+        try:
+            joined = wait("group joined in " + name,
+                          lambda name=name: d.alive() and d.joined(name), 30)
+        except SystemExit as e:
+            raise SystemExit("%s; tlshd's log ends:\n%s" % (
+                e, d.logfile.read_text()[-4000:])) from None
         after.append(joined - added)
         total.append(joined - start)
     if after:
@@ -274,7 +278,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tlshd-scale-"))
     work.chmod(0o755)
     pki = Pki(work / "pki")
-    text = pki.config()
+    text = pki.config(idle_timeout=None)  # tlshd's default: on demand
     tenant = work / "tenant.conf"
     # The namespaces' file: the credentials, without the main file's
     # [debug] section.
