@@ -1,10 +1,12 @@
-"""The Linux syscalls Python's standard library lacks, via ctypes."""
+"""The Linux syscalls Python's standard library lacks, via ctypes, and the
+process limits the supervisor needs."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import resource
 
 # <linux/prctl.h>
 PR_SET_DUMPABLE = 4
@@ -140,3 +142,19 @@ class StatusFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def raise_fd_limit(need: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (or to ``need``
+    if there is none): systemd starts services at 1024 of 524288, as
+    select() users want, and we use epoll.  Returns the soft limit now.
+    (Workers set their own, low, limit: see worker/sandbox.py.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (OSError, ValueError):
+            pass
+    return soft

@@ -285,8 +285,12 @@ class Supervisor:
         for worker in self.requests.expire(now):
             self.pool.close_if_idle(worker)
         self.resume_paused(now)
-        if self.discovery.scan_due(now):
-            self.scan()
+        try:
+            if self.discovery.scan_due(now):
+                self.scan()
+        except Exception:
+            # As on_netlink: the loop serves every other namespace.
+            log.exception("Error while looking for namespaces")
         self.pool.retire_idle(self.namespaces, now)
         self.pool.manage(self.namespaces, now)
         self.accept_noted()

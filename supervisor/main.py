@@ -289,6 +289,12 @@ def check_config(path: str) -> int:
     return 1 if check.failed else 0
 
 
+# Open fds per served namespace (its fd and the handshake socket's two)
+# and its worker (pidfd, channel), and what the rest of us takes.
+FDS_PER_NAMESPACE = 5
+FDS_BASE = 256
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Root, holding every namespace's key material on its way to the
@@ -311,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return os.EX_CONFIG
     tlshd_log.setup(args.stderr, debug=cfg.loglevel > 0)
+    need = cfg.netns_max * FDS_PER_NAMESPACE + FDS_BASE
+    limit = linux.raise_fd_limit(need)
+    if limit < need:
+        log.warning("The open file limit (%d) allows about %d served "
+                    "namespaces; [netns] max_namespaces is %d: raise "
+                    "LimitNOFILE", limit,
+                    (limit - FDS_BASE) // FDS_PER_NAMESPACE, cfg.netns_max)
     try:
         family = netlink_family.probe_family()
     except ConfigError as e:

@@ -238,14 +238,20 @@ class Discovery:
     def _walk_unnamed(self, now: float) -> bool:
         """One slice of the walk over /proc (starting one if it is time);
         True when a walk has just completed."""
-        if self._walk is None:
-            if now < self._walk_at:
+        try:
+            if self._walk is None:
+                if now < self._walk_at:
+                    return False
+                ours = {os.getpid()}
+                for ns in self.served:
+                    ours.update(w.pid for w in ns.workers())
+                self._walk = netns.ProcWalk(ours)
+            if not self._walk.step(time.monotonic() + WALK_SLICE):
                 return False
-            ours = {os.getpid()}
-            for ns in self.served:
-                ours.update(w.pid for w in ns.workers())
-            self._walk = netns.ProcWalk(ours)
-        if not self._walk.step(time.monotonic() + WALK_SLICE):
+        except OSError as e:  # EMFILE, say: the next walk may do
+            log.error("Cannot look for unnamed namespaces in /proc: %s", e)
+            self._stop_walk()
+            self._walk_at = time.monotonic() + UNNAMED_SCAN_INTERVAL
             return False
         self._unnamed = {f.key: f for f in self._walk.result()}
         self._walk = None

@@ -193,3 +193,21 @@ def test_new_namespaces_are_served_a_slice_at_a_time(
         if {userns_owned, root_owned} <= served(s):
             break
     assert {userns_owned, root_owned} <= served(s)
+
+
+def test_walk_that_cannot_open_proc_is_logged_and_tried_later(
+        tmp_path, scanning, monkeypatch, caplog):
+    """Out of fds (EMFILE) when a walk starts: a log line, the next walk
+    after UNNAMED_SCAN_INTERVAL, and the loop goes on."""
+    def no_fds(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    s = supervisor(tmp_path, "")
+    scanning.append(s)
+    monkeypatch.setattr(netns, "ProcWalk", no_fds)
+    caplog.set_level(logging.ERROR)
+    s.step(0)
+    assert any("Cannot look for unnamed namespaces in /proc" in r.message
+               for r in caplog.records)
+    assert min(s.discovery.scans) > time.monotonic() + 1.0
+    s.step(0)  # still running

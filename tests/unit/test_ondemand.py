@@ -225,3 +225,21 @@ def test_template_forks_one_worker_for_a_burst(tmp_path, listener):
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+
+
+def test_fd_limit_raised_to_the_hard_limit():
+    """1024 served namespaces take about 5000 fds: the supervisor raises
+    the soft limit systemd starts it with (1024) to the hard one."""
+    import resource
+
+    from tlshd.shared import linux
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        got = linux.raise_fd_limit(5376)
+        expect = hard if hard != resource.RLIM_INFINITY else 5376
+        assert got == expect
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (expect, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
