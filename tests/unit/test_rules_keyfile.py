@@ -47,3 +47,42 @@ def test_message_type_numbers_are_pinned():
         "HANDSHAKE_REQ": 2, "HELLO": 3, "HANDSHAKE_ANS": 5, "LOG": 7,
         "SPAWN_REQ": 8, "SPAWN_ANS": 9, "PSK_FOUND": 10, "PSK_LOOKUP": 11,
     }
+
+
+def test_an_empty_path_setting_means_unset():
+    """``key =`` with nothing after it is the default (no file), not a
+    relative path to refuse."""
+    kf = keyfile.KeyFile("[s]\nx509.truststore =\nx509.private_key=\n", "f")
+    assert kf.path_value("s", "x509.truststore") is None
+    assert kf.path_value("s", "x509.private_key") is None
+    assert kf.path_value("s", "unset") is None
+    assert kf.warnings == []
+
+
+@pytest.mark.parametrize("key", ["x509.certificate", "x509.truststore",
+                                 "x509.crl", "default"])
+def test_only_the_private_key_may_be_a_url(key):
+    """ktls-utils reads a key URL (a PKCS#11 token) for the private key
+    alone: that one is a warning (no effect here); anywhere else a URL
+    is just not an absolute path, an error."""
+    kf = keyfile.KeyFile("[s]\nx509.private_key = pkcs11:a\n%s = pkcs11:b\n"
+                         % key, "f")
+    assert kf.path_value("s", "x509.private_key") is None
+    assert len(kf.warnings) == 1
+    with pytest.raises(ConfigError, match=r"f:3: .* is not an absolute"):
+        kf.path_value("s", key)
+
+
+def test_every_unknown_key_of_a_section_is_warned_about():
+    """Known keys before and between them do not stop the check."""
+    kf = keyfile.KeyFile("[s]\na = 1\nzz = 2\nb = 3\nyy = 4\n", "f")
+    kf.check_names({"s": frozenset({"a", "b"})}, {})
+    assert [w.split(" in ")[0] for w in kf.warnings] == [
+        "f:3: unknown key zz", "f:5: unknown key yy"]
+
+
+def test_values_are_immutable():
+    import dataclasses
+    kf = keyfile.KeyFile("[s]\nk = v\n", "f")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kf.value("s", "k").text = "w"

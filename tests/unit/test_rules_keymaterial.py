@@ -262,3 +262,50 @@ def test_well_known_keyrings_found_after_start_up(fake, monkeypatch):
     monkeypatch.setattr(keys, "keyring_members",
                         lambda s: [] if s == session else members(s))
     assert keymaterial.search_keyrings(REQUEST_RING) == [REQUEST_RING, 600]
+
+
+def test_an_oversized_secret_is_reported_by_its_size(fake):
+    """The skip reason names the size in one short line, however big
+    the key (a user key may hold up to 1 MiB)."""
+    fake.payload[18] = b"s" * 70000
+    with pytest.raises(OSError) as exc:
+        keymaterial.read_psk(18, b"id")
+    assert exc.value.strerror == "a 70000-byte secret is no PSK"
+
+
+def test_a_keyring_that_cannot_be_unlinked_does_not_fail_the_lookup(
+        fake, monkeypatch, caplog):
+    """Giving up a namespace's keyring after a lookup can fail (the
+    keyring revoked meanwhile): that is logged, and the key found is
+    still the answer."""
+    fake.add(REQUEST_RING, 11, b"id", b"s" * 32)
+
+    def unlink(serial, ring):
+        raise OSError(errno.EKEYREVOKED, "revoked")
+    monkeypatch.setattr(keys, "unlink", unlink)
+    found = keymaterial.find_psk(b"id", REQUEST_RING, False, ())
+    assert found is not None and found.serial == 11
+    assert "Cannot unlink keyring 00000064: revoked" in caplog.text
+
+
+def test_unreadable_proc_keys_is_reported_once(fake, monkeypatch, caplog):
+    """/proc/keys unreadable: no named keyring is found, and that is one
+    error, not one per name."""
+    def find_keyrings(name):
+        raise OSError(errno.EACCES, "denied")
+    monkeypatch.setattr(keys, "find_keyrings", find_keyrings)
+    assert keymaterial.namespace_keyrings(0, ("a", "b", "c")) == []
+    assert caplog.text.count("Cannot read /proc/keys") == 1
+
+
+def test_an_unlistable_session_keyring_leaves_the_request_s(fake,
+                                                            monkeypatch,
+                                                            caplog):
+    """The initial namespace's search when our session keyring cannot be
+    listed: the request's own keyring is still searched, and the failure
+    is logged."""
+    def keyring_members(serial):
+        raise OSError(errno.EACCES, "denied")
+    monkeypatch.setattr(keys, "keyring_members", keyring_members)
+    assert keymaterial.search_keyrings(REQUEST_RING) == [REQUEST_RING]
+    assert "Cannot list the session keyring: denied" in caplog.text

@@ -147,6 +147,7 @@ def test_rekey_singles_repeated_only_with_the_upcall() -> None:
     (BASE + attr(NAME, b"x"), 5),
     (s32(A.HANDSHAKE_A_ACCEPT_SOCKFD, 0) + attr(NAME, b"x"), 0),
     (s32(A.HANDSHAKE_A_ACCEPT_SOCKFD, -4), None),
+    (s32(A.HANDSHAKE_A_ACCEPT_SOCKFD, -1), None),  # no fd: nothing to close
     (attr(A.HANDSHAKE_A_ACCEPT_SOCKFD, b"\5\0") + BASE, 5),  # first is bad
     (BASE[8:], None),
     (BASE[8:] + b"\x08\x00", None),  # framing broken before any SOCKFD
@@ -238,3 +239,58 @@ def test_done_status_range(status: int, sent: int) -> None:
     _, attrs = netlink_codec.genl_payload(msg)
     assert netlink_codec.iter_attrs(attrs)[0] == (
         A.HANDSHAKE_A_DONE_STATUS, struct.pack("=I", sent))
+
+
+def test_a_repeated_attribute_is_named_in_one_line() -> None:
+    """The refusal names the attribute number once (it is logged)."""
+    t = A.HANDSHAKE_A_ACCEPT_TIMEOUT
+    with pytest.raises(ProtocolError) as err:
+        decode_accept_attrs(BASE + u32(t, 1) + u32(t, 2))
+    assert str(err.value) == "attribute %d repeated" % t
+
+
+def test_the_last_attribute_may_lack_its_padding() -> None:
+    """As in the kernel's nla_for_each_attr: the padding after the last
+    attribute may be left out."""
+    assert netlink_codec.iter_attrs(struct.pack("=HH", 5, 9) + b"x") == [
+        (9, b"x")]
+
+
+def test_a_generic_netlink_message_without_attributes() -> None:
+    msg = netlink_codec.NlMsg(type=0x21, flags=0, seq=1,
+                              payload=struct.pack("=BBH", 3, 1, 0))
+    assert netlink_codec.genl_payload(msg) == (3, b"")
+
+
+def test_an_unknown_attribute_in_a_certificate_nest_is_skipped() -> None:
+    """A newer kernel may add attributes to the CERTIFICATE nest: they
+    are not taken for the private key."""
+    nest = (s32(A.HANDSHAKE_A_X509_CERT, 7)
+            + s32(A.HANDSHAKE_A_X509_PRIVKEY, 8) + s32(3, 9) + s32(4, 9))
+    req = decode_accept_attrs(
+        BASE + attr(A.HANDSHAKE_A_ACCEPT_CERTIFICATE | NESTED, nest))
+    assert req.certs == ((7, 8),)
+
+
+def test_decoded_messages_are_immutable() -> None:
+    """What the kernel sent is not changed after it is checked."""
+    import dataclasses
+    req = decode_accept_attrs(BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.sockfd = 6  # type: ignore[misc]
+    msg = netlink_codec.NlMsg(type=1, flags=0, seq=1, payload=b"")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.seq = 2  # type: ignore[misc]
+
+
+def test_the_last_message_may_lack_its_padding() -> None:
+    msg = struct.pack("=IHHII", 17, 3, 0, 4, 0) + b"x"
+    assert netlink_codec.split_messages(msg) == [
+        netlink_codec.NlMsg(type=3, flags=0, seq=4, payload=b"x")]
+
+
+def test_salvage_takes_sockfd_only() -> None:
+    """Another 4-byte attribute before SOCKFD (type 0 included) is not
+    taken for the socket."""
+    assert salvage_sockfd(s32(0, 9) + s32(A.HANDSHAKE_A_ACCEPT_SOCKFD, 5)) \
+        == 5

@@ -306,3 +306,90 @@ def test_messages_are_immutable_and_default_to_no_extras():
         name = dataclasses.fields(msg)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(msg, name, None)
+
+
+def test_wire_limits_are_pinned():
+    """The limits are part of the wire format: during an upgrade a
+    running supervisor execs workers of the new build, and a limit
+    changed without bumping PROTOCOL_VERSION would make one end refuse
+    what the other sends.  Change these only with PROTOCOL_VERSION."""
+    assert protocol.PROTOCOL_VERSION == 4
+    assert {name: getattr(protocol, name) for name in (
+        "MAX_MSG", "MAX_STR", "MAX_LIST", "MAX_SECRET", "MAX_REASON",
+        "MAX_LOOKUPS")} == {
+        "MAX_MSG": 65536, "MAX_STR": 4096, "MAX_LIST": 16,
+        "MAX_SECRET": 64, "MAX_REASON": 512, "MAX_LOOKUPS": 8}
+
+
+def test_length_errors_name_the_limit():
+    """A hostile worker's over-long field is refused with a one-line
+    reason for the supervisor's log, naming the limit."""
+    from tlshd.shared.msgcodec import Reader
+    with pytest.raises(ProtocolError) as err:
+        Reader(struct.pack("!H", MAX_STR + 1)).text()
+    assert str(err.value) == "string longer than %d bytes" % MAX_STR
+    with pytest.raises(ProtocolError) as err:
+        Reader(u8(MAX_LIST + 1)).u32_list()
+    assert str(err.value) == "list longer than %d items" % MAX_LIST
+    with pytest.raises(ProtocolError) as err:
+        Reader(u32(MAX_SECRET + 1)).blob(MAX_SECRET)
+    assert str(err.value) == "%d bytes, at most %d allowed" % (
+        MAX_SECRET + 1, MAX_SECRET)
+
+
+def test_secrets_stay_out_of_reprs():
+    """A message in a log line or a traceback must not show a private
+    key or a PSK secret."""
+    msg = protocol.HandshakeRequest(
+        msg_type=1, auth_mode=3, timeout_ms=1, peername=None,
+        psks=(protocol.PskMaterial(serial=1, identity=b"id",
+                                   secret=b"PSKSECRET"),),
+        x509_cert=b"CERTIFICATE", x509_key=b"PRIVATEKEY")
+    shown = repr(msg) + repr(protocol.PskFound(psk=msg.psks[0]))
+    assert "PSKSECRET" not in shown
+    assert "PRIVATEKEY" not in shown
+    assert "CERTIFICATE" in shown and "id" in shown
+
+
+@pytest.mark.parametrize("name,mtype,body,nfds,why", [
+    ("status over MAX_ERRNO", ANS, answer(status=4096), 0,
+     "status 4096 is not an errno"),
+    ("unknown flags", REQ, request(flags=6), 1,
+     "unknown request flags 0x6"),
+    ("key update type", REQ, request(key_update=9, session_id=1), 1,
+     "key update type 9 unknown"),
+    ("PSK_FOUND flag", FOUND, u8(3) + psk(), 0, "bad PSK_FOUND flag 3"),
+])
+def test_refusals_say_why_in_one_line(name, mtype, body, nfds, why):
+    """The reason a hostile worker's message is refused goes to the
+    supervisor's log: one short line, whatever number the worker sent."""
+    with pytest.raises(ProtocolError) as err:
+        protocol.decode(frame(mtype, body), nfds)
+    assert str(err.value) == why
+
+
+@pytest.mark.parametrize("debug", [0, 1])
+def test_spawn_request_debug_is_zero_or_one(debug):
+    msg = protocol.SpawnRequest(label="n", config_path="/c", uid=1, gid=2,
+                                debug=debug)
+    assert protocol.decode(protocol.encode(msg, 3), 2) == (msg, 3)
+    with pytest.raises(ProtocolError, match="bad spawn request"):
+        protocol.decode(frame(SPAWN_REQ, text("n") + text("/c") + u32(1)
+                              + u32(2) + u8(2)), 2)
+
+
+@pytest.mark.parametrize("level", [10, 20, 30, 40, 50])
+def test_every_logging_level_passes(level):
+    """A worker's log records keep their level: DEBUG to CRITICAL."""
+    msg = protocol.LogRecord(level=level, text="t")
+    assert protocol.decode(protocol.encode(msg), 0) == (msg, 0)
+    with pytest.raises(ProtocolError):
+        protocol.decode(frame(LOG, u8(level + 1) + text("t")), 0)
+
+
+def test_no_id_is_the_uid_no_account_can_have():
+    """A SpawnRequest's "keep the template's uid and gid" must be a value
+    no worker user can have, or a worker meant to drop to that user
+    would keep root: (uid_t) -1, which the kernel reserves (setresuid
+    reads it as "unchanged")."""
+    assert protocol.NO_ID == 2 ** 32 - 1

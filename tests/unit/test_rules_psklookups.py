@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tlshd.shared import protocol
+from tlshd.worker import psklookups
 from tlshd.worker.psklookups import SupervisorLookups
 
 LATER = 60.0  # a deadline that does not pass during a test
@@ -159,3 +160,31 @@ def test_a_failed_send_leaves_nobody_waiting(caplog):
     with caplog.at_level(logging.DEBUG, "tlshd.worker.psklookups"):
         lookups.answer(5, protocol.PskFound(psk=psk(b"id")))
     assert "Late PSK answer" in caplog.text
+
+
+@pytest.mark.parametrize("other", [b"a", b"idx", b"i"])
+def test_no_answer_for_another_identity_is_taken(other):
+    sup = Supervisor({b"id": psk(other)})
+    assert sup.lookup()(b"id") is None
+
+
+def test_the_deadline_decides_not_a_late_answer(monkeypatch):
+    """An answer the wait did not see in time (it came just as the
+    deadline passed, before the lookup gave up) is not used."""
+    class LateEvent:
+        def set(self):
+            pass
+
+        def wait(self, timeout):
+            return False
+
+    made = psklookups._Waiting
+
+    def waiting():
+        w = made()
+        w.event = LateEvent()
+        return w
+    monkeypatch.setattr(psklookups, "_Waiting", waiting)
+    sup = Supervisor({b"id": psk(b"id")})
+    assert sup.lookup()(b"id") is None
+    assert sup.asked == [(3, b"id")]
