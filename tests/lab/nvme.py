@@ -32,11 +32,15 @@ SUBNQN = "nqn.2014-08.org.example:tlshd-psk"
 PORT = "4420"
 BACKING = Path("/dev/shm/tlshd-nvme-backing")
 
+# A worker from the start (worker_idle_timeout=0), as pki.config's: the
+# tests look at it before the first connect.
 CONFIG = """[debug]
 loglevel=1
 [authenticate]
 [authenticate.client]
 [authenticate.server]
+[netns]
+worker_idle_timeout=0
 """
 HASHES = {"sha256": ("01", 32), "sha384": ("02", 48)}
 
