@@ -264,21 +264,22 @@ def netlink_error(msg: NlMsg) -> int:
     return -int(err)
 
 
-def _attr(atype: int, payload: bytes) -> bytes:
+def encode_attr(atype: int, payload: bytes) -> bytes:
     length = NLA_HDR.size + len(payload)
     pad = b"\0" * (_align(length) - length)
     return NLA_HDR.pack(length, atype) + payload + pad
 
 
 def encode_request(family_id: int, cmd: int, attrs: bytes, seq: int,
-                   flags: int = NLM_F_REQUEST) -> bytes:
-    body = GENL_HDR.pack(cmd, uapi.HANDSHAKE_FAMILY_VERSION, 0) + attrs
+                   flags: int = NLM_F_REQUEST,
+                   version: int = uapi.HANDSHAKE_FAMILY_VERSION) -> bytes:
+    body = GENL_HDR.pack(cmd, version, 0) + attrs
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), family_id, flags,
                           seq, 0) + body
 
 
 def encode_accept(family_id: int, seq: int) -> bytes:
-    attrs = _attr(uapi.HANDSHAKE_A_ACCEPT_HANDLER_CLASS,
+    attrs = encode_attr(uapi.HANDSHAKE_A_ACCEPT_HANDLER_CLASS,
                   struct.pack("=I", uapi.HandlerClass.TLSHD))
     return encode_request(family_id, uapi.HANDSHAKE_CMD_ACCEPT, attrs, seq)
 
@@ -294,12 +295,14 @@ def encode_done(family_id: int, seq: int, sockfd: int, status: int,
     """
     if not 0 <= status <= 4095:
         status = errno.EIO
-    attrs = _attr(uapi.HANDSHAKE_A_DONE_STATUS, struct.pack("=I", status))
-    attrs += _attr(uapi.HANDSHAKE_A_DONE_SOCKFD, struct.pack("=i", sockfd))
+    attrs = encode_attr(uapi.HANDSHAKE_A_DONE_STATUS,
+                        struct.pack("=I", status))
+    attrs += encode_attr(uapi.HANDSHAKE_A_DONE_SOCKFD,
+                         struct.pack("=i", sockfd))
     for peerid in remote_auth[: uapi.HANDSHAKE_MAX_PEER_IDS]:
-        attrs += _attr(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH,
-                       struct.pack("=I", peerid))
+        attrs += encode_attr(uapi.HANDSHAKE_A_DONE_REMOTE_AUTH,
+                             struct.pack("=I", peerid))
     if status == 0 and session_id and session_id_attr is not None:
-        attrs += _attr(session_id_attr, struct.pack("=I", session_id))
+        attrs += encode_attr(session_id_attr, struct.pack("=I", session_id))
     return encode_request(family_id, uapi.HANDSHAKE_CMD_DONE, attrs, seq,
                           NLM_F_REQUEST | NLM_F_ACK)

@@ -51,6 +51,7 @@ CTRL_ATTR_MCAST_GRP_ID = 2
 CTRL_ATTR_POLICY_DO = 1
 NL_POLICY_TYPE_ATTR_TYPE = 1
 NLM_F_DUMP = 0x300
+CTRL_VERSION = 1
 CTRL_TIMEOUT = 5.0  # seconds; the kernel answers within send()
 
 
@@ -193,14 +194,11 @@ def _family(reply: bytes) -> tuple[int, int | None, dict[int, int]]:
 
 
 def _ctrl_request(cmd: int, name: str, flags: int, seq: int) -> bytes:
-    value = name.encode() + b"\0"
-    length = netlink_codec.NLA_HDR.size + len(value)
-    attr = (netlink_codec.NLA_HDR.pack(length, CTRL_ATTR_FAMILY_NAME)
-            + value + bytes(-length % 4))
-    body = netlink_codec.GENL_HDR.pack(cmd, 1, 0) + attr
-    return netlink_codec.NLMSG_HDR.pack(
-        netlink_codec.NLMSG_HDR.size + len(body), GENL_ID_CTRL,
-        netlink_codec.NLM_F_REQUEST | flags, seq, 0) + body
+    attr = netlink_codec.encode_attr(CTRL_ATTR_FAMILY_NAME,
+                                     name.encode() + b"\0")
+    return netlink_codec.encode_request(
+        GENL_ID_CTRL, cmd, attr, seq, netlink_codec.NLM_F_REQUEST | flags,
+        version=CTRL_VERSION)
 
 
 def ask_ctrl(cmd: int, name: str, dump: bool = False) -> list[bytes]:
