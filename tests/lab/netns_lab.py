@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,48 +104,51 @@ class NetnsLab:
         rows = json.loads(query(CONTROL_SOCKET, "status-json"))
         return {row["netns"]: row for row in rows}
 
-    def wait_ready(self, labels: list[str], timeout: float = 180,
-                   not_pid: dict[str, int] | None = None) -> dict[str, int]:
-        """Wait until each label has a ready worker (other than
-        ``not_pid[label]``); return label -> worker pid."""
+    def poll_status(self, done: Callable[[dict[str, dict[str, Any]]],
+                                        bool],
+                    timeout: float, what: str) -> dict[str, dict[str, Any]]:
+        """Poll status-json until ``done(rows)``; return those rows."""
         end = time.monotonic() + timeout
         while True:
             try:
                 rows = self.status()
             except (OSError, ValueError):  # restarting (fault matrix)
                 rows = {}
-            pids = {
-                label: rows[label]["worker_pid"]
-                for label in labels
-                if label in rows and rows[label]["worker_ready"]
-                and rows[label]["worker_pid"] != (not_pid or {}).get(label)
-            }
-            if len(pids) == len(labels):
-                return pids
+            if done(rows):
+                return rows
             if time.monotonic() > end:
-                raise AssertionError("workers not ready within %s s: %r"
-                                     % (timeout, rows))
+                raise AssertionError("%s within %s s: %r"
+                                     % (what, timeout, rows))
             time.sleep(0.2)
+
+    def wait_ready(self, labels: list[str], timeout: float = 180,
+                   not_pid: dict[str, int] | None = None) -> dict[str, int]:
+        """Wait until each label has a ready worker (other than
+        ``not_pid[label]``); return label -> worker pid."""
+        def ready(row: dict[str, Any], label: str) -> bool:
+            return bool(row["worker_ready"]) and (
+                row["worker_pid"] != (not_pid or {}).get(label))
+
+        rows = self.poll_status(
+            lambda rows: all(label in rows and ready(rows[label], label)
+                             for label in labels),
+            timeout, "workers not ready")
+        return {label: rows[label]["worker_pid"] for label in labels}
 
     def wait_served(self, labels: list[str], timeout: float = 180,
                     no_workers: bool = False) -> None:
         """Wait until each label is served; with ``no_workers``, also
         until none has a worker (on-demand workers have idled out)."""
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                rows = self.status()
-            except (OSError, ValueError):  # restarting (fault matrix)
-                rows = {}
-            if all(label in rows and not (no_workers and (
-                    rows[label]["worker_pid"] is not None
-                    or rows[label].get("worker_starting")))
-                   for label in labels):
-                return
-            if time.monotonic() > end:
-                raise AssertionError("not served%s within %s s: %r" % (
-                    " without workers" if no_workers else "", timeout, rows))
-            time.sleep(0.2)
+        def idle(row: dict[str, Any]) -> bool:
+            return (row["worker_pid"] is None
+                    and not row.get("worker_starting"))
+
+        self.poll_status(
+            lambda rows: all(label in rows
+                             and (not no_workers or idle(rows[label]))
+                             for label in labels),
+            timeout, "not served" + (" without workers" if no_workers
+                                     else ""))
 
     def group_id(self) -> int:
         """The tlshd multicast group's id, as the supervisor logged it."""

@@ -155,6 +155,15 @@ def serving(tmp_path: Path, nl: FakeNl | None = None,
         signal.signal(sig, signal.SIG_DFL)
 
 
+def submit_closed(nl: FakeNl, listener: socket.socket) -> int:
+    """Submit a request whose peer has already gone (its handshake fails
+    at once); return its fd."""
+    fd, peer = connected_fd(listener)
+    peer.close()
+    nl.submit(fd)
+    return fd
+
+
 def run_until(s: Supervisor, cond, timeout: float = 30.0) -> float:
     start = time.monotonic()
     while not cond():

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from supervisorfakes import connected_fd, held, ready, run_until, serving
+from supervisorfakes import (
+    connected_fd,
+    held,
+    ready,
+    run_until,
+    serving,
+    submit_closed,
+)
 
 from tlshd.shared import config
 
@@ -36,9 +43,7 @@ def lasting(tmp_path: Path) -> Iterator[Any]:
 
 def served_request(s: Any, nl: Any, listener: Any, n: int) -> int:
     """Submit one request whose peer has gone; wait for DONE number n."""
-    fd, peer = connected_fd(listener)
-    peer.close()
-    nl.submit(fd)
+    fd = submit_closed(nl, listener)
     run_until(s, lambda: len(nl.dones) == n)
     assert nl.dones[n - 1][0] == fd
     return fd
@@ -91,12 +96,7 @@ def test_worker_with_rekey_sessions_stays(lazy, listener):
 
 def test_request_waits_for_the_worker_it_starts(lasting, listener):
     s, nl, ns = lasting
-    fds = []
-    for _ in range(3):
-        fd, peer = connected_fd(listener)
-        peer.close()
-        fds.append(fd)
-        nl.submit(fd)
+    fds = [submit_closed(nl, listener) for _ in range(3)]
     s.step(0.05)
     assert ns.worker is not None or s.pool.is_spawning(ns)
     run_until(s, lambda: len(nl.dones) == 3)
@@ -210,11 +210,8 @@ def test_template_forks_one_worker_for_a_burst(tmp_path, listener):
             s.step(0.02)
         assert spawns == [] and ns.worker is None
         fds = []
-        for i in range(4):
-            fd, peer = connected_fd(listener)
-            peer.close()
-            fds.append(fd)
-            nl.submit(fd)
+        for _ in range(4):
+            fds.append(submit_closed(nl, listener))
             s.step(0.02)
         run_until(s, lambda: len(nl.dones) == 4)
         assert sorted(d[0] for d in nl.dones) == sorted(fds)

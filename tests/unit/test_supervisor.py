@@ -26,6 +26,7 @@ from supervisorfakes import (
     ready,
     run_until,
     serving,
+    submit_closed,
     worker_channel_fd,
 )
 
@@ -149,12 +150,7 @@ def test_worker_killed_mid_handshake(sup, listener):
 
 def test_requests_before_worker_ready_are_queued(sup, listener):
     s, nl, _ns = sup
-    fds = []
-    for _ in range(3):
-        fd, peer = connected_fd(listener)
-        peer.close()
-        fds.append(fd)
-        nl.submit(fd)
+    fds = [submit_closed(nl, listener) for _ in range(3)]
     run_until(s, lambda: len(nl.dones) == 3)
     assert sorted(d[0] for d in nl.dones) == sorted(fds)
 
