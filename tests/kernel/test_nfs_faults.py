@@ -99,13 +99,22 @@ def test_our_default_deadline_is_under_the_nfs_clients(pki, tlshd, trace,
     fake = rpc_tls_peer(FAKE_PORT, "hold")
     try:
         fake_mount(nfs, timeout=50)
+        # The mount command can give up (timeo/retrans) a moment before
+        # the client's handshake timer fires, so wait for the cancel to
+        # reach the trace; the peer must still be holding meanwhile.
+        cancel, events = None, []
+        give_up = time.monotonic() + 15.0
+        while cancel is None and time.monotonic() < give_up:
+            events = trace.events()
+            # The kernel reuses a request's address when the client
+            # retries, so pair the first cancel with the submit that came
+            # just before it, not with the last submit of that address.
+            cancel = next((e for e in events
+                           if e.event == "handshake_cancel"), None)
+            if cancel is None:
+                time.sleep(0.25)
     finally:
         fake.close()
-    events = trace.events()
-    # The kernel reuses a request's address when the client retries, so
-    # pair the first cancel with the submit that came just before it, not
-    # with the last submit of that address.
-    cancel = next((e for e in events if e.event == "handshake_cancel"), None)
     assert cancel, "the NFS client never cancelled: %s" % events
     submit = max(e.stamp for e in events
                  if e.event == "handshake_submit" and e.req == cancel.req
