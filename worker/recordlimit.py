@@ -128,8 +128,12 @@ class PeerLimits:
         self._seen: dict[int, int | str] = {}
 
     def observe(self, ssl: int, message: memoryview) -> None:
-        """sslbind's received-message handler; never raises.  The last
-        ClientHello wins (after a HelloRetryRequest, the second one)."""
+        """sslbind's received-message handler; never raises.
+
+        After a HelloRetryRequest the second ClientHello's extension
+        replaces the first's; a second ClientHello without one (which
+        RFC 8446 forbids) keeps it: a smaller record is always
+        allowed."""
         if not message or message[0] not in (HS_CLIENT_HELLO,
                                              HS_ENCRYPTED_EXTENSIONS):
             return
@@ -137,9 +141,7 @@ class PeerLimits:
             limit: int | str | None = peer_limit(message)
         except RecordLimitError as exc:
             limit = str(exc)
-        if limit is None:
-            self._seen.pop(ssl, None)
-        else:
+        if limit is not None:
             self._seen[ssl] = limit
 
     def forget(self, ssl: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import struct
 from pathlib import Path
@@ -47,14 +48,17 @@ def kernel_can_cap() -> bool:
 def test_nfsd_records_respect_the_clients_limit(pki, tlshd, nfs_server):
     tlshd.start(pki.config())
     folder = Path(nfs_server, "rsl")
-    folder.mkdir(exist_ok=True)
+    folder.mkdir()
     names = sorted(b"%03d-" % i + os.urandom(30).hex().encode()
                    for i in range(80))
     for name in names:
         (folder / name.decode()).touch()
     mark = tlshd.mark()
     reader = RpcTlsReader(LIMIT)
-    assert sorted(reader.list_dir(b"rsl")) == names
+    try:
+        assert sorted(reader.list_dir(b"rsl")) == names
+    finally:
+        shutil.rmtree(folder)
     log = tlshd.since(mark)
     assert "record_size_limit=%d" % LIMIT in log, log
     lengths = reader.record_lengths

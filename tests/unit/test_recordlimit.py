@@ -170,13 +170,19 @@ def test_failures_and_other_connections_pass_through() -> None:
     assert limits.apply(8, ok_outcome()) == ok_outcome()
 
 
-def test_last_hello_wins_and_forget_drops() -> None:
+def test_later_hello_replaces_a_limit_but_does_not_erase_it() -> None:
     limits = PeerLimits()
     limits.observe(7, memoryview(encrypted_extensions(ext(RSL, LIMIT(99)))))
+    limits.observe(7, memoryview(encrypted_extensions(ext(RSL, LIMIT(80)))))
     limits.observe(7, memoryview(encrypted_extensions()))
-    assert limits.apply(7, ok_outcome()) == ok_outcome()
-    limits.observe(7, memoryview(encrypted_extensions(ext(RSL, LIMIT(99)))))
     limits.observe(7, memoryview(b"\x14\x00\x00\x00"))  # Finished: ignored
+    out = limits.apply(7, ok_outcome())
+    assert out.tx is not None and out.tx.record_limit == 80
+
+
+def test_forget_drops_the_limit() -> None:
+    limits = PeerLimits()
+    limits.observe(7, memoryview(encrypted_extensions(ext(RSL, LIMIT(99)))))
     limits.forget(7)
     assert limits.apply(7, ok_outcome()) == ok_outcome()
 
@@ -189,9 +195,9 @@ class Peer:
     the handshake it reads one line (EOF: nothing) and says goodbye."""
 
     def __init__(self, rlc: RecordLimitClient, body: bytes | None,
-                 port: int) -> None:
-        self.ctx = (rlc.context(body) if body is not None
-                    else SSL.Context(SSL.TLS_CLIENT_METHOD))
+                 port: int, ctx: SSL.Context | None = None) -> None:
+        self.ctx = ctx or (rlc.context(body) if body is not None
+                           else SSL.Context(SSL.TLS_CLIENT_METHOD))
         self.ctx.set_verify(SSL.VERIFY_NONE)
         self.port = port
         self.read = b""
@@ -222,8 +228,9 @@ def serve(pki: Any, rlc: RecordLimitClient) -> Iterator[Any]:
     eng = Engine(pki.client_settings(), pki.settings())
     peers: list[Peer] = []
 
-    def run(body: bytes | None) -> tuple[Outcome, socket.socket, Peer]:
-        peers.append(Peer(rlc, body, ls.getsockname()[1]))
+    def run(body: bytes | None, ctx: SSL.Context | None = None
+            ) -> tuple[Outcome, socket.socket, Peer]:
+        peers.append(Peer(rlc, body, ls.getsockname()[1], ctx))
         sock, _ = ls.accept()
         out = eng.server_handshake(sock, x509=None,
                                    deadline=time.monotonic() + 10)
@@ -256,6 +263,23 @@ def test_server_reads_the_limit_and_peer_takes_full_records(
     peer.thread.join(10)
     assert peer.error is None
     assert peer.read == line
+
+
+def test_server_keeps_the_limit_across_a_hello_retry(
+        serve: Any, rlc: RecordLimitClient) -> None:
+    """The client's key share is for a group the server does not take
+    (brainpool), so the server asks again (HelloRetryRequest) and gets
+    a second ClientHello, with the extension again."""
+    from OpenSSL._util import lib
+
+    ctx = rlc.context(LIMIT(512))
+    assert lib.SSL_CTX_set1_curves_list(
+        ctx._context, b"brainpoolP256r1tls13:P-256") == 1
+    out, sock, _ = serve(LIMIT(512), ctx=ctx)
+    with sock:
+        assert out.status == 0, out.reason
+        assert out.group == "secp256r1"
+        assert out.tx.record_limit == 512
 
 
 @pytest.mark.parametrize("body", [LIMIT(16385), LIMIT(64)])
