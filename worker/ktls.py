@@ -14,8 +14,10 @@ OpenSSL is initialised and costs nothing in the sandbox.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import logging
 import socket
 import struct
 from dataclasses import dataclass
@@ -45,6 +47,15 @@ TLS_CIPHER_CHACHA20_POLY1305 = 54
 
 # TLS 1.3 record nonces are always 12 bytes (RFC 8446 section 5.3).
 IV_LEN = 12
+
+# A TLS 1.3 record's plaintext: 2^14 bytes of content plus the content
+# type byte.  A peer's record_size_limit this large or larger caps nothing.
+TLS13_MAX_RECORD_LIMIT = (1 << 14) + 1
+
+log = logging.getLogger(__name__)
+# False once this process's kernel refused TLS_TX_MAX_PAYLOAD_LEN as an
+# unknown option (before Linux 6.19): no later socket is asked again.
+_max_payload_known = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +95,20 @@ class TrafficKeys:
     ``secret`` is the current ``*_application_traffic_secret_N``; keep it
     for the life of the connection if KeyUpdate is ever to be serviced
     (the kernel hands back key and IV, never the secret). ``seq`` is the
-    number of the next record in this direction.
+    number of the next record in this direction.  ``record_limit`` is
+    the peer's RFC 8449 record_size_limit (TX only; None: not sent),
+    see tlshd.worker.recordlimit.
     """
 
     cipher: str
     secret: bytes
     seq: int
+    record_limit: int | None = None
 
     def __repr__(self) -> str:
         # Never let a traffic secret reach a log line by accident.
-        return f"TrafficKeys(cipher={self.cipher!r}, seq={self.seq})"
+        return (f"TrafficKeys(cipher={self.cipher!r}, seq={self.seq},"
+                f" record_limit={self.record_limit})")
 
     def crypto_info(self) -> bytes:
         """Return the kernel crypto_info blob for these keys."""
@@ -203,13 +218,58 @@ def next_secret(cipher: str, secret: bytes) -> bytes:
 def install(sock: socket.socket, tx: TrafficKeys, rx: TrafficKeys) -> None:
     """Attach the "tls" ULP to ``sock`` and program both directions.
 
-    Order as in ktls-utils: ULP, then TX, then RX. Both blobs are built
-    before the first setsockopt so a bad suite fails before the socket is
-    touched. OSError propagates; the socket is unusable after a partial
-    install and the caller reports EIO.
+    Order: ULP, TX, the peer's record size cap (if any), RX.  ktls-utils
+    sets the cap before TX, but the kernel accepts the smallest TLS 1.3
+    value (63) only once TX has told it the version (seen on 7.3); no
+    record can be pending yet, so the cap still covers every record.
+    Both blobs are built before the first setsockopt so a bad suite
+    fails before the socket is touched. OSError propagates; the socket
+    is unusable after a partial install and the caller reports EIO.
     """
     tx_info = tx.crypto_info()
     rx_info = rx.crypto_info()
     sock.setsockopt(SOL_TCP, TCP_ULP, TLS_ULP_NAME)
     sock.setsockopt(SOL_TLS, TLS_TX, tx_info)
+    if tx.record_limit is not None:
+        cap_tx_records(sock, tx.record_limit)
     sock.setsockopt(SOL_TLS, TLS_RX, rx_info)
+
+
+def tx_max_payload(limit: int) -> int | None:
+    """``TLS_TX_MAX_PAYLOAD_LEN`` for a TLS 1.3 peer's record size limit,
+    or None when the limit caps nothing.  The limit counts the content
+    type byte of TLSInnerPlaintext (RFC 8449 section 4); the kernel's
+    value does not."""
+    if limit >= TLS13_MAX_RECORD_LIMIT:
+        return None
+    return limit - 1
+
+
+def cap_tx_records(sock: socket.socket, limit: int) -> bool:
+    """Keep kTLS's TLS 1.3 records within the peer's ``limit``.
+
+    Returns False when the kernel cannot (no ``TLS_TX_MAX_PAYLOAD_LEN``,
+    before Linux 6.19): the session goes on with full-size records.  As
+    tlshd cannot answer the extension (tlshd.worker.recordlimit), RFC 8449
+    lets the peer receive them, and a lenient one does; a strict one
+    (GnuTLS) ends the session at the first larger record, hence a
+    warning rather than a refusal that would fail the lenient ones too.
+    Any other refusal raises OSError.
+    """
+    global _max_payload_known
+    payload = tx_max_payload(limit)
+    if payload is None:
+        return True
+    if _max_payload_known:
+        try:
+            sock.setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN,
+                            struct.pack("=H", payload))
+            return True
+        except OSError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                raise
+            _max_payload_known = False
+    log.warning("The peer asked for records of at most %d bytes; this"
+                " kernel cannot cap kTLS records (TLS_TX_MAX_PAYLOAD_LEN,"
+                " Linux 6.19), so they may be up to 16384 bytes", limit)
+    return False

@@ -39,6 +39,10 @@ X509_CHECK_FLAG_NEVER_CHECK_SUBJECT = int(
 # is not copied whole just to read its first byte.
 MsgHandler = Callable[[int, bool, int, bytes], None]
 MSG_PREFIX = 4
+# (ssl pointer, one whole received handshake message) -> None; must not
+# raise.  The view is OpenSSL's buffer, released when the call returns:
+# the handler copies what it keeps (tlshd.worker.recordlimit).
+ReceivedHandler = Callable[[int, memoryview], None]
 
 
 class MsgCallback:
@@ -49,7 +53,8 @@ class MsgCallback:
     then). Keep this object alive as long as any context uses it.
     """
 
-    def __init__(self, handler: MsgHandler) -> None:
+    def __init__(self, handler: MsgHandler,
+                 received: ReceivedHandler | None = None) -> None:
         self._handler = handler
 
         def _trampoline(
@@ -62,14 +67,14 @@ class MsgCallback:
             arg: Any,
         ) -> None:
             del version, arg
+            key = int(_ffi.cast("uintptr_t", ssl))
             data = (bytes(_ffi.buffer(buf, min(length, MSG_PREFIX)))
                     if length else b"")
-            self._handler(
-                int(_ffi.cast("uintptr_t", ssl)),
-                bool(write_p),
-                content_type,
-                data,
-            )
+            self._handler(key, bool(write_p), content_type, data)
+            if (received is not None and not write_p and length
+                    and content_type == SSL3_RT_HANDSHAKE):
+                with memoryview(_ffi.buffer(buf, length)) as view:
+                    received(key, view)
 
         self._c_callback: Any = _ffi.callback(
             "void(int, int, int, const void *, size_t, SSL *, void *)",

@@ -38,6 +38,7 @@ from tlshd.shared.config import RoleConfig
 from tlshd.worker import handshakeio, ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
 from tlshd.worker.pskhandshake import PskHandshakes
+from tlshd.worker.recordlimit import PeerLimits
 from tlshd.worker.sessionreuse import ReuseSettings, SessionReuse
 from tlshd.worker.sslconf import openssl_conf_path
 from tlshd.worker.tlsoutcome import (
@@ -114,7 +115,8 @@ class Engine:
         reuse between tlshd workers (tlshd.worker.sessionreuse).
         """
         self._states: dict[int, HandshakeState] = {}
-        self._msg = sslbind.MsgCallback(self._on_message)
+        self._limits = PeerLimits()
+        self._msg = sslbind.MsgCallback(self._on_message, self._limits.observe)
         self.reuse = SessionReuse(reuse) if reuse is not None else None
         self._client_anon = self._context(client, server=False)
         client_id = tlscreds.role_identity(client, "client")
@@ -381,7 +383,7 @@ class Engine:
             out = success(conn, state, server=server)
             if hooks is not None and out.status == 0:
                 out = hooks.after(conn, out)
-            return out
+            return self._limits.apply(key, out)
         except (DeadlineExpired, SSL.Error, OSError) as exc:
             return classify(state, exc)
         except Exception as exc:
@@ -390,6 +392,7 @@ class Engine:
         finally:
             if key is not None:
                 self._states.pop(key, None)
+                self._limits.forget(key)
                 if self.reuse is not None:
                     self.reuse.forget(key)
             handshakeio.restore_socket(sock, saved_nodelay)

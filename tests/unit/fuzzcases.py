@@ -40,7 +40,7 @@ from tlshd.shared import config, protocol, uapi
 from tlshd.shared.channel import Channel, socketpair
 from tlshd.shared.errors import ConfigError, ProtocolError
 from tlshd.supervisor import netlink_codec
-from tlshd.worker import pskhandshake, tlscreds, verify
+from tlshd.worker import pskhandshake, recordlimit, tlscreds, verify
 from tlshd.worker.verify import CredentialError
 
 Input = tuple[bytes, ...]
@@ -746,7 +746,63 @@ def check_hello(inp: Input, out: object) -> None:
 HELLO = Target("hello", _hello_seeds, run_hello, ValueError, check_hello,
                _hello_fixup, max_len=pskhandshake.MAX_PEEK + 16)
 
-TARGETS = {t.name: t for t in (ACCEPT, PROTOCOL, CONFIG, DER, PEM, HELLO)}
+
+
+# ---- record_size_limit in a ClientHello or EncryptedExtensions ----------
+
+
+def _handshake_message(records: bytes) -> bytes:
+    """The handshake message of a single handshake record."""
+    assert int.from_bytes(records[3:5], "big") == len(records) - 5
+    return records[5:]
+
+
+def _record_limit_seeds() -> list[Input]:
+    rng = random.Random(28)
+    rsl = recordlimit.EXT_RECORD_SIZE_LIMIT
+    seeds: list[Input] = [(_handshake_message(_openssl_hello()),)]
+    for value in (64, 512, 16385):
+        seeds.append((_handshake_message(hello_records(
+            [b"id"], rng, extra=[_ext(rsl, value.to_bytes(2, "big"))])),))
+        exts = _ext(0, b"") + _ext(rsl, value.to_bytes(2, "big"))
+        seeds.append((b"\x08" + _vec(3, _vec(2, exts)),))
+    seeds.append((b"\x08" + _vec(3, _vec(2, b"")),))
+    seeds.append((b"\x08" + _vec(3, _vec(2, _ext(rsl, b"\x00\x3f"))),))
+    return seeds
+
+
+def _record_limit_fixup(inp: Input) -> Input:
+    """Make the handshake header's length cover the rest."""
+    data = bytearray(inp[0])
+    if len(data) >= 4:
+        data[1:4] = (len(data) - 4).to_bytes(3, "big")
+    return (bytes(data),)
+
+
+NO_LIMIT = "no limit"  # classify() takes None for a rejection
+
+
+def run_record_limit(inp: Input) -> object:
+    limit = recordlimit.peer_limit(inp[0])
+    return NO_LIMIT if limit is None else limit
+
+
+def check_record_limit(inp: Input, out: object) -> None:
+    if out == NO_LIMIT:
+        return
+    _require(isinstance(out, int)
+             and recordlimit.MIN_LIMIT <= out <= 0xFFFF,
+             "limit out of range: %r" % (out,))
+    _require(inp[0][:1] in (b"\x01", b"\x08"),
+             "a limit from another message type")
+
+
+RECORD_LIMIT = Target("record_limit", _record_limit_seeds, run_record_limit,
+                      recordlimit.RecordLimitError, check_record_limit,
+                      _record_limit_fixup)
+
+TARGETS = {t.name: t for t in (ACCEPT, PROTOCOL, CONFIG, DER, PEM, HELLO,
+                               RECORD_LIMIT)}
 
 
 def classify(target: Target, inp: Input) -> tuple[str, str]:

@@ -112,6 +112,12 @@ def test_client_hello_mutants(inp):
 
 
 @FUZZ
+@given(mutants(fc.RECORD_LIMIT))
+def test_record_limit_mutants(inp):
+    assert_contract(fc.RECORD_LIMIT, inp)
+
+
+@FUZZ
 @given(st.lists(st.binary(min_size=1, max_size=300), max_size=10),
        st.integers(1, 16384), st.randoms(use_true_random=False))
 def test_client_hello_identities_round_trip(ids, fragment, rng):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
+import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -251,3 +254,92 @@ def test_install_on_a_real_socket_raises_oserror_without_ktls() -> None:
     keys = TrafficKeys("TLS_AES_128_GCM_SHA256", b"t" * 32, 0)
     with socket.socket() as sock, pytest.raises(OSError):
         ktls.install(sock, keys, keys)
+
+
+# -- the peer's record size limit (RFC 8449) --------------------------------
+
+
+class CapRefusingSocket(RecordingSocket):
+    """Refuses TLS_TX_MAX_PAYLOAD_LEN with ``err`` (6.12: ENOPROTOOPT)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__()
+        self.err = err
+        self.cap_attempts = 0
+
+    def setsockopt(self, level: int, name: int, value: bytes) -> None:
+        if (level, name) == (ktls.SOL_TLS, ktls.TLS_TX_MAX_PAYLOAD_LEN):
+            self.cap_attempts += 1
+            raise OSError(self.err, os.strerror(self.err))
+        super().setsockopt(level, name, value)
+
+
+@pytest.fixture
+def cap_unknown() -> Iterator[None]:
+    """Each test starts as a fresh worker: the kernel not yet asked."""
+    ktls._max_payload_known = True
+    yield
+    ktls._max_payload_known = True
+
+
+def limited_keys(limit: int | None) -> tuple[TrafficKeys, TrafficKeys]:
+    tx = TrafficKeys("TLS_AES_128_GCM_SHA256", b"t" * 32, 0, limit)
+    return tx, TrafficKeys("TLS_AES_128_GCM_SHA256", b"r" * 32, 0)
+
+
+@pytest.mark.parametrize(("limit", "value"), [
+    (64, 63), (512, 511), (16384, 16383)])
+def test_install_caps_tx_records_between_tx_and_rx(
+        cap_unknown: None, limit: int, value: int) -> None:
+    """After TX, not before: the kernel takes 63 (a limit of 64) only
+    once TX has set the TLS version."""
+    tx, rx = limited_keys(limit)
+    sock = RecordingSocket()
+    ktls.install(sock, tx, rx)  # type: ignore[arg-type]
+    assert sock.calls == [
+        (socket.IPPROTO_TCP, 31, b"tls"),
+        (282, 1, tx.crypto_info()),
+        (282, 5, struct.pack("=H", value)),
+        (282, 2, rx.crypto_info()),
+    ]
+
+
+@pytest.mark.parametrize("limit", [None, 16385, 65535])
+def test_install_sets_no_cap_without_a_small_limit(
+        cap_unknown: None, limit: int | None) -> None:
+    tx, rx = limited_keys(limit)
+    sock = RecordingSocket()
+    ktls.install(sock, tx, rx)  # type: ignore[arg-type]
+    assert [name for _, name, _ in sock.calls] == [31, 1, 2]
+
+
+def test_kernel_without_the_cap_is_asked_once_and_logged(
+        cap_unknown: None, caplog: pytest.LogCaptureFixture) -> None:
+    """6.12: ENOPROTOOPT; the session goes on uncapped, and later
+    sockets of the same worker are not asked again."""
+    caplog.set_level(logging.WARNING, logger="tlshd.worker.ktls")
+    tx, rx = limited_keys(512)
+    attempts = []
+    for _ in range(2):
+        sock = CapRefusingSocket(errno.ENOPROTOOPT)
+        ktls.install(sock, tx, rx)  # type: ignore[arg-type]
+        assert [name for _, name, _ in sock.calls] == [31, 1, 2]
+        attempts.append(sock.cap_attempts)
+    assert attempts == [1, 0]
+    assert caplog.text.count("cannot cap kTLS records") == 2
+    assert "at most 512 bytes" in caplog.text
+
+
+def test_other_cap_failures_propagate(cap_unknown: None) -> None:
+    tx, rx = limited_keys(512)
+    sock = CapRefusingSocket(errno.EINVAL)
+    with pytest.raises(OSError):
+        ktls.install(sock, tx, rx)  # type: ignore[arg-type]
+    assert [name for _, name, _ in sock.calls] == [31, 1]
+    assert ktls._max_payload_known
+
+
+@pytest.mark.parametrize(("limit", "payload"), [
+    (64, 63), (1000, 999), (16384, 16383), (16385, None), (65535, None)])
+def test_tx_max_payload(limit: int, payload: int | None) -> None:
+    assert ktls.tx_max_payload(limit) == payload

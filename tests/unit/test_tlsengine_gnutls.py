@@ -98,9 +98,10 @@ def gnutls_serv(pki: Any) -> Iterator[Any]:
     servers: list[GnutlsServer] = []
 
     def start(
-        *, priority: str = TLSHD_PRIORITY, mtls: bool = False
+        *, priority: str = TLSHD_PRIORITY, mtls: bool = False,
+        extra: tuple[str, ...] | list[str] = ()
     ) -> GnutlsServer:
-        args = [
+        args = [*extra,
             "--x509certfile",
             str(pki.server.cert),
             "--x509keyfile",
@@ -281,3 +282,64 @@ def test_gnutls_cli_against_our_server(
         ls.close()
         stdout, stderr = cli.finish()
     assert "hello from the tlshd server" in stdout, (stdout, stderr)
+
+
+# -- record_size_limit (RFC 8449) ---------------------------------------------
+
+
+def test_gnutls_cli_record_size_limit_reaches_our_tx_keys(pki: Any) -> None:
+    """gnutls-cli --recordsize 512 sends record_size_limit 513 (TLS 1.3
+    counts the content type byte); our server puts it into the TX keys,
+    where kTLS caps records at 512 bytes of data.  GnuTLS holds the peer
+    to its limit even though tlshd could not answer the extension: a
+    larger record ends the session, which is what a kernel without the
+    cap would send (hence tlshd's warning there)."""
+    from conftest import listening_socket  # type: ignore[import-not-found]
+
+    eng = Engine(pki.client_settings(), pki.settings())
+    ls = listening_socket()
+    args = ["--x509cafile", str(pki.ca), "--priority", TLSHD_PRIORITY,
+            "--recordsize", "512"]
+    cli = GnutlsClient(ls.getsockname()[1], args)
+    fits = b"f" * 499 + b"\n"
+    try:
+        ls.settimeout(10)
+        sock, _ = ls.accept()
+        with sock:
+            out = eng.server_handshake(
+                sock, x509=None, deadline=time.monotonic() + 10
+            )
+            assert out.status == 0, out.reason
+            assert out.tx.record_limit == 513
+            assert "record_size_limit=513" in out.description
+            tx = RecordLayer(out.tx.crypto_info())
+            rx = RecordLayer(out.rx.crypto_info())
+            send_app_data(tx, sock, fits)
+            cli.send_line(b"hello from gnutls-cli\n")
+            assert recv_app_data(rx, sock) == b"hello from gnutls-cli\n"
+            send_app_data(tx, sock, b"y" * 3000 + b"\n")
+            stdout, stderr = cli.finish()
+    finally:
+        ls.close()
+        cli.finish()
+    assert fits.decode() in stdout, (stdout[-300:], stderr[-300:])
+    assert "y" * 100 not in stdout
+    assert "illegal length" in stderr, stderr[-300:]
+
+
+def test_gnutls_serv_never_sends_its_limit_to_our_client(
+    pki: Any, gnutls_serv: Any
+) -> None:
+    """A server may send record_size_limit only if the client offered
+    it; ours cannot (OpenSSL, see tlshd.worker.recordlimit), so a
+    gnutls-serv with --recordsize 512 keeps its limit to itself."""
+    eng = Engine(pki.client_settings(), pki.settings())
+    server = gnutls_serv(extra=["--recordsize", "512"])
+    with server.connect() as sock:
+        out = handshake_client(eng, sock)
+        assert out.status == 0, out.reason
+        assert out.tx.record_limit is None
+        tx = RecordLayer(out.tx.crypto_info())
+        rx = RecordLayer(out.rx.crypto_info())
+        send_app_data(tx, sock, b"ping\n")
+        assert rx.open(read_record(sock)) == (CT_APPLICATION_DATA, b"ping\n")
