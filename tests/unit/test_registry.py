@@ -7,6 +7,7 @@ mount through a registered namespace) is in tests/kernel.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tlshd.shared import config
-from tlshd.supervisor import control, ctl, netlink_family, netns
+from tlshd.supervisor import control, ctl, netlink_family, netns, ocihook
 from tlshd.supervisor.arbiter import Supervisor
 from tlshd.supervisor.dropins import DropIns, read
 from tlshd.supervisor.registry import (
@@ -351,3 +352,55 @@ def test_ctl_builds_the_requests():
         ctl.netns_command("tlshdctl", ["remove"])
     with pytest.raises(SystemExit):
         ctl.netns_command("tlshdctl", ["add", "--path", "/p"])
+
+
+# ---- the OCI hook ---------------------------------------------------------
+
+def state(**kw: object) -> str:
+    s: dict[str, object] = {"ociVersion": "1.0.2", "id": "0123abcd",
+                            "status": "creating", "pid": 4242,
+                            "bundle": "/b", "annotations": {
+                                ocihook.CONFIG: "/etc/tlshd/acme"}}
+    s.update(kw)
+    return json.dumps(s)
+
+
+def test_oci_hook_requests():
+    verb, _, arg = ocihook.request("add", state()).partition(" ")
+    assert verb == "netns-add"
+    assert json.loads(arg) == {
+        "name": "0123abcd", "path": "/proc/4242/ns/net",
+        "config": "/etc/tlshd/acme", "source": "oci 0123abcd",
+        "allow_userns": False}
+    rootless = state(annotations={ocihook.CONFIG: "/c",
+                                  ocihook.ALLOW_USERNS: "true"})
+    assert json.loads(ocihook.request("add", rootless).partition(" ")[2])[
+        "allow_userns"] is True
+    # Not annotated: not ours to register.
+    assert ocihook.request("add", state(annotations={})) is None
+    assert ocihook.request("remove", state(pid=0)) == (
+        'netns-remove {"name": "0123abcd"}')
+
+
+@pytest.mark.parametrize("text, why", [
+    ("[]", "not a JSON object"),
+    (state(id=""), "no id"),
+    (state(pid="1"), "bad pid"),
+    (state(pid=0), "no process yet"),
+    (state(annotations={ocihook.CONFIG: 1}), "bad annotations"),
+    (state(annotations={ocihook.CONFIG: "/c", ocihook.ALLOW_USERNS: "yes"}),
+     "true or false"),
+])
+def test_oci_hook_refuses_bad_state(text, why):
+    with pytest.raises(ValueError, match=why):
+        ocihook.request("add", text)
+
+
+def test_oci_hook_fails_add_but_never_remove(tmp_path, monkeypatch, capsys):
+    missing = str(tmp_path / "control.sock")
+    monkeypatch.setattr("sys.stdin", io.StringIO(state()))
+    assert ocihook.main(["add", missing]) == 1
+    assert "tlshd-oci-hook add:" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(state()))
+    assert ocihook.main(["remove", missing]) == 0
+    assert ocihook.main(["bogus"]) == 2
