@@ -11,13 +11,13 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from supervisorfakes import release
 
 from tlshd.shared import config
 from tlshd.supervisor import control, ctl, netlink_family, netns, ocihook
@@ -271,13 +271,7 @@ def sup(monkeypatch, tmp_path) -> Iterator[Supervisor]:
     s.registry.close()
     if s.discovery.watcher is not None:
         s.discovery.watcher.close()
-    os.close(signal.set_wakeup_fd(-1))
-    os.close(s.wakeup_r)
-    os.close(s.home)
-    s.sel.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+    release(s)
 
 
 def ask(s: Supervisor, argv: list[str]) -> str:
