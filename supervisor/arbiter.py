@@ -37,6 +37,7 @@ from tlshd.supervisor import (
 )
 from tlshd.supervisor.monitor import Monitor
 from tlshd.supervisor.namespaces import Discovery, Namespace
+from tlshd.supervisor.registry import Registry
 from tlshd.supervisor.requests import Requests
 from tlshd.supervisor.workerpool import Pollable, WorkerPool
 
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # How long a stopping supervisor lets in-flight handshakes finish.
 STOP_GRACE = 5.0
+# Beside the control socket (a root-only directory under /run): the
+# namespaces registered at run time (see registry).
+REGISTRATIONS = "netns-registrations.json"
 # ACCEPTs per namespace per turn of the loop: one namespace's burst (or a
 # tenant's flood of READYs) must not keep the others waiting.
 MAX_ACCEPTS_PER_TURN = 16
@@ -154,6 +158,9 @@ class Supervisor:
     def serve_control(self, path: str) -> None:
         """Answer tlshdctl on a root-only unix socket at ``path``."""
         self.control = control.ControlServer(path)
+        # Registrations outlive a restart in the same private directory.
+        self.registry.state_path = os.path.join(os.path.dirname(path),
+                                                REGISTRATIONS)
         server = self.control
         self.sel.register(server, selectors.EVENT_READ,
                           lambda: server.handle(self))
@@ -180,6 +187,10 @@ class Supervisor:
 
     def spawning(self, ns: Namespace) -> bool:
         return self.pool.is_spawning(ns)
+
+    @property
+    def registry(self) -> Registry:
+        return self.discovery.registered.registry
 
     # ---- requests -------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A root-only AF_UNIX stream socket (mode 0600 in a 0700 directory).  A
 client sends one command line ("status", "status-netns NAME",
-"status-json", "metrics", "reload" or "reload-status") and reads the
-answer until EOF.  The supervisor is single-threaded, so a client gets a
+"status-json", "metrics", "reload", "reload-status", or "netns-add" and
+"netns-remove" with their JSON, see netnscmd) and reads the answer until
+EOF.  The supervisor is single-threaded, so a client gets a
 short time to send its line.  What the answers say is built in
 statustext from the rows ``status`` makes here.
 
@@ -33,8 +34,9 @@ from typing import Any, Protocol
 
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import statustext
+from tlshd.supervisor import netnscmd, statustext
 from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.registry import Registry
 from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = "/run/tlshd/control.sock"
 EXPIRY_WARNING_DAYS = 30
 CLIENT_TIMEOUT = 0.5
-MAX_COMMAND = 320  # "status-netns " and a name of up to 255 bytes
+# A command line: "status-netns " and a name of up to 255 bytes, or a
+# registration's JSON.
+MAX_COMMAND = 320 + netnscmd.MAX_REQUEST
 # Certificate files read, by path; emptied when it grows past this.
 CERT_CACHE_MAX = 4096
 
@@ -58,6 +62,11 @@ class Served(Protocol):
     def in_flight(self, ns: Namespace) -> int: ...
 
     def spawning(self, ns: Namespace) -> bool: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    def scan(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -179,6 +188,7 @@ def namespace_status(ns: Namespace, in_flight: int,
         "netns": ns.label,
         "inode": ns.key[1] if ns.key else None,
         "config": ns.config_path,
+        "source": ns.source,
         "held": ns.held,
         "held_reason": held_reason(ns) if ns.held else "",
         "worker_pid": worker.pid if worker else None,
@@ -310,8 +320,7 @@ class ControlServer:
         with conn:
             conn.settimeout(CLIENT_TIMEOUT)
             try:
-                command = conn.recv(MAX_COMMAND).decode(
-                    errors="replace").strip()
+                command = receive(conn).decode(errors="replace").strip()
                 if command == "reload":
                     log.info("Reload asked for over the control socket")
                     self.reload_watch = ReloadWatch(sup)
@@ -326,10 +335,27 @@ class ControlServer:
                 log.debug("control client: %s", e)
 
 
+def receive(conn: socket.socket) -> bytes:
+    """The client's command: all it sends before it shuts its side down,
+    at most MAX_COMMAND bytes (within CLIENT_TIMEOUT each read)."""
+    data = b""
+    while len(data) <= MAX_COMMAND:
+        chunk = conn.recv(MAX_COMMAND + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data[:MAX_COMMAND]
+
+
 def answer(sup: Served, command: str) -> str:
     verb, _, arg = command.partition(" ")
     if verb == "status-netns":
         return status_of(sup, arg)
+    if verb == "netns-add":
+        return netnscmd.add(sup.registry, sup.scan,
+                            lambda: sup.namespaces, arg)
+    if verb == "netns-remove":
+        return netnscmd.remove(sup.registry, sup.scan, arg)
     rows = status(sup)
     if command == "status":
         return statustext.render_status(rows)
@@ -338,8 +364,8 @@ def answer(sup: Served, command: str) -> str:
     if command == "metrics":
         return statustext.render_metrics(rows)
     return ("error: unknown command %r (status, status-netns NAME, "
-            "status-json, metrics, reload, reload-status)\n"
-            % command[:MAX_COMMAND])
+            "status-json, metrics, reload, reload-status, netns-add, "
+            "netns-remove)\n" % command[:80])
 
 
 def status_of(sup: Served, name: str) -> str:

@@ -3,9 +3,10 @@
 ``Namespace`` is one served network namespace: its netlink socket, its
 configuration, its worker slots and its counters.  ``Discovery`` keeps
 the served set in line with the namespaces that exist (``scan``), within
-the [netns] policy: only configured named namespaces; unnamed ones only
-when ``[netns] unnamed`` is set, and those owned by a user namespace
-other than ours only with ``unnamed_userns``; at most ``max_namespaces``.
+the [netns] policy: registered namespaces (see registry), configured
+named namespaces; unnamed ones only when ``[netns] unnamed`` is set, and
+those owned by a user namespace other than ours only with
+``unnamed_userns``; at most ``max_namespaces``.
 It is handed what to do when a namespace is added or is gone; requests
 and workers are not its business.
 """
@@ -22,6 +23,8 @@ from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import netlink_family, netlink_socket, netns
 from tlshd.supervisor.backoff import Backoff
+from tlshd.supervisor.dropins import Registered
+from tlshd.supervisor.registry import Registration, Registry
 from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,9 @@ class Namespace:
     # The supervisor's own (initial) namespace: the only one whose server
     # PSK lookups search the global keyrings (see keymaterial).
     initial: bool = False
+    # How it came to be served ("ip netns", "/proc", "registered ...").
+    source: str = ""
+    registered: bool = False
 
     # For status reports.
     succeeded: int = 0
@@ -105,6 +111,14 @@ class Wanted:
     found: netns.Found
     config_path: str  # "": a named one's, not looked up yet
     unnamed: bool  # found through /proc, not /run/netns
+    registration: Registration | None = None
+
+    @property
+    def source(self) -> str:
+        r = self.registration
+        if r is not None:
+            return "registered by %s: %s" % (r.source, r.path)
+        return "/proc" if self.unnamed else "ip netns"
 
 
 class Discovery:
@@ -117,7 +131,8 @@ class Discovery:
 
     def __init__(self, cfg: config.Config, family: netlink_family.FamilyInfo,
                  home: int, added: Callable[[Namespace], None],
-                 removing: Callable[[Namespace], None]) -> None:
+                 removing: Callable[[Namespace], None],
+                 state_path: str | None = None) -> None:
         self.cfg = cfg
         self.family = family
         self.home = home  # an fd of our own namespace
@@ -138,11 +153,15 @@ class Discovery:
         self._walk_at = 0.0
         self.walks = 0  # walks completed
         self._recheck = False  # look at served namespaces' files again
+        self.registered = Registered(Registry(
+            state_path, self._home_key,
+            lambda fd: netns.owner_userns(fd) != self._initial_userns))
 
     def add(self, label: str, config_path: str,
             nlsock: netlink_socket.HandshakeSocket | None = None,
             key: netns.Key | None = None,
-            nsfd: int | None = None) -> Namespace:
+            nsfd: int | None = None, source: str = "",
+            registered: bool = False) -> Namespace:
         """Serve a namespace: ``nsfd`` (owned from now on), or the current.
 
         The netlink socket is created inside the namespace and joined to
@@ -164,7 +183,8 @@ class Discovery:
             cfg, held = config.Config(path=config_path), True
         ns = Namespace(label, config_path, nlsock, cfg, key, nsfd,
                        held=held, initial=nsfd is None
-                       or fd_key(nsfd) == self._home_key)
+                       or fd_key(nsfd) == self._home_key, source=source,
+                       registered=registered)
         self.served.append(ns)
         self._added(ns)
         log.info("Listening for handshake requests in netns %s", label)
@@ -185,6 +205,7 @@ class Discovery:
         self.cfg = cfg
         self._unserved.clear()
         self._recheck = True
+        self.registered.reloaded(cfg.path)
         if not cfg.netns_unnamed:
             self._stop_walk()
             self._unnamed = {}
@@ -194,6 +215,7 @@ class Discovery:
     def watch(self) -> netns.Watcher:
         """Start watching /run/netns; the caller polls the watcher."""
         self.watcher = netns.Watcher()
+        self.registered.start(self.cfg.path)
         self._named.mark(None)
         self._resync_at = time.monotonic() + NAMED_RESYNC
         return self.watcher
@@ -217,6 +239,9 @@ class Discovery:
         times = list(self._scans)
         if self._resync_at is not None:
             times.append(self._resync_at)
+        registered = self.registered.wake_at()
+        if registered is not None:
+            times.append(registered)
         if self.cfg.netns_unnamed:
             times.append(0.0 if self._walk is not None else self._walk_at)
         return times
@@ -233,7 +258,7 @@ class Discovery:
             due = True
         if self.cfg.netns_unnamed and self._walk_unnamed(now):
             due = True
-        return due
+        return self.registered.due(now) or due
 
     def _walk_unnamed(self, now: float) -> bool:
         """One slice of the walk over /proc (starting one if it is time);
@@ -274,6 +299,9 @@ class Discovery:
         costs a stat)."""
         if key == initial.key:
             return Wanted(initial, self.cfg.path, False)
+        r = self.registered.registry.by_key.get(key)
+        if r is not None:
+            return Wanted(r.found(), r.config_path, False, r)
         f = self._named.by_key.get(key)
         if f is not None:
             return Wanted(f, "", False)
@@ -306,12 +334,21 @@ class Discovery:
         """
         self._named.refresh()
         initial = netns.initial()
-        exist = self._named.by_key.keys() | {initial.key}
+        registered = self.registered.registry.by_key
+        exist = (self._named.by_key.keys() | {initial.key}
+                 | registered.keys())
         if self.cfg.netns_unnamed:
             exist |= self._unnamed.keys()
         recheck, self._recheck = self._recheck, False
         served = {ns.key for ns in self.served}
-        gone = served - exist - {None}
+        # Served otherwise and registered since, or the reverse, or
+        # registered again with another configuration: served anew.
+        gone = (served - exist - {None}) | {
+            ns.key for ns in self.served
+            if ns.key is not None and (
+                ns.registered != (ns.key in registered) or (
+                    ns.registered and ns.config_path
+                    != registered[ns.key].config_path))}
         if gone or recheck:
             for ns in list(self.served):
                 w = None if ns.key is None else self._candidate(ns.key,
@@ -361,7 +398,8 @@ class Discovery:
             self._not_served(f.key, refused)
             return
         try:
-            self.add(f.label, w.config_path, key=f.key, nsfd=nsfd)
+            self.add(f.label, w.config_path, key=f.key, nsfd=nsfd,
+                     source=w.source, registered=w.registration is not None)
         except OSError as e:
             os.close(nsfd)
             log.error("Cannot serve netns %s: %s", f.label, e)

@@ -42,6 +42,8 @@ def render_namespace(r: Row) -> list[str]:
     if r["held"]:
         out.append("  held:      %s" % r.get("held_reason", ""))
     out.append("  config:    %s" % r["config"])
+    if r.get("source"):
+        out.append("  source:    %s" % r["source"])
     if r["worker_pid"]:
         out.append("  worker:    pid %d, %s, up %.0f s, %d restart(s)" % (
             r["worker_pid"], "ready" if r["worker_ready"] else "starting",

@@ -144,9 +144,14 @@ def serving(tmp_path: Path, nl: FakeNl | None = None,
     while not s.finished() and time.monotonic() < deadline:
         s.step(0.1)
     s.shutdown()
-    # A real supervisor exits after shutdown(); here the test process goes
-    # on, and these fds would pile up until exec'd workers get a channel
-    # fd above the sandbox's fd limit.
+    release(s)
+
+
+def release(s: Supervisor) -> None:
+    """Close what a Supervisor holds for its life and restore the signals.
+    A real supervisor exits after shutdown(); here the test process goes
+    on, and these fds would pile up until exec'd workers get a channel fd
+    above the sandbox's fd limit."""
     os.close(signal.set_wakeup_fd(-1))
     os.close(s.wakeup_r)
     os.close(s.home)

@@ -50,7 +50,7 @@ def test_expiring_certificates_are_marked_in_status(tmp_path: Path) -> None:
     ns: Any = SimpleNamespace(
         label="a", key=(1, 4026532242),
         config_path="/etc/tlshd/netns/a/config",
-        held=False, worker=None, restarts=0, succeeded=3,
+        held=False, source="ip netns", worker=None, restarts=0, succeeded=3,
         failed=1, last_failure="EACCES: certificate verify failed",
         cfg=configured(tmp_path))
     row = control.namespace_status(ns, 2)

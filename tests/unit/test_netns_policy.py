@@ -11,14 +11,13 @@ on the host, a real Supervisor's scan().
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from supervisorfakes import release
 
 from tlshd.shared import config
 from tlshd.supervisor import namespaces, netlink_family, netns
@@ -102,13 +101,7 @@ def scanning(monkeypatch, tmp_path) -> Iterator[list[Supervisor]]:
     for s in made:
         for ns in list(s.namespaces):
             s.remove_namespace(ns)
-        os.close(signal.set_wakeup_fd(-1))
-        os.close(s.wakeup_r)
-        os.close(s.home)
-        s.sel.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+        release(s)
 
 
 def test_userns_owned_namespace_is_not_served_by_default(
