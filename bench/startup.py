@@ -27,9 +27,13 @@ and times (CLOCK_BOOTTIME, seconds):
 Log lines are timestamped as they arrive on the pipe, so each figure is an
 upper bound by the pipe's latency (well under a millisecond).
 ``--base-python PYTHON`` starts another checkout's tlshd (that venv's
-interpreter) before each of ours, for before/after figures from one run.
-``floor`` lines: a bare interpreter start and importing the supervisor,
-for reference.  ``--trace`` prints the first start's log lines with their
+interpreter) before each of ours, for before/after figures from one run;
+``--packaged NAME=ROOT`` (repeatable) also starts the tlshd of a .deb
+unpacked at ROOT (``dpkg-deb -x``), as its /usr/sbin/tlshd would run:
+the package's own environment, ``python3 -I``, none of the development
+venv's .pth files.  ``floor`` lines: a bare interpreter start (with
+``-I``, ``-S``, both) and importing the supervisor, per interpreter, for
+reference.  ``--trace`` prints the first start's log lines with their
 arrival times.  ``--importtime`` runs one more start with
 PYTHONPROFILEIMPORTTIME=1 and prints the supervisor's 25 costliest imports
 (cumulative).
@@ -81,7 +85,20 @@ def started_at(pid: int) -> float:
     return int(fields[19]) / CLK_TCK
 
 
-def one_start(python: str, conf: Path, timeout: float,
+def packaged(root: str) -> list[str]:
+    """The command of a .deb unpacked at ``root`` (``dpkg-deb -x``):
+    /usr/sbin/tlshd run by the package's own environment, as its first
+    line (``python3 -I``) would.  The environment's interpreter is a
+    relative link to /usr/bin/python3.11: link that below ``root``."""
+    link = Path(root, "usr/bin/python3.11")
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/usr/bin/python3.11")
+    return [root + "/usr/lib/tlshd/venv/bin/python3", "-I",
+            root + "/usr/sbin/tlshd"]
+
+
+def one_start(command: list[str], conf: Path, timeout: float,
               importtime: bool = False
               ) -> tuple[dict[str, float], bytes, list[str]]:
     """Start tlshd once; return its timings, its log, and its log lines
@@ -97,8 +114,7 @@ def one_start(python: str, conf: Path, timeout: float,
     times: dict[str, float] = {}
     worker_pid = 0
     start = now()
-    proc = subprocess.Popen([python, "-m", "tlshd.supervisor", "-s", "-c",
-                             str(conf)],
+    proc = subprocess.Popen([*command, "-s", "-c", str(conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
@@ -163,20 +179,21 @@ def import_table(log: bytes, limit: int = 25) -> list[str]:
     return ["%9.1f ms %s" % (us / 1000, name) for us, name in rows[:limit]]
 
 
-def floors(runs: int = 3) -> dict[str, float]:
+def floors(python: str, runs: int = 3) -> dict[str, float]:
     """Median wall time of a bare interpreter start and of importing the
     supervisor (what tlshd pays before its first line of main)."""
-    python = str(PYTHON)
     out = {}
-    for name, code in (("python -c pass", "pass"),
-                       ("import tlshd.supervisor.main",
-                        "import tlshd.supervisor.main")):
+    for flags, code in (([], "pass"), (["-I"], "pass"), (["-S"], "pass"),
+                        (["-I", "-S"], "pass"),
+                        ([], "import tlshd.supervisor.main"),
+                        (["-I"], "import tlshd.supervisor.main")):
         samples = []
         for _ in range(runs):
             start = now()
-            subprocess.run([python, "-c", code], check=True)
+            subprocess.run([python, *flags, "-c", code], check=True)
             samples.append(now() - start)
-        out[name] = statistics.median(samples)
+        out[" ".join([python, *flags, "-c", repr(code)])] = (
+            statistics.median(samples))
     return out
 
 
@@ -185,8 +202,11 @@ def setup(workdir: Path) -> Path:
     creds.mkdir(mode=0o755)
     pki.write_credentials(creds, "bench", [])
     conf = workdir / "tlshd.conf"
+    # worker_idle_timeout=0: the initial namespace's worker starts with
+    # the daemon (with on-demand workers it would wait for a request).
     conf.write_text("\n".join(["[debug]", "loglevel=1", "[authenticate]",
-                               *pki.authenticate_lines(creds)]) + "\n")
+                               *pki.authenticate_lines(creds), "[netns]",
+                               "worker_idle_timeout=0"]) + "\n")
     return conf
 
 
@@ -198,6 +218,10 @@ def main() -> int:
     p.add_argument("--base-python", metavar="PYTHON",
                    help="also start the tlshd this interpreter imports "
                         "(another checkout's venv), alternating with ours")
+    p.add_argument("--packaged", metavar="NAME=ROOT", action="append",
+                   default=[],
+                   help="also start the tlshd of a .deb unpacked at ROOT "
+                        "(dpkg-deb -x), reported as NAME; repeatable")
     p.add_argument("--trace", action="store_true",
                    help="print the first start's log, each line with "
                         "when it arrived")
@@ -222,30 +246,36 @@ def main() -> int:
                  platform.python_version(), commit or "?",
                  Path("/proc/loadavg").read_text().split()[0]))
         keys = ("ready", "listening", "worker", "fork_hello", *BOOT_STEPS)
-        pythons = {"ours": str(PYTHON)}
+        commands = {"ours": [str(PYTHON), "-m", "tlshd.supervisor"]}
         if args.base_python:
-            pythons = {"base": args.base_python, **pythons}
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in pythons}
+            commands = {"base": [args.base_python, "-m", "tlshd.supervisor"],
+                        **commands}
+        for spec in args.packaged:
+            name, _, root = spec.partition("=")
+            commands[name] = packaged(root)
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
         print("%5s %5s " % ("impl", "start")
               + " ".join("%11s" % k for k in keys))
         for i in range(args.starts):
-            for impl, python in pythons.items():
-                times, _, trace = one_start(python, conf, args.timeout)
+            for impl, command in commands.items():
+                times, _, trace = one_start(command, conf, args.timeout)
                 runs[impl].append(times)
                 if i == 0 and args.trace:
                     print("\n".join(trace))
                 print("%5s %5d " % (impl, i + 1) + " ".join(
                     "%11.2f" % times.get(k, float("nan")) for k in keys))
                 sys.stdout.flush()
-        for impl in pythons:
+        for impl in commands:
             print("%5s %5s " % (impl, "p50") + " ".join(
                 "%11.2f" % statistics.median(
                     r.get(k, float("nan")) for r in runs[impl])
                 for k in keys))
-        for name, seconds in floors().items():
-            print("floor: %s %.2f s (median of 3)" % (name, seconds))
+        for impl, command in commands.items():
+            for name, seconds in floors(command[0]).items():
+                print("floor: %s: %s %.2f s (median of 3)"
+                      % (impl, name, seconds))
         if args.importtime:
-            _, log, _ = one_start(str(PYTHON), conf, args.timeout,
+            _, log, _ = one_start(commands["ours"], conf, args.timeout,
                                   importtime=True)
             print("supervisor imports, cumulative (one start):")
             print("\n".join(import_table(log)))
