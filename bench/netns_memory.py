@@ -141,6 +141,32 @@ def children(pid: int) -> dict[int, str]:
     return out
 
 
+def active_worker(mounts: int) -> dict[str, int]:
+    """The initial namespace's worker, idle and after ``mounts`` NFS
+    mounts: Pss, USS and Private_Dirty in KiB."""
+    pid = init_worker()
+    idle = footprint(pid)
+    handshakes(mounts)
+    time.sleep(3.0)
+    if init_worker() != pid:
+        raise SystemExit("the initial namespace's worker changed")
+    return dict(zip(("idle_pss", "idle_uss", "idle_dirty", "pss", "uss",
+                     "dirty"), (*idle, *footprint(pid)), strict=True))
+
+
+def print_active(rows: list[dict[str, float]], mounts: int) -> None:
+    print("the initial namespace's worker, idle and then active "
+          "(after %d NFS mounts, %d handshakes), MiB:" % (mounts, 2 * mounts))
+    header = ("namespaces", "idle_PSS", "idle_USS", "idle_dirty",
+              "active_PSS", "active_USS", "active_dirty")
+    print(" ".join("%12s" % h for h in header))
+    for m in rows:
+        print(" ".join("%12s" % v for v in (
+            m["namespaces"], *(mib(m["active_" + k]) for k in (
+                "idle_pss", "idle_uss", "idle_dirty", "pss", "uss",
+                "dirty")))))
+
+
 def measure(count: int, workdir: Path, timeout: float,
             mounts: int = 0) -> dict[str, float]:
     names = ["%s%03d" % (PREFIX, i) for i in range(1, count)]
@@ -186,17 +212,7 @@ def measure(count: int, workdir: Path, timeout: float,
         if workers != count:
             raise SystemExit("%d workers for %d namespaces: %r"
                              % (workers, count, kids))
-        active = {}
-        if mounts:
-            pid = init_worker()
-            idle = footprint(pid)
-            handshakes(mounts)
-            time.sleep(3.0)
-            if init_worker() != pid:
-                raise SystemExit("the initial namespace's worker changed")
-            active = dict(zip(("idle_pss", "idle_uss", "idle_dirty",
-                               "pss", "uss", "dirty"),
-                              (*idle, *footprint(pid)), strict=True))
+        active = active_worker(mounts) if mounts else {}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -213,8 +229,7 @@ def measure(count: int, workdir: Path, timeout: float,
         "tmpl_rss": tmpl_rss, "tmpl_pss": tmpl_pss,
         "w_rss": w_rss, "w_pss": w_pss, "w_pss_each": w_pss / workers,
         "total_pss": sup_pss + tmpl_pss + w_pss,
-        **{"active_" + k: v for k, v in active.items()},
-    }
+        **{"active_" + k: v for k, v in active.items()}}
 
 
 def mib(kib: float) -> str:
@@ -276,17 +291,7 @@ def main() -> int:
             if args.mounts:
                 active.append(m)
         if active:
-            print("the initial namespace's worker, idle and then active "
-                  "(after %d NFS mounts, %d handshakes), MiB:"
-                  % (args.mounts, 2 * args.mounts))
-            header = ("namespaces", "idle_PSS", "idle_USS", "idle_dirty",
-                      "active_PSS", "active_USS", "active_dirty")
-            print(" ".join("%12s" % h for h in header))
-            for m in active:
-                print(" ".join("%12s" % v for v in (
-                    m["namespaces"], *(mib(m["active_" + k]) for k in (
-                        "idle_pss", "idle_uss", "idle_dirty", "pss", "uss",
-                        "dirty")))))
+            print_active(active, args.mounts)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -221,6 +221,28 @@ def setup(workdir: Path) -> Path:
     return conf
 
 
+def impl_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each tlshd to start (base first), by the name it is reported as."""
+    commands = {"ours": [str(PYTHON), "-m", "tlshd.supervisor"]}
+    if args.base_python:
+        commands = {"base": [args.base_python, "-m", "tlshd.supervisor"],
+                    **commands}
+    for spec in args.packaged:
+        name, _, root = spec.partition("=")
+        commands[name] = packaged(root)
+    return commands
+
+
+def print_summary(runs: dict[str, list[dict[str, float]]],
+                  keys: tuple[str, ...]) -> None:
+    """The p50 and min of each figure, per impl."""
+    for impl, rows in runs.items():
+        for name, pick in (("p50", statistics.median), ("min", min)):
+            print("%5s %5s " % (impl, name) + " ".join(
+                "%11.2f" % pick(r.get(k, float("nan")) for r in rows)
+                for k in keys))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--starts", type=int, default=5)
@@ -258,13 +280,7 @@ def main() -> int:
                  Path("/proc/loadavg").read_text().split()[0]))
         keys = ("ready", "ready_cpu", "listening", "worker", "fork_hello",
                 *BOOT_STEPS)
-        commands = {"ours": [str(PYTHON), "-m", "tlshd.supervisor"]}
-        if args.base_python:
-            commands = {"base": [args.base_python, "-m", "tlshd.supervisor"],
-                        **commands}
-        for spec in args.packaged:
-            name, _, root = spec.partition("=")
-            commands[name] = packaged(root)
+        commands = impl_commands(args)
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
         print("%5s %5s " % ("impl", "start")
               + " ".join("%11s" % k for k in keys))
@@ -277,12 +293,7 @@ def main() -> int:
                 print("%5s %5d " % (impl, i + 1) + " ".join(
                     "%11.2f" % times.get(k, float("nan")) for k in keys))
                 sys.stdout.flush()
-        for impl in commands:
-            for name, pick in (("p50", statistics.median), ("min", min)):
-                print("%5s %5s " % (impl, name) + " ".join(
-                    "%11.2f" % pick(r.get(k, float("nan"))
-                                    for r in runs[impl])
-                    for k in keys))
+        print_summary(runs, keys)
         for impl, command in commands.items():
             for name, seconds in floors(command[0]).items():
                 print("floor: %s: %s %.2f s (median of 3)"
