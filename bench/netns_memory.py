@@ -14,11 +14,18 @@ credentials; tlshd is started fresh, and once every namespace has a ready
 there is one) and every worker.  Pss splits each shared page between the
 processes mapping it, so the Pss column of a row adds up to the tree's
 real footprint; Rss counts shared pages once per process.
+
+Then (``--mounts``, default 4) the initial namespace's worker serves that
+many NFS-over-TLS mounts (loopback nfsd, as the kernel tests; two
+handshakes each, client and server end) and is measured again: Pss, USS
+(Private_Clean + Private_Dirty, what its exit would free) and
+Private_Dirty, idle and active, per count.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -35,7 +42,7 @@ from pathlib import Path
 # The lab package (tests/lab), shared with the kernel tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from lab import pki
+from lab import nfs, pki
 from lab.shell import REPO
 
 TLSHD = REPO / ".venv" / "bin" / "tlshd"
@@ -66,16 +73,54 @@ def status() -> list[dict[str, object]]:
     return rows
 
 
-def rollup(pid: int) -> tuple[int, int]:
-    """(Rss, Pss) in KiB from /proc/<pid>/smaps_rollup."""
-    rss = pss = 0
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """Every KiB field of /proc/<pid>/smaps_rollup."""
+    out = {}
     for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
         key, _, value = line.partition(":")
-        if key == "Rss":
-            rss = int(value.split()[0])
-        elif key == "Pss":
-            pss = int(value.split()[0])
-    return rss, pss
+        fields = value.split()
+        if len(fields) == 2 and fields[1] == "kB":
+            out[key] = int(fields[0])
+    return out
+
+
+def rollup(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in KiB from /proc/<pid>/smaps_rollup."""
+    r = smaps_rollup(pid)
+    return r["Rss"], r["Pss"]
+
+
+def footprint(pid: int) -> tuple[int, int, int]:
+    """(Pss, USS, Private_Dirty) in KiB; USS: the pages only this
+    process maps (Private_Clean + Private_Dirty), what its exit frees."""
+    r = smaps_rollup(pid)
+    return (r["Pss"], r["Private_Clean"] + r["Private_Dirty"],
+            r["Private_Dirty"])
+
+
+def init_worker() -> int:
+    """The pid of the initial namespace's worker."""
+    for row in status():
+        if row["netns"] == "init" and row["worker_pid"]:
+            return int(str(row["worker_pid"]))
+    raise SystemExit("no worker for netns init")
+
+
+@functools.cache
+def nfs_client() -> nfs.Nfs:
+    """The loopback nfsd, started once for every count."""
+    return nfs.Nfs(nfs.start_server())
+
+
+def handshakes(mounts: int) -> None:
+    """``mounts`` NFS-over-TLS mounts in the initial namespace: each is
+    two handshakes (client and server end) by its worker."""
+    client = nfs_client()
+    for _ in range(mounts):
+        r = client.mount("", "tls")
+        if not r.ok:
+            raise SystemExit("NFS mount failed: %s" % r.output)
+        client.umount()
 
 
 def children(pid: int) -> dict[int, str]:
@@ -96,7 +141,34 @@ def children(pid: int) -> dict[int, str]:
     return out
 
 
-def measure(count: int, workdir: Path, timeout: float) -> dict[str, float]:
+def active_worker(mounts: int) -> dict[str, int]:
+    """The initial namespace's worker, idle and after ``mounts`` NFS
+    mounts: Pss, USS and Private_Dirty in KiB."""
+    pid = init_worker()
+    idle = footprint(pid)
+    handshakes(mounts)
+    time.sleep(3.0)
+    if init_worker() != pid:
+        raise SystemExit("the initial namespace's worker changed")
+    return dict(zip(("idle_pss", "idle_uss", "idle_dirty", "pss", "uss",
+                     "dirty"), (*idle, *footprint(pid)), strict=True))
+
+
+def print_active(rows: list[dict[str, float]], mounts: int) -> None:
+    print("the initial namespace's worker, idle and then active "
+          "(after %d NFS mounts, %d handshakes), MiB:" % (mounts, 2 * mounts))
+    header = ("namespaces", "idle_PSS", "idle_USS", "idle_dirty",
+              "active_PSS", "active_USS", "active_dirty")
+    print(" ".join("%12s" % h for h in header))
+    for m in rows:
+        print(" ".join("%12s" % v for v in (
+            m["namespaces"], *(mib(m["active_" + k]) for k in (
+                "idle_pss", "idle_uss", "idle_dirty", "pss", "uss",
+                "dirty")))))
+
+
+def measure(count: int, workdir: Path, timeout: float,
+            mounts: int = 0) -> dict[str, float]:
     names = ["%s%03d" % (PREFIX, i) for i in range(1, count)]
     for n in names:
         sh("ip", "netns", "add", n)
@@ -140,6 +212,7 @@ def measure(count: int, workdir: Path, timeout: float) -> dict[str, float]:
         if workers != count:
             raise SystemExit("%d workers for %d namespaces: %r"
                              % (workers, count, kids))
+        active = active_worker(mounts) if mounts else {}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -156,7 +229,7 @@ def measure(count: int, workdir: Path, timeout: float) -> dict[str, float]:
         "tmpl_rss": tmpl_rss, "tmpl_pss": tmpl_pss,
         "w_rss": w_rss, "w_pss": w_pss, "w_pss_each": w_pss / workers,
         "total_pss": sup_pss + tmpl_pss + w_pss,
-    }
+        **{"active_" + k: v for k, v in active.items()}}
 
 
 def mib(kib: float) -> str:
@@ -169,6 +242,10 @@ def main() -> int:
                    help="served namespaces per run, initial one included")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds to wait for every worker to be ready")
+    p.add_argument("--mounts", type=int, default=4,
+                   help="NFS mounts (two handshakes each) served by the "
+                        "initial namespace's worker before it is measured "
+                        "again as an active worker; 0: none")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root in the VM (see the docstring)")
@@ -202,14 +279,19 @@ def main() -> int:
                   "workers_PSS", "PSS/worker", "total_PSS")
         print(" ".join("%12s" % h for h in header))
         sys.stdout.flush()
+        active = []
         for count in counts:
-            m = measure(count, workdir, args.timeout)
+            m = measure(count, workdir, args.timeout, args.mounts)
             print(" ".join("%12s" % v for v in (
                 m["namespaces"], "%.1f" % m["ready_s"], mib(m["sup_rss"]),
                 mib(m["sup_pss"]), mib(m["tmpl_rss"]), mib(m["tmpl_pss"]),
                 mib(m["w_rss"]), mib(m["w_pss"]), mib(m["w_pss_each"]),
                 mib(m["total_pss"]))))
             sys.stdout.flush()
+            if args.mounts:
+                active.append(m)
+        if active:
+            print_active(active, args.mounts)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -15,6 +15,9 @@ and times (CLOCK_BOOTTIME, seconds):
 
 - ``ready``: exec to the READY=1 datagram (tlshd.service's Type=notify
   readiness: listening in the initial namespace);
+- ``ready_cpu``: the supervisor's CPU time (user + system, 10 ms ticks)
+  when READY=1 arrived: less sensitive than ``ready`` to other work
+  on the host and in the guest, though TCG inflates both;
 - ``listening``: exec to the "Listening ... netns init" log line;
 - ``worker``: exec to the initial namespace's worker saying HELLO (the
   supervisor's "Worker N for netns init ready" line);
@@ -27,9 +30,13 @@ and times (CLOCK_BOOTTIME, seconds):
 Log lines are timestamped as they arrive on the pipe, so each figure is an
 upper bound by the pipe's latency (well under a millisecond).
 ``--base-python PYTHON`` starts another checkout's tlshd (that venv's
-interpreter) before each of ours, for before/after figures from one run.
-``floor`` lines: a bare interpreter start and importing the supervisor,
-for reference.  ``--trace`` prints the first start's log lines with their
+interpreter) before each of ours, for before/after figures from one run;
+``--packaged NAME=ROOT`` (repeatable) also starts the tlshd of a .deb
+unpacked at ROOT (``dpkg-deb -x``), as its /usr/sbin/tlshd would run:
+the package's own environment, ``python3 -I``, none of the development
+venv's .pth files.  ``floor`` lines: a bare interpreter start (with
+``-I``, ``-S``, both) and importing the supervisor, per interpreter, for
+reference.  ``--trace`` prints the first start's log lines with their
 arrival times.  ``--importtime`` runs one more start with
 PYTHONPROFILEIMPORTTIME=1 and prints the supervisor's 25 costliest imports
 (cumulative).
@@ -74,6 +81,13 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (fields 14 and 15)."""
+    stat = Path("/proc/%d/stat" % pid).read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def started_at(pid: int) -> float:
     """A process's start, on CLOCK_BOOTTIME (field 22 of stat)."""
     stat = Path("/proc/%d/stat" % pid).read_text()
@@ -81,7 +95,20 @@ def started_at(pid: int) -> float:
     return int(fields[19]) / CLK_TCK
 
 
-def one_start(python: str, conf: Path, timeout: float,
+def packaged(root: str) -> list[str]:
+    """The command of a .deb unpacked at ``root`` (``dpkg-deb -x``):
+    /usr/sbin/tlshd run by the package's own environment, as its first
+    line (``python3 -I``) would.  The environment's interpreter is a
+    relative link to /usr/bin/python3.11: link that below ``root``."""
+    link = Path(root, "usr/bin/python3.11")
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/usr/bin/python3.11")
+    return [root + "/usr/lib/tlshd/venv/bin/python3", "-I",
+            root + "/usr/sbin/tlshd"]
+
+
+def one_start(command: list[str], conf: Path, timeout: float,
               importtime: bool = False
               ) -> tuple[dict[str, float], bytes, list[str]]:
     """Start tlshd once; return its timings, its log, and its log lines
@@ -97,8 +124,7 @@ def one_start(python: str, conf: Path, timeout: float,
     times: dict[str, float] = {}
     worker_pid = 0
     start = now()
-    proc = subprocess.Popen([python, "-m", "tlshd.supervisor", "-s", "-c",
-                             str(conf)],
+    proc = subprocess.Popen([*command, "-s", "-c", str(conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
@@ -113,6 +139,7 @@ def one_start(python: str, conf: Path, timeout: float,
             if notify in readable:
                 if notify.recv(4096).split(b"\n")[0] == b"READY=1":
                     times.setdefault("ready", t)
+                    times.setdefault("ready_cpu", cpu_seconds(proc.pid))
                     trace.append("%7.2f (READY=1)" % t)
             if pipe in readable:
                 data = os.read(pipe, 65536)
@@ -163,20 +190,21 @@ def import_table(log: bytes, limit: int = 25) -> list[str]:
     return ["%9.1f ms %s" % (us / 1000, name) for us, name in rows[:limit]]
 
 
-def floors(runs: int = 3) -> dict[str, float]:
+def floors(python: str, runs: int = 3) -> dict[str, float]:
     """Median wall time of a bare interpreter start and of importing the
     supervisor (what tlshd pays before its first line of main)."""
-    python = str(PYTHON)
     out = {}
-    for name, code in (("python -c pass", "pass"),
-                       ("import tlshd.supervisor.main",
-                        "import tlshd.supervisor.main")):
+    for flags, code in (([], "pass"), (["-I"], "pass"), (["-S"], "pass"),
+                        (["-I", "-S"], "pass"),
+                        ([], "import tlshd.supervisor.main"),
+                        (["-I"], "import tlshd.supervisor.main")):
         samples = []
         for _ in range(runs):
             start = now()
-            subprocess.run([python, "-c", code], check=True)
+            subprocess.run([python, *flags, "-c", code], check=True)
             samples.append(now() - start)
-        out[name] = statistics.median(samples)
+        out[" ".join([python, *flags, "-c", repr(code)])] = (
+            statistics.median(samples))
     return out
 
 
@@ -185,9 +213,34 @@ def setup(workdir: Path) -> Path:
     creds.mkdir(mode=0o755)
     pki.write_credentials(creds, "bench", [])
     conf = workdir / "tlshd.conf"
+    # worker_idle_timeout=0: the initial namespace's worker starts with
+    # the daemon (with on-demand workers it would wait for a request).
     conf.write_text("\n".join(["[debug]", "loglevel=1", "[authenticate]",
-                               *pki.authenticate_lines(creds)]) + "\n")
+                               *pki.authenticate_lines(creds), "[netns]",
+                               "worker_idle_timeout=0"]) + "\n")
     return conf
+
+
+def impl_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each tlshd to start (base first), by the name it is reported as."""
+    commands = {"ours": [str(PYTHON), "-m", "tlshd.supervisor"]}
+    if args.base_python:
+        commands = {"base": [args.base_python, "-m", "tlshd.supervisor"],
+                    **commands}
+    for spec in args.packaged:
+        name, _, root = spec.partition("=")
+        commands[name] = packaged(root)
+    return commands
+
+
+def print_summary(runs: dict[str, list[dict[str, float]]],
+                  keys: tuple[str, ...]) -> None:
+    """The p50 and min of each figure, per impl."""
+    for impl, rows in runs.items():
+        for name, pick in (("p50", statistics.median), ("min", min)):
+            print("%5s %5s " % (impl, name) + " ".join(
+                "%11.2f" % pick(r.get(k, float("nan")) for r in rows)
+                for k in keys))
 
 
 def main() -> int:
@@ -198,6 +251,10 @@ def main() -> int:
     p.add_argument("--base-python", metavar="PYTHON",
                    help="also start the tlshd this interpreter imports "
                         "(another checkout's venv), alternating with ours")
+    p.add_argument("--packaged", metavar="NAME=ROOT", action="append",
+                   default=[],
+                   help="also start the tlshd of a .deb unpacked at ROOT "
+                        "(dpkg-deb -x), reported as NAME; repeatable")
     p.add_argument("--trace", action="store_true",
                    help="print the first start's log, each line with "
                         "when it arrived")
@@ -221,31 +278,28 @@ def main() -> int:
               % (platform.release(), os.cpu_count() or 0,
                  platform.python_version(), commit or "?",
                  Path("/proc/loadavg").read_text().split()[0]))
-        keys = ("ready", "listening", "worker", "fork_hello", *BOOT_STEPS)
-        pythons = {"ours": str(PYTHON)}
-        if args.base_python:
-            pythons = {"base": args.base_python, **pythons}
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in pythons}
+        keys = ("ready", "ready_cpu", "listening", "worker", "fork_hello",
+                *BOOT_STEPS)
+        commands = impl_commands(args)
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in commands}
         print("%5s %5s " % ("impl", "start")
               + " ".join("%11s" % k for k in keys))
         for i in range(args.starts):
-            for impl, python in pythons.items():
-                times, _, trace = one_start(python, conf, args.timeout)
+            for impl, command in commands.items():
+                times, _, trace = one_start(command, conf, args.timeout)
                 runs[impl].append(times)
                 if i == 0 and args.trace:
                     print("\n".join(trace))
                 print("%5s %5d " % (impl, i + 1) + " ".join(
                     "%11.2f" % times.get(k, float("nan")) for k in keys))
                 sys.stdout.flush()
-        for impl in pythons:
-            print("%5s %5s " % (impl, "p50") + " ".join(
-                "%11.2f" % statistics.median(
-                    r.get(k, float("nan")) for r in runs[impl])
-                for k in keys))
-        for name, seconds in floors().items():
-            print("floor: %s %.2f s (median of 3)" % (name, seconds))
+        print_summary(runs, keys)
+        for impl, command in commands.items():
+            for name, seconds in floors(command[0]).items():
+                print("floor: %s: %s %.2f s (median of 3)"
+                      % (impl, name, seconds))
         if args.importtime:
-            _, log, _ = one_start(str(PYTHON), conf, args.timeout,
+            _, log, _ = one_start(commands["ours"], conf, args.timeout,
                                   importtime=True)
             print("supervisor imports, cumulative (one start):")
             print("\n".join(import_table(log)))

@@ -7,20 +7,21 @@ import ctypes
 import logging
 import os
 import pwd
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import setproctitle
 
-from tlshd.shared import config, linux, tlsstat
+from tlshd.shared import config, linux
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import netlink_family, netlink_socket, netns, sdnotify
+from tlshd.supervisor import netlink_family, netlink_socket, sdnotify
 
 # Only what it takes to listen is imported before READY=1: the rest of the
 # supervisor (the loop, workers, control socket) costs seconds under
-# emulation (docs/benchmarks.md, Start-up) and is imported by serve().
+# emulation (docs/benchmarks.md, Start-up) and is imported by serve(), and
+# what only --check-config or the work after READY=1 needs (subprocess,
+# netns, tlsstat) where it is used.
 if TYPE_CHECKING:
     from tlshd.supervisor.arbiter import Supervisor
 
@@ -88,6 +89,8 @@ def preload_modules() -> None:
     """
     if os.path.isdir("/sys/module/tls"):
         return
+    import subprocess
+
     result = subprocess.run(["modprobe", "-q", "tls"], check=False,
                             stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -216,6 +219,8 @@ class _Check:
     def credentials(self, path: str, uid: list[str]) -> int:
         """Load the file's credentials in a worker process, with the
         service's privileges; print what it reports, count errors."""
+        import subprocess
+
         argv = [sys.executable, "-m", "tlshd.worker", "--check", "--config",
                 path, *uid]
         sys.stdout.flush()
@@ -347,7 +352,7 @@ def serve(args: argparse.Namespace, cfg: config.Config,
           nlsock: netlink_socket.HandshakeSocket,
           notify_address: str | bytes | None) -> int:
     """Import and start the rest of the supervisor, then run its loop."""
-    from tlshd.supervisor import keyrings
+    from tlshd.supervisor import keyrings, netns
     from tlshd.supervisor.arbiter import Supervisor
 
     preload_modules()
@@ -378,9 +383,10 @@ def after_ready(supervisor: Supervisor,
     log.info("Built from tlshd (Python) %s", _version())
     log.info("Kernel handshake family: %s", family.describe())
     log.info("Kernel capabilities: %s", family.capabilities())
-    log.info("%s", family.rekey_status(tlsstat.rekey_supported()))
+    from tlshd.shared import tlsstat
     from tlshd.supervisor import control, ktlswarm
 
+    log.info("%s", family.rekey_status(tlsstat.rekey_supported()))
     for ns in supervisor.namespaces:
         control.warn_expiring(ns.label, ns.cfg)
     supervisor.warn_certificates = True

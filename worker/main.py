@@ -177,6 +177,9 @@ def boot(args: WorkerArgs, channel: Channel,
     steps.append(("namespace", time.monotonic()))
     engine = load_engine(args.config, args.uid)
     steps.append(("credentials", time.monotonic()))
+    # Before the pool starts: each thread takes its malloc arena with
+    # its first allocation and keeps it.
+    linux.set_malloc_arena_max(sandbox.MALLOC_ARENAS)
     server = Server(channel, lock, engine, args.threads)
     steps.append(("pool", time.monotonic()))
     if not keep_stdio:

@@ -50,6 +50,13 @@ from tlshd.shared import linux, protocol, seccomp
 from tlshd.shared.seccomp import Eq, NoBits, allow, allow_args, allow_if
 from tlshd.shared.uapi import SOL_TLS, TCP_ULP
 
+# glibc malloc arenas for the whole worker.  glibc gives each thread that
+# allocates its own (up to 8 per CPU): after a few concurrent handshakes a
+# worker kept ~120 KiB of mostly free memory in each of 8 or more arenas
+# (docs/benchmarks.md, PSS per active worker).  The threads mostly wait
+# for the GIL or the network, so two arenas cost them no measurable time.
+MALLOC_ARENAS = 2
+
 log = logging.getLogger(__name__)
 
 SECCOMP_LOG_ENV = "TLSHD_SECCOMP_LOG"
@@ -268,10 +275,11 @@ def set_limits(max_fds: int, before: _Before) -> None:
         resource.setrlimit(which, (value, value))
         if resource.getrlimit(which) != (value, value):
             _abort("rlimit %d did not take" % which)
-    # One arena per thread, decided now: glibc would otherwise read
-    # /sys/devices/system/cpu/online the first time it wants a ninth
-    # arena (or retries after a failed allocation), which is a kill.
-    linux.set_malloc_arena_max(len(before.statuses))
+    # Decided now (again: boot set it before the pool started): glibc
+    # would otherwise read /sys/devices/system/cpu/online the first time
+    # it wants a ninth arena (or retries after a failed allocation),
+    # which is a kill.
+    linux.set_malloc_arena_max(MALLOC_ARENAS)
     linux.set_dumpable(False)
     if linux.get_dumpable():
         _abort("still dumpable")

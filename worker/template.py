@@ -10,10 +10,11 @@ It never reads a configuration or a credential, so a fork inherits nothing
 of any namespace; the forked worker boots exactly as an exec'd one does
 (tlshd.worker.main: enter the namespace, load its own credentials, drop to
 the worker user, lock down).  What is the same for every worker is done
-here once, before the first fork: the imports, and a throwaway TLS engine
-(no credentials; the system's public CA bundle) whose construction sets
-OpenSSL up and runs its one-off check, an in-memory handshake, so that the
-forked workers inherit OpenSSL's initialised state and skip that check.
+here once, before the first fork: the imports, and a TLS engine of its own
+(no credentials; the system's public CA bundle, never used to serve) whose
+construction sets OpenSSL up and runs its one-off check, an in-memory
+handshake, so that the forked workers inherit OpenSSL's initialised state
+and skip that check.
 OpenSSL reseeds its random generator in a forked child.
 
 Workers are double-forked so that they are re-parented to the supervisor,
@@ -43,6 +44,9 @@ from tlshd.shared.config import RoleConfig  # noqa: E402
 from tlshd.shared.errors import PeerGone  # noqa: E402
 from tlshd.worker import main as worker_main  # noqa: E402
 from tlshd.worker import tlsengine  # noqa: E402
+
+# The template's own engine (no credentials), see main().
+_engine: tlsengine.Engine | None = None
 
 
 def _worker_args(req: protocol.SpawnRequest, netns_fd: int,
@@ -125,7 +129,12 @@ def main() -> int:
     # Its warnings (no system CA bundle) are no one's concern here: each
     # worker's own engine gives them again, through its channel.
     logging.getLogger().addHandler(logging.NullHandler())
-    tlsengine.Engine(RoleConfig(), RoleConfig())
+    # Kept, not freed: every worker allocates into the memory the
+    # template has freed, and each page it writes there becomes its own
+    # copy.  Freeing the engine left holes that cost each worker about
+    # 0.5 MiB (docs/benchmarks.md, PSS per active worker).
+    global _engine
+    _engine = tlsengine.Engine(RoleConfig(), RoleConfig())
     # Everything imported so far lives as long as any worker: move it out
     # of the collector's reach, so that no worker's full collection walks
     # (or copy-on-write dirties) the imported TLS stack.

@@ -16,7 +16,8 @@ from tlshd.worker.tlsengine import Engine
 # only once READY=1 is out, or only when a feature needs them.
 DEFERRED = ("pyroute2", "cryptography", "OpenSSL", "psutil",
             "importlib.metadata", "tlshd.supervisor.arbiter",
-            "tlshd.supervisor.control", "tlshd.shared.protocol")
+            "tlshd.supervisor.control", "tlshd.shared.protocol",
+            "subprocess", "tlshd.supervisor.netns", "tlshd.shared.tlsstat")
 
 
 def test_supervisor_listens_without_the_heavy_imports():
