@@ -107,6 +107,7 @@ def certificates(cfg: config.Config) -> list[CertInfo]:
     out = []
     for role, rc in (("client", cfg.client), ("server", cfg.server)):
         for what, path in ((role, rc.certificate),
+                           (role + "-pq", rc.pq_certificate),
                            (role + "-truststore", rc.truststore)):
             if path:
                 out.append(certificate(what, path))
