@@ -191,6 +191,7 @@ def namespace_status(ns: Namespace, in_flight: int,
         "in_flight": in_flight,
         "succeeded": ns.succeeded,
         "failed": ns.failed,
+        "by_certificate": dict(ns.by_certificate),
         "last_failure": ns.last_failure,
         "certificates": certs,
     }

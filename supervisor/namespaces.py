@@ -89,6 +89,8 @@ class Namespace:
     # For status reports.
     succeeded: int = 0
     failed: int = 0
+    # Successes by kind of server certificate (messages.CERT_KINDS).
+    by_certificate: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     last_failure: str = ""
 

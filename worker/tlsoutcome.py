@@ -249,6 +249,8 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
     remote_auth: tuple[int, ...] = ()
     if server and peer is not None and s.verify_failure is None:
         remote_auth = (uapi.TLS_X509_PEERID,)
+    # A session-reuse PSK authenticated it: no certificate was sent.
+    reused = sslbind.session_reused(conn)
     server_scheme, client_scheme = (
         (s.own_scheme, s.peer_scheme) if server
         else (s.peer_scheme, s.own_scheme))
@@ -269,7 +271,7 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
         peer_subject=cert_texts(peer)[1],
         tx=TrafficKeys(cipher, mine, s.tx_records),
         rx=TrafficKeys(cipher, theirs, s.rx_records),
-        cert_kind=_kind(server_cert),
+        cert_kind="" if reused else _kind(server_cert),
         signature=scheme_name(server_scheme),
     )
 
