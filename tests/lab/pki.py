@@ -180,10 +180,10 @@ class Pki:
         pq-ca.pem (and both-ca.pem, trusting it and ca.pem), pq-server
         and pq-client under it, and bad ones: pq-untrusted (under an
         ML-DSA CA nobody trusts), pq-expired, pq-wrong-name; each .pem
-        holds the leaf, then its CA.  Idempotent."""
-        if (self.root / "pq-ca.pem").exists():
+        holds the leaf, then its CA.  Sets ``pq_ca``; idempotent."""
+        if getattr(self, "pq_ca", None) is not None:
             return
-        pq_ca = make_ca("tlshd-test-pq-ca", pq=True)
+        self.pq_ca = pq_ca = make_ca("tlshd-test-pq-ca", pq=True)
         other = make_ca("tlshd-other-pq-ca", pq=True)
         self.write_ca("pq-ca", pq_ca)
         (self.root / "both-ca.pem").write_bytes(
