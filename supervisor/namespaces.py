@@ -85,11 +85,9 @@ class Namespace:
     # The supervisor's own (initial) namespace: the only one whose server
     # PSK lookups search the global keyrings (see keymaterial).
     initial: bool = False
-
-    # For status reports.
+    # For status reports (by_certificate: successes by CERT_KINDS).
     succeeded: int = 0
     failed: int = 0
-    # Successes by kind of server certificate (messages.CERT_KINDS).
     by_certificate: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     last_failure: str = ""
