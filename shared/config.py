@@ -15,6 +15,9 @@ Extensions (absent from ktls-utils, all optional):
       client handshake, 15 s for a server handshake.
   [authenticate.client|server] x509.ciphersuites = OpenSSL TLS 1.3 suite
       list restricting what this end offers or accepts.
+
+ktls-utils 1.3's x509.pq.certificate / x509.pq.private_key (an ML-DSA pair
+next to the classical one) are read into RoleConfig.pq_*.
   [authenticate] session_reuse = true|false (default false): TLS 1.3
       session reuse between tlshd instances (tlshd.worker.sessionreuse);
       session_lifetime = seconds a reuse PSK lives (default 3600, at most
@@ -55,6 +58,7 @@ from dataclasses import dataclass, field
 # are reached as config.X.
 from tlshd.shared.configchecks import hidden_by_service as hidden_by_service
 from tlshd.shared.configchecks import key_problems as key_problems
+from tlshd.shared.configchecks import pq_problems as pq_problems
 from tlshd.shared.configchecks import service_warnings as service_warnings
 from tlshd.shared.configchecks import tags_files as tags_files
 from tlshd.shared.configchecks import warn_key_files as warn_key_files
@@ -92,6 +96,8 @@ _ROLE_KEYS = {
     "x509.certificate": "certificate",
     "x509.private_key": "private_key",
     "x509.ciphersuites": "ciphersuites",
+    "x509.pq.certificate": "pq_certificate",
+    "x509.pq.private_key": "pq_private_key",
 }
 _ROLE_SECTIONS = ("authenticate.client", "authenticate.server")
 # Every key read here, by section.
@@ -114,17 +120,7 @@ _NO_EFFECT: dict[str, dict[str, str]] = {
         "nl": "ktls-utils' libnl debug level",
         "delay_done": "ktls-utils' testing aid",
     },
-    "authenticate.client": {
-        "x509.pq.certificate": "post-quantum (ML-DSA) certificates are "
-                               "not supported",
-        "x509.pq.private_key": "post-quantum (ML-DSA) certificates are "
-                               "not supported",
-    },
     "authenticate.server": {
-        "x509.pq.certificate": "post-quantum (ML-DSA) certificates are "
-                               "not supported",
-        "x509.pq.private_key": "post-quantum (ML-DSA) certificates are "
-                               "not supported",
         "x509.client_auth": "not supported (nor by released ktls-utils)",
         "x509.client_allowed_sans": "not supported (nor by released "
                                     "ktls-utils)",
@@ -133,9 +129,11 @@ _NO_EFFECT: dict[str, dict[str, str]] = {
 # Keys naming a file: absolute paths only.
 _PATH_KEYS = {
     "authenticate.client": ("x509.truststore", "x509.crl",
-                            "x509.certificate", "x509.private_key"),
+                            "x509.certificate", "x509.private_key",
+                            "x509.pq.certificate", "x509.pq.private_key"),
     "authenticate.server": ("x509.truststore", "x509.crl",
-                            "x509.certificate", "x509.private_key"),
+                            "x509.certificate", "x509.private_key",
+                            "x509.pq.certificate", "x509.pq.private_key"),
     "netns": ("default", "unnamed"),
 }
 # Read from the main file only (tlshd.conf(5)).
@@ -149,6 +147,10 @@ class RoleConfig:
     certificate: str | None = None
     private_key: str | None = None
     ciphersuites: str | None = None
+    # The ML-DSA pair presented to peers that can verify it
+    # (tlshd.worker.tlscreds).
+    pq_certificate: str | None = None
+    pq_private_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Checks of the files a configuration names, for warnings and
 --check-config: private keys others could read, paths tlshd.service
-hides from the daemon, ktls-utils session tag files.  Reached as
-``config.X`` (tlshd.shared.config re-exports them).
+hides from the daemon, ktls-utils session tag files, x509.pq.certificate
+files whose key is not ML-DSA.  Reached as ``config.X``
+(tlshd.shared.config re-exports them).
 """
 
 from __future__ import annotations
@@ -97,11 +98,57 @@ def key_problems(cfg: Config, owners: set[int]) -> dict[str, str]:
     """The private keys of ``cfg`` others could read: path -> why."""
     problems = {}
     for role in (cfg.client, cfg.server):
-        if role.private_key is not None:
-            problem = key_file_problem(role.private_key, owners)
-            if problem is not None:
-                problems[role.private_key] = problem
+        for path in (role.private_key, role.pq_private_key):
+            if path is not None:
+                problem = key_file_problem(path, owners)
+                if problem is not None:
+                    problems[path] = problem
     return problems
+
+
+def pq_problems(cfg: Config) -> list[str]:
+    """x509.pq.certificate files whose first certificate's key is not
+    ML-DSA: the worker skips such a pair (as ktls-utils does), so its
+    peers never get a post-quantum certificate.
+
+    Only the certificate is read here (public data); that the private
+    key matches it is checked by the worker that loads both.
+    """
+    found = []
+    for section, role in (("authenticate.client", cfg.client),
+                          ("authenticate.server", cfg.server)):
+        path = role.pq_certificate
+        if path is None:
+            continue
+        algorithm = _public_key_algorithm(path)
+        if algorithm is not None and not algorithm.startswith("ML-DSA"):
+            line = cfg.line(section, "x509.pq.certificate")
+            found.append("%s:%s: [%s] x509.pq.certificate %s has a %s key, "
+                         "not ML-DSA: tlshd ignores this pair"
+                         % (cfg.path, line, section, path, algorithm))
+    return found
+
+
+def _public_key_algorithm(path: str) -> str | None:
+    """"ML-DSA-65", "EC", "RSA"...: the key type of the first certificate
+    in PEM file ``path``; None if it cannot be read (the worker that
+    loads it reports why)."""
+    # Imported here: the supervisor starts without cryptography.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import mldsa
+
+    try:
+        with open(path, "rb") as f:
+            key = x509.load_pem_x509_certificates(f.read())[0].public_key()
+    except (OSError, ValueError, IndexError, UnsupportedAlgorithm):
+        return None
+    for size, cls in ((44, mldsa.MLDSA44PublicKey),
+                      (65, mldsa.MLDSA65PublicKey),
+                      (87, mldsa.MLDSA87PublicKey)):
+        if isinstance(key, cls):
+            return "ML-DSA-%d" % size
+    return type(key).__name__.removesuffix("PublicKey").lstrip("_")
 
 
 def warn_key_files(cfg: Config, owners: set[int]) -> None:

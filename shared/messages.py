@@ -25,6 +25,7 @@ MAX_LOOKUPS = 8
 # HandshakeRequest.flags
 REQ_KEEP_SECRETS = 0x1  # the kernel may ask to re-key: keep the secrets
 KEY_UPDATE_MAX = 3  # uapi.KeyUpdateType.RECEIVED_REQUEST_UPDATE
+CERT_KINDS = ("", "classical", "ml-dsa")  # HandshakeAnswer.cert_kind
 
 
 class Side(enum.Enum):
@@ -224,8 +225,8 @@ class PskFound:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeAnswer:
     """The outcome of one request: DONE's status and REMOTE_AUTH ids,
-    plus a one-line reason for a failure (for status reports), and the
-    session id under which the worker keeps the secrets (0: none)."""
+    a failure's one-line reason, the session id under which the worker
+    keeps the secrets (0: none), a success's server certificate kind."""
 
     TYPE: ClassVar[Msg] = Msg.HANDSHAKE_ANS
     SENT_BY: ClassVar[Side] = Side.WORKER
@@ -235,6 +236,7 @@ class HandshakeAnswer:
     remote_auth: tuple[int, ...]
     reason: str = ""
     session_id: int = 0
+    cert_kind: str = ""
 
     def encode(self) -> bytes:
         w = Writer()
@@ -242,6 +244,7 @@ class HandshakeAnswer:
         w.u32_list(self.remote_auth)
         w.text(self.reason[:MAX_REASON])
         w.u32(self.session_id)
+        w.u8(CERT_KINDS.index(self.cert_kind))
         return w.data()
 
     @classmethod
@@ -251,6 +254,7 @@ class HandshakeAnswer:
         remote_auth = r.u32_list()
         reason = r.text()
         session_id = r.u32()
+        kind = r.u8()
         r.end()
         # The kernel caps STATUS at MAX_ERRNO; anything larger is a lie.
         if status > 4095:
@@ -259,8 +263,10 @@ class HandshakeAnswer:
             raise ProtocolError("bad failure reason")
         if session_id and status:
             raise ProtocolError("session id in a failed answer")
+        if kind >= len(CERT_KINDS) or (kind and status):  # for the counts
+            raise ProtocolError("bad certificate kind %d" % kind)
         return cls(status=status, remote_auth=remote_auth, reason=reason,
-                   session_id=session_id)
+                   session_id=session_id, cert_kind=CERT_KINDS[kind])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -116,6 +116,7 @@ def certificates(cfg: config.Config) -> list[CertInfo]:
     out = []
     for role, rc in (("client", cfg.client), ("server", cfg.server)):
         for what, path in ((role, rc.certificate),
+                           (role + "-pq", rc.pq_certificate),
                            (role + "-truststore", rc.truststore)):
             if path:
                 out.append(certificate(what, path))
@@ -200,6 +201,7 @@ def namespace_status(ns: Namespace, in_flight: int,
         "in_flight": in_flight,
         "succeeded": ns.succeeded,
         "failed": ns.failed,
+        "by_certificate": dict(ns.by_certificate),
         "last_failure": ns.last_failure,
         "certificates": certs,
     }

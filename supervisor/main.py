@@ -212,6 +212,9 @@ class _Check:
                 errors += 1
                 print("%s: [sandbox] user: %s" % (
                     path if line is None else "%s:%d" % (path, line), e))
+        for problem in config.pq_problems(cfg):
+            errors += 1
+            print(problem)
         errors += self.credentials(path, self.uid)
         self.verdict(path, errors)
         return cfg

@@ -159,7 +159,8 @@ class Monitor:
             status, reason = errno.EIO, "no kTLS on the socket"
         self.requests.complete(req, status,
                                msg.remote_auth if status == 0 else (),
-                               reason, msg.session_id)
+                               reason, msg.session_id,
+                               msg.cert_kind if status == 0 else "")
         self.pool.close_if_idle(worker)
 
     def answer_lookup(self, ns: Namespace, worker: Worker, req_id: int,

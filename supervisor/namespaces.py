@@ -91,10 +91,10 @@ class Namespace:
     # How it came to be served ("ip netns", "/proc", "registered ...").
     source: str = ""
     registered: bool = False
-
-    # For status reports.
+    # For status reports (by_certificate: successes by CERT_KINDS).
     succeeded: int = 0
     failed: int = 0
+    by_certificate: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     last_failure: str = ""
 

@@ -266,8 +266,9 @@ class Requests:
 
     def complete(self, req: Request, status: int,
                  remote_auth: tuple[int, ...], reason: str = "",
-                 session_id: int = 0) -> None:
-        """Send the one DONE ``req`` is owed and forget it everywhere."""
+                 session_id: int = 0, cert_kind: str = "") -> None:
+        """Send the one DONE ``req`` is owed and forget it everywhere;
+        count a success by ``cert_kind`` (messages.CERT_KINDS)."""
         if self._table.pop(req.req_id, None) is None:
             raise AssertionError("request %d completed twice" % req.req_id)
         ns = req.ns
@@ -277,6 +278,9 @@ class Requests:
                 req.worker.sessions += 1
         if status == 0:
             ns.succeeded += 1
+            if cert_kind:
+                ns.by_certificate[cert_kind] = (
+                    ns.by_certificate.get(cert_kind, 0) + 1)
         else:
             ns.failed += 1
             ns.last_failure = "%s: %s" % (

@@ -54,6 +54,10 @@ def render_namespace(r: Row) -> list[str]:
             r["worker_restarts"]))
     out.append("  handshakes: %d succeeded, %d failed, %d in flight" % (
         r["succeeded"], r["failed"], r["in_flight"]))
+    kinds = r.get("by_certificate") or {}
+    if kinds:
+        out.append("  server certificates: %s" % ", ".join(
+            "%s %d" % (k, n) for k, n in sorted(kinds.items())))
     if r["last_failure"]:
         out.append("  last failure: %s" % r["last_failure"])
     for c in r["certificates"]:
@@ -112,6 +116,13 @@ def render_metrics(rows: list[dict[str, Any]]) -> str:
                      % (ns, r["succeeded"]))
         lines.append('tlshd_handshakes_total{netns="%s",result="failure"} %d'
                      % (ns, r["failed"]))
+    lines += ["# HELP tlshd_handshakes_by_certificate_total Successful "
+              "handshakes, by kind of server certificate.",
+              "# TYPE tlshd_handshakes_by_certificate_total counter"]
+    lines += ['tlshd_handshakes_by_certificate_total{netns="%s",kind="%s"} '
+              '%d' % (_label(r["netns"]), kind, n)
+              for r in rows
+              for kind, n in sorted((r.get("by_certificate") or {}).items())]
     lines += ["# HELP tlshd_handshakes_in_flight Requests not yet answered.",
               "# TYPE tlshd_handshakes_in_flight gauge"]
     lines += ['tlshd_handshakes_in_flight{netns="%s"} %d'

@@ -166,6 +166,7 @@ def handle(engine: Engine, job: Job,
     remote_auth: tuple[int, ...] = ()
     session_id = 0
     reused = False
+    cert_kind = ""
     try:
         result = dispatch.run_handshake(engine, job.request, sock, lookups,
                                         job.req_id)
@@ -182,6 +183,7 @@ def handle(engine: Engine, job: Job,
                                                       rekeys)
             if status == 0:
                 remote_auth, reused = result.remote_auth, result.resumed
+                cert_kind = result.cert_kind
     except Exception:
         log.exception("Handshake with '%s' (%s) crashed", name, peer)
         status, reason = errno.EIO, "internal error"
@@ -194,7 +196,8 @@ def handle(engine: Engine, job: Job,
     return protocol.HandshakeAnswer(
         status=status, remote_auth=remote_auth if status == 0 else (),
         reason="" if status == 0 else reason[:protocol.MAX_REASON],
-        session_id=session_id if status == 0 else 0)
+        session_id=session_id if status == 0 else 0,
+        cert_kind=cert_kind if status == 0 else "")
 
 
 class Server:

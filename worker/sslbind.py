@@ -35,10 +35,11 @@ X509_CHECK_FLAG_NEVER_CHECK_SUBJECT = int(
 
 # (ssl pointer, write_p, content_type, first bytes) -> None; must not
 # raise.  The handler sees at most MSG_PREFIX bytes of each message: the
-# handshake type, the alert level and description; a certificate message
-# is not copied whole just to read its first byte.
+# handshake type, the alert level and description, a CertificateVerify's
+# signature scheme (after the 4-byte handshake header); a certificate
+# message is not copied whole just to read its first byte.
 MsgHandler = Callable[[int, bool, int, bytes], None]
-MSG_PREFIX = 4
+MSG_PREFIX = 6
 # (ssl pointer, one whole received handshake message) -> None; must not
 # raise.  The view is OpenSSL's buffer, released when the call returns:
 # the handler copies what it keeps (tlshd.worker.recordlimit).

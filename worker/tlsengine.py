@@ -119,17 +119,17 @@ class Engine:
         self._msg = sslbind.MsgCallback(self._on_message, self._limits.observe)
         self.reuse = SessionReuse(reuse) if reuse is not None else None
         self._client_anon = self._context(client, server=False)
-        client_id = tlscreds.role_identity(client, "client")
+        client_ids = tlscreds.role_identities(client, "client")
         self._client_x509 = (
-            self._context(client, server=False, identity=client_id)
-            if client_id is not None
+            self._context(client, server=False, identities=client_ids)
+            if client_ids
             else None
         )
         self._server_bare = self._context(server, server=True)
-        server_id = tlscreds.role_identity(server, "server")
+        server_ids = tlscreds.role_identities(server, "server")
         self._server_x509 = (
-            self._context(server, server=True, identity=server_id)
-            if server_id is not None
+            self._context(server, server=True, identities=server_ids)
+            if server_ids
             else None
         )
         self.psk = PskHandshakes(self._base_context, self.run)
@@ -154,15 +154,14 @@ class Engine:
         role: RoleConfig,
         *,
         server: bool,
-        identity: tlscreds.Identity | None = None,
+        identities: list[tlscreds.Identity] | None = None,
     ) -> SSL.Context:
         suites = _ciphersuites(role.ciphersuites)
         ctx = self._base_context(server=server, suites=suites)
         if self.reuse is not None:
             # A server reuses sessions only with the configured
             # certificate: the per-request ones share _server_bare.
-            self.reuse.install(ctx, server=server,
-                               keep=identity is not None)
+            self.reuse.install(ctx, server=server, keep=bool(identities))
         if verify.load_trust(ctx, role.truststore) == 0:
             log.warning(
                 "no trust anchors for the %s role: peer certificates"
@@ -177,14 +176,8 @@ class Engine:
         if server:
             mode |= SSL.VERIFY_CLIENT_ONCE
         ctx.set_verify(mode, self._on_verify)
-        if identity is not None:
-            try:
-                identity.use_in_context(ctx)
-            except SSL.Error as exc:
-                raise CredentialError(
-                    f"{role.certificate}: OpenSSL rejected the"
-                    f" certificate or key {role.private_key}: {exc}"
-                ) from exc
+        if identities:
+            tlscreds.install_identities(ctx, identities)
         return ctx
 
     def _check_no_tickets(self) -> None:

@@ -22,7 +22,31 @@ from tlshd.worker import ktls, sslbind, tlscreds, verify
 from tlshd.worker.ktls import TrafficKeys
 
 HS_NEW_SESSION_TICKET = 4
+HS_CERTIFICATE_VERIFY = 15
 HS_FINISHED = 20
+# TLS SignatureScheme names (IANA registry), for the logs.
+_SCHEMES = {
+    0x0401: "rsa_pkcs1_sha256",
+    0x0501: "rsa_pkcs1_sha384",
+    0x0601: "rsa_pkcs1_sha512",
+    0x0403: "ecdsa_secp256r1_sha256",
+    0x0503: "ecdsa_secp384r1_sha384",
+    0x0603: "ecdsa_secp521r1_sha512",
+    0x0804: "rsa_pss_rsae_sha256",
+    0x0805: "rsa_pss_rsae_sha384",
+    0x0806: "rsa_pss_rsae_sha512",
+    0x0807: "ed25519",
+    0x0808: "ed448",
+    0x0809: "rsa_pss_pss_sha256",
+    0x080A: "rsa_pss_pss_sha384",
+    0x080B: "rsa_pss_pss_sha512",
+    0x081A: "ecdsa_brainpoolP256r1tls13_sha256",
+    0x081B: "ecdsa_brainpoolP384r1tls13_sha384",
+    0x081C: "ecdsa_brainpoolP512r1tls13_sha512",
+    0x0904: "mldsa44",
+    0x0905: "mldsa65",
+    0x0906: "mldsa87",
+}
 _ALERT_CLOSE_NOTIFY = 0
 _ALERT_UNKNOWN_PSK_IDENTITY = 115
 _ALERT_NAMES = {
@@ -91,6 +115,10 @@ class Outcome:
     # Authenticated by a session-reuse PSK (sessionreuse.py), not by
     # certificates.
     resumed: bool = False
+    # The server certificate's kind (tlscreds.KIND_*; "" without one)
+    # and the signature scheme of its CertificateVerify.
+    cert_kind: str = ""
+    signature: str = ""
 
 
 # The log texts of a certificate (its key description and subject) are
@@ -140,6 +168,9 @@ class HandshakeState:
     alert_received: int | None = None
     alert_sent: int | None = None
     verify_failure: str | None = None
+    # Signature schemes of our own and the peer's CertificateVerify.
+    own_scheme: int | None = None
+    peer_scheme: int | None = None
 
     def observe(self, write_p: bool, content_type: int, data: bytes) -> None:
         """Account for one message-callback event."""
@@ -158,6 +189,12 @@ class HandshakeState:
                     self.rx_records = 0
             elif data[0] == HS_NEW_SESSION_TICKET and write_p:
                 self.tickets_sent += 1
+            elif data[0] == HS_CERTIFICATE_VERIFY and len(data) >= 6:
+                scheme = int.from_bytes(data[4:6], "big")
+                if write_p:
+                    self.own_scheme = scheme
+                else:
+                    self.peer_scheme = scheme
         elif content_type == sslbind.SSL3_RT_ALERT and len(data) >= 2:
             if write_p and self.alert_sent is None:
                 self.alert_sent = data[1]
@@ -212,8 +249,17 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
     remote_auth: tuple[int, ...] = ()
     if server and peer is not None and s.verify_failure is None:
         remote_auth = (uapi.TLS_X509_PEERID,)
+    # A session-reuse PSK authenticated it: no certificate was sent.
+    reused = sslbind.session_reused(conn)
+    server_scheme, client_scheme = (
+        (s.own_scheme, s.peer_scheme) if server
+        else (s.peer_scheme, s.own_scheme))
+    signer = _signer(server_cert, server_scheme)
+    client_cert = peer if server else conn.get_certificate()
+    if client_cert is not None and client_scheme is not None:
+        signer += "; client " + _signer(client_cert, client_scheme)
     description = (
-        f"(TLS1.3)-({group})-({cert_texts(server_cert)[0]})"
+        f"(TLS1.3)-({group})-({signer})"
         f"-({_CIPHER_SHORT.get(cipher, cipher)})"
     )
     return Outcome(
@@ -225,7 +271,31 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
         peer_subject=cert_texts(peer)[1],
         tx=TrafficKeys(cipher, mine, s.tx_records),
         rx=TrafficKeys(cipher, theirs, s.rx_records),
+        cert_kind="" if reused else _kind(server_cert),
+        signature=scheme_name(server_scheme),
     )
+
+
+def _kind(cert: crypto.X509 | None) -> str:
+    """tlscreds.KIND_* of ``cert`` (from the cached key description)."""
+    if cert is None:
+        return ""
+    if cert_texts(cert)[0].startswith(tlscreds.ML_DSA_PREFIX):
+        return tlscreds.KIND_ML_DSA
+    return tlscreds.KIND_CLASSICAL
+
+
+def scheme_name(scheme: int | None) -> str:
+    """The IANA name of a TLS SignatureScheme, for the logs."""
+    if scheme is None:
+        return ""
+    return _SCHEMES.get(scheme, f"0x{scheme:04x}")
+
+
+def _signer(cert: crypto.X509 | None, scheme: int | None) -> str:
+    """"<key description>, <signature scheme>" of one end."""
+    text = cert_texts(cert)[0]
+    return f"{text}, {scheme_name(scheme)}" if scheme is not None else text
 
 
 def _alert_text(code: int) -> str:

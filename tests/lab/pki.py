@@ -1,6 +1,7 @@
 """Throwaway certificates: CAs, leaves and the PEM files tlshd reads.
 
-Every key is P-256 ECDSA (cheap under TCG); leaves carry both EKUs so one
+Keys are P-256 ECDSA (cheap under TCG), or ML-DSA-65 where asked for
+(``pq=True``, the post-quantum tests); leaves carry both EKUs so one
 certificate serves either end of a handshake.
 """
 
@@ -13,22 +14,36 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
+Key = ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey
+
+
+def new_key(pq: bool = False) -> Key:
+    if pq:
+        return mldsa.MLDSA65PrivateKey.generate()
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def digest(key: Key) -> hashes.SHA256 | None:
+    """The hash to sign with: none for ML-DSA, which signs the message."""
+    if isinstance(key, mldsa.MLDSA65PrivateKey):
+        return None
+    return hashes.SHA256()
 
 
 @dataclass
 class Issuer:
     name: x509.Name
-    key: ec.EllipticCurvePrivateKey
+    key: Key
     cert: x509.Certificate
 
 
-def make_ca(cn: str) -> Issuer:
-    key = ec.generate_private_key(ec.SECP256R1())
+def make_ca(cn: str, pq: bool = False) -> Issuer:
+    key = new_key(pq)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     cert = (
         x509.CertificateBuilder()
@@ -55,7 +70,7 @@ def make_ca(cn: str) -> Issuer:
             ),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(key, digest(key))
     )
     return Issuer(name, key, cert)
 
@@ -67,8 +82,9 @@ def make_leaf(
     ips: list[str],
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    pq: bool = False,
+) -> tuple[x509.Certificate, Key]:
+    key = new_key(pq)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     builder = (
@@ -96,14 +112,14 @@ def make_leaf(
         builder = builder.add_extension(
             x509.SubjectAlternativeName(sans), critical=False
         )
-    return builder.sign(ca.key, hashes.SHA256()), key
+    return builder.sign(ca.key, digest(ca.key)), key
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def write_key(path: Path, key: Key) -> None:
     """The private key as unencrypted PKCS#8, readable by root only."""
     path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM,
@@ -152,11 +168,39 @@ class Pki:
         ca: Issuer,
         dns: list[str],
         ips: list[str],
+        pq: bool = False,
         **kw: datetime.datetime,
     ) -> None:
-        cert, key = make_leaf(ca, name, dns, ips, **kw)
+        cert, key = make_leaf(ca, name, dns, ips, pq=pq, **kw)
         write_cert(self.root / ("%s.pem" % name), cert)
         write_key(self.root / ("%s.key" % name), key)
+
+    def add_pq(self) -> None:
+        """ML-DSA-65 CAs and leaves, next to the classical ones:
+        pq-ca.pem (and both-ca.pem, trusting it and ca.pem), pq-server
+        and pq-client under it, and bad ones: pq-untrusted (under an
+        ML-DSA CA nobody trusts), pq-expired, pq-wrong-name; each .pem
+        holds the leaf, then its CA.  Sets ``pq_ca``; idempotent."""
+        if getattr(self, "pq_ca", None) is not None:
+            return
+        self.pq_ca = pq_ca = make_ca("tlshd-test-pq-ca", pq=True)
+        other = make_ca("tlshd-other-pq-ca", pq=True)
+        self.write_ca("pq-ca", pq_ca)
+        (self.root / "both-ca.pem").write_bytes(
+            (self.root / "ca.pem").read_bytes()
+            + (self.root / "pq-ca.pem").read_bytes())
+        local = (["localhost"], ["127.0.0.1", "::1"])
+        for name, ca, names, kw in (
+                ("pq-server", pq_ca, local, {}),
+                ("pq-client", pq_ca, local, {}),
+                ("pq-untrusted", other, local, {}),
+                ("pq-wrong-name", pq_ca, (["other.example"], ["127.0.0.2"]),
+                 {}),
+                ("pq-expired", pq_ca, local,
+                 {"not_before": NOW - 10 * DAY, "not_after": NOW - DAY})):
+            self.leaf(name, ca, *names, pq=True, **kw)
+            with open(self.root / ("%s.pem" % name), "ab") as f:
+                f.write(ca.cert.public_bytes(serialization.Encoding.PEM))
 
     def path(self, name: str) -> str:
         return str(self.root / name)

@@ -229,8 +229,6 @@ nl=3
 [authenticate.server]
 x509.certificate=%s
 x509.private_key=%s
-x509.pq.certificate=/etc/tlshd/pq.pem
-x509.pq.private_key=/etc/tlshd/pq.key
 [authenticate.client]
 x509.private_key=pkcs11:token=t;object=k;pin-value=1234
 """ % (pki.server.cert, pki.server.key))
@@ -241,11 +239,7 @@ x509.private_key=pkcs11:token=t;object=k;pin-value=1234
     assert (c + ":5: warning: [debug] nl has no effect in this tlshd: "
             "ktls-utils' libnl debug level") in out
     assert ":4: " not in out  # tls=0: nothing either way
-    assert (c + ":9: warning: [authenticate.server] x509.pq.certificate has "
-            "no effect in this tlshd") in out
-    assert (c + ":10: warning: [authenticate.server] x509.pq.private_key "
-            "has no effect in this tlshd") in out
-    assert (c + ":12: warning: [authenticate.client] x509.private_key: "
+    assert (c + ":10: warning: [authenticate.client] x509.private_key: "
             "pkcs11: URLs (PKCS#11 tokens and the like) are not supported "
             "by this tlshd; the setting has no effect") in out
     assert ("%s: warning: %s: session tags (tls-session-tags(7)) are not "

@@ -288,9 +288,6 @@ x509.client_auth=1
         "libnl debug level",
         "/etc/t:4: [debug] delay_done has no effect in this tlshd: "
         "ktls-utils' testing aid",
-        "/etc/t:6: [authenticate.client] x509.pq.certificate has no effect "
-        "in this tlshd: post-quantum (ML-DSA) certificates are not "
-        "supported",
         "/etc/t:9: [authenticate.server] x509.client_auth has no effect in "
         "this tlshd: not supported (nor by released ktls-utils)",
     )

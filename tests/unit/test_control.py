@@ -51,6 +51,7 @@ def test_expiring_certificates_are_marked_in_status(tmp_path: Path) -> None:
         label="a", key=(1, 4026532242),
         config_path="/etc/tlshd/netns/a/config",
         held=False, source="ip netns", worker=None, restarts=0, succeeded=3,
+        by_certificate={"ml-dsa": 2, "classical": 1},
         failed=1, last_failure="EACCES: certificate verify failed",
         cfg=configured(tmp_path))
     row = control.namespace_status(ns, 2)
@@ -66,8 +67,11 @@ def test_expiring_certificates_are_marked_in_status(tmp_path: Path) -> None:
     assert "server:            CN=soon" in text
     assert "** expires soon **" in text and "** expired **" in text
     assert "last failure: EACCES: certificate verify failed" in text
+    assert "server certificates: classical 1, ml-dsa 2" in text
     # The same dates in the metrics, as Unix times.
     metrics = statustext.render_metrics([row])
+    assert ('tlshd_handshakes_by_certificate_total{netns="a",'
+            'kind="ml-dsa"} 2') in metrics.splitlines()
     soon = [line for line in metrics.splitlines()
             if 'role="server",subject="CN=soon"' in line]
     assert len(soon) == 1

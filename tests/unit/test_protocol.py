@@ -81,7 +81,7 @@ def test_unknown_type_version_magic_rejected():
 
 
 def test_status_beyond_max_errno_rejected():
-    body = struct.pack("!IBHI", 5000, 0, 0, 0)  # no session id
+    body = struct.pack("!IBHIB", 5000, 0, 0, 0, 0)  # no session id
     data = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION,
                                 protocol.Msg.HANDSHAKE_ANS,
                                 len(body), 1) + body

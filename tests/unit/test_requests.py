@@ -164,3 +164,16 @@ def test_refuse_never_answers_an_fd_a_request_owns(table) -> None:
     reqs.refuse(ns, stray, errno.EIO)
     assert done.dones == [("a-nl", stray, errno.EIO)]
     reqs.fail_all(errno.EIO)
+
+
+def test_successes_are_counted_by_server_certificate_kind(table) -> None:
+    reqs, done = table
+    ns = namespace("a")
+    ns.by_certificate = {}
+    for kind, status in (("ml-dsa", 0), ("ml-dsa", 0), ("classical", 0),
+                         ("", 0), ("", errno.EACCES)):
+        req = reqs.submit(ns, accepted(), timeout=5.0)
+        reqs.complete(req, status, (), "", 0, kind)
+    assert ns.by_certificate == {"ml-dsa": 2, "classical": 1}
+    assert (ns.succeeded, ns.failed) == (4, 1)
+    assert len(done.dones) == 5

@@ -118,6 +118,9 @@ def test_full_then_reused(pki: Any, run_pair: Any) -> None:
     second = ok(run_pair(eng, eng))
     assert second.client.resumed and second.server.resumed
     assert "session reuse PSK" in second.client.description
+    # No certificate was sent: not counted as a certificate handshake.
+    assert first.server.cert_kind == "classical"
+    assert second.client.cert_kind == second.server.cert_kind == ""
     # Nothing is sent after the handshake, reused or not.
     assert seqs(second) == (0, 0, 0, 0)
     prove_pair(second)

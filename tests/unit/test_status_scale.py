@@ -22,7 +22,7 @@ def namespace(label: str, inode: int, cfg: config.Config, **kw: Any) -> Any:
     fields: dict[str, Any] = dict(
         label=label, key=(1, inode), config_path="/etc/tlshd/%s" % label,
         held=False, worker=None, restarts=0, succeeded=0, failed=0,
-        last_failure="", cfg=cfg, source="ip netns")
+        by_certificate={}, last_failure="", cfg=cfg, source="ip netns")
     fields.update(kw)
     return SimpleNamespace(**fields)
 

@@ -106,7 +106,8 @@ def test_default_suite_and_description(engine: Engine, run_pair: Any) -> None:
     assert pair.client.cipher == "TLS_AES_256_GCM_SHA384"
     assert pair.client.group
     assert pair.client.description == (
-        f"(TLS1.3)-({pair.client.group})-(ECDSA-SECP256R1)-(AES-256-GCM)"
+        f"(TLS1.3)-({pair.client.group})"
+        "-(ECDSA-SECP256R1, ecdsa_secp256r1_sha256)-(AES-256-GCM)"
     )
     assert pair.server.description == pair.client.description
     assert pair.client.reason == ""
