@@ -18,7 +18,10 @@ path no longer leads to that namespace (the container's process is gone,
 the runtime removed its file): ``check`` looks every CHECK_INTERVAL.
 Registrations made over the socket are kept in a state file under /run
 and checked again when the daemon starts, so a restart serves them as
-before; drop-ins are read again instead.
+before; drop-ins are read again instead.  The file keeps each
+namespace's inode too: a path that leads to another namespace by then
+(the container's process died while the daemon was down and its pid was
+reused) is not served with the old registration's configuration.
 
 A namespace owned by a user namespace other than ours (a rootless or
 user-namespaced container: its root can send netlink messages to our
@@ -58,7 +61,8 @@ CHECK_INTERVAL = 2.0
 STATE_MAX_BYTES = 4 << 20
 STATE_MAX_ENTRIES = 8192
 STATE_VERSION = 1
-STATE_KEYS = frozenset({"name", "path", "config", "source", "allow_userns"})
+STATE_KEYS = frozenset({"name", "path", "config", "source", "allow_userns",
+                        "netns_dev", "netns_inode"})
 
 
 class RegistrationError(Exception):
@@ -86,7 +90,8 @@ class Registration:
     def state(self) -> dict[str, object]:
         return {"name": self.name, "path": self.path,
                 "config": self.config_path, "source": self.source,
-                "allow_userns": self.allow_userns}
+                "allow_userns": self.allow_userns,
+                "netns_dev": self.key[0], "netns_inode": self.key[1]}
 
 
 def open_netns(path: str) -> int:
@@ -153,9 +158,11 @@ class Registry:
         self.next_check = 0.0
 
     def add(self, name: str, path: str, config_path: str, source: str,
-            allow_userns: bool = False, dropin: bool = False) -> Registration:
+            allow_userns: bool = False, dropin: bool = False,
+            expect: netns.Key | None = None) -> Registration:
         """Register (or, with the same path and configuration, confirm) a
-        namespace; RegistrationError says why not."""
+        namespace; RegistrationError says why not.  ``expect``: the
+        namespace the path must lead to (a registration restored)."""
         check_fields(name or "x", path, config_path, source)
         fd = open_netns(path)
         try:
@@ -165,6 +172,10 @@ class Registry:
                 raise RegistrationError("configuration %s: %s"
                                         % (config_path, e)) from None
             key = netns.key_of("/proc/self/fd/%d" % fd)
+            if expect is not None and key != expect:
+                raise RegistrationError(
+                    "%s leads to another namespace than the one registered "
+                    "(its process gone, the pid reused?)" % path)
             name = name or default_name(path, key)
             check_fields(name, path, config_path, source)
             old = self._conflict(name, key, config_path)
@@ -299,7 +310,9 @@ class Registry:
             try:
                 self.add(str(entry["name"]), str(entry["path"]),
                          str(entry["config"]), str(entry["source"]),
-                         bool(entry["allow_userns"]))
+                         bool(entry["allow_userns"]),
+                         expect=(int(str(entry["netns_dev"])),
+                                 int(str(entry["netns_inode"]))))
             except RegistrationError as why:
                 log.warning("netns %s is no longer registered: %s",
                             entry["name"], why)
@@ -327,6 +340,14 @@ def read_state(path: str) -> list[dict[str, object]]:
         if (not isinstance(e, dict) or set(e) != STATE_KEYS
                 or not all(isinstance(e[k], str)
                            for k in ("name", "path", "config", "source"))
-                or not isinstance(e["allow_userns"], bool)):
+                or not isinstance(e["allow_userns"], bool)
+                or not all(_count(e[k]) for k in ("netns_dev",
+                                                  "netns_inode"))):
             raise ValueError("malformed entry %.100r" % (e,))
     return entries
+
+
+def _count(value: object) -> bool:
+    """A JSON integer >= 0 (not a bool, which Python takes for one)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and value >= 0)

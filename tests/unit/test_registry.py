@@ -191,6 +191,35 @@ def test_state_survives_a_restart(registry, holders, tenant, tmp_path,
         again.close()
 
 
+def test_restore_refuses_a_path_that_leads_elsewhere(
+        registry, holders, tenant, tmp_path, caplog):
+    """The container died while the daemon was down and its pid was
+    reused: the saved path leads to another namespace, which must not be
+    served with the old registration's configuration."""
+    a, other = holder(holders, "-n"), holder(holders, "-n")
+    registry.add("a", a.path, tenant, "oci aaaa")
+    registry.close()
+    state = tmp_path / "state.json"
+    data = json.loads(state.read_text())
+    assert (data["registrations"][0]["netns_dev"],
+            data["registrations"][0]["netns_inode"]) == a.key
+    data["registrations"][0]["path"] = other.path
+    state.write_text(json.dumps(data))
+    again = Registry(str(state), registry.home_key, lambda fd: False)
+    try:
+        again.restore()
+        assert not again.entries
+        assert "leads to another namespace than the one registered" \
+            in caplog.text
+        assert read_state(str(state)) == []
+    finally:
+        again.close()
+
+
+ENTRY = ('"name": "a", "path": "/p", "config": "/c", "source": "s", '
+         '"allow_userns": false, ')
+
+
 @pytest.mark.parametrize("text", [
     "not json",
     "[]",
@@ -198,7 +227,16 @@ def test_state_survives_a_restart(registry, holders, tenant, tmp_path,
     '{"version": 1, "registrations": [{"name": "a"}]}',
     '{"version": 1, "registrations": [], "more": 1}',
     '{"version": 1, "registrations": [{"name": "a", "path": "/p", '
-    '"config": "/c", "source": "s", "allow_userns": "yes"}]}',
+    '"config": "/c", "source": "s", "allow_userns": "yes", '
+    '"netns_dev": 4, "netns_inode": 5}]}',
+    # Without the namespace's inode, or with a bad one.
+    '{"version": 1, "registrations": [{%s"netns_dev": 4}]}' % ENTRY,
+    '{"version": 1, "registrations": [{%s"netns_dev": 4, '
+    '"netns_inode": "5"}]}' % ENTRY,
+    '{"version": 1, "registrations": [{%s"netns_dev": 4, '
+    '"netns_inode": true}]}' % ENTRY,
+    '{"version": 1, "registrations": [{%s"netns_dev": -1, '
+    '"netns_inode": 5}]}' % ENTRY,
 ])
 def test_bad_state_file_is_ignored(tmp_path, text, caplog):
     state = tmp_path / "state.json"
