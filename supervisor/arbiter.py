@@ -33,11 +33,12 @@ from tlshd.supervisor import (
     netlink_family,
     netlink_socket,
     netns,
+    registry,
     sdnotify,
 )
 from tlshd.supervisor.monitor import Monitor
-from tlshd.supervisor.namespaces import Discovery, Namespace
-from tlshd.supervisor.registry import Registry
+from tlshd.supervisor.namespace import Namespace
+from tlshd.supervisor.namespaces import Discovery
 from tlshd.supervisor.requests import Requests
 from tlshd.supervisor.workerpool import Pollable, WorkerPool
 
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 
 # How long a stopping supervisor lets in-flight handshakes finish.
 STOP_GRACE = 5.0
-# Beside the control socket (a root-only directory under /run): the
-# namespaces registered at run time (see registry).
-REGISTRATIONS = "netns-registrations.json"
 # ACCEPTs per namespace per turn of the loop: one namespace's burst (or a
 # tenant's flood of READYs) must not keep the others waiting.
 MAX_ACCEPTS_PER_TURN = 16
@@ -152,16 +150,11 @@ class Supervisor:
         self.requests.fail_all(errno.EIO, "namespace removed", namespace=ns)
         self.pool.kill_all(ns)
 
-    def use_template(self) -> None:
-        self.pool.use_template()
-
     def serve_control(self, path: str) -> None:
         """Answer tlshdctl on a root-only unix socket at ``path``."""
-        self.control = control.ControlServer(path)
+        server = self.control = control.ControlServer(path)
         # Registrations outlive a restart in the same private directory.
-        self.registry.state_path = os.path.join(os.path.dirname(path),
-                                                REGISTRATIONS)
-        server = self.control
+        self.registry.state_path = registry.state_path(path)
         self.sel.register(server, selectors.EVENT_READ,
                           lambda: server.handle(self))
 
@@ -189,7 +182,7 @@ class Supervisor:
         return self.pool.is_spawning(ns)
 
     @property
-    def registry(self) -> Registry:
+    def registry(self) -> registry.Registry:
         return self.discovery.registered.registry
 
     # ---- requests -------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import netnscmd, statustext
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.registry import Registry
 from tlshd.supervisor.workers import Worker
 

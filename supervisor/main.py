@@ -366,7 +366,7 @@ def serve(args: argparse.Namespace, cfg: config.Config,
     supervisor.add_namespace(
         "init", cfg.path, nlsock, netns.initial().key,
         os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
-    supervisor.use_template()
+    supervisor.pool.use_template()
     supervisor.serve_control(args.control_socket)
     supervisor.serve_namespaces()
     # One turn of the loop first: it asks the template for the initial

@@ -28,7 +28,7 @@ from typing import Any
 from tlshd.shared import protocol, uapi
 from tlshd.shared.errors import PeerGone, ProtocolError
 from tlshd.supervisor import keymaterial, workercheck
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.requests import Request, Requests
 from tlshd.supervisor.workerpool import WorkerPool
 from tlshd.supervisor.workers import Worker

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.registry import Registration, RegistrationError, Registry
 
 ADD_FIELDS = {"name": str, "path": str, "config": str, "source": str,

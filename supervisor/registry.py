@@ -61,8 +61,14 @@ CHECK_INTERVAL = 2.0
 STATE_MAX_BYTES = 4 << 20
 STATE_MAX_ENTRIES = 8192
 STATE_VERSION = 1
+# Beside the control socket, in its root-only directory under /run.
+STATE_FILE = "netns-registrations.json"
 STATE_KEYS = frozenset({"name", "path", "config", "source", "allow_userns",
                         "netns_dev", "netns_inode"})
+
+
+def state_path(control_socket: str) -> str:
+    return os.path.join(os.path.dirname(control_socket), STATE_FILE)
 
 
 class RegistrationError(Exception):

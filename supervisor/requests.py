@@ -28,7 +28,7 @@ from tlshd.supervisor import (
     netlink_codec,
     netlink_socket,
 )
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)

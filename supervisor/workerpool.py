@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tlshd.shared.errors import PeerGone, ProtocolError
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.requests import Requests
 from tlshd.supervisor.workers import Template, Worker, spawn_worker
 

@@ -24,7 +24,7 @@ import pytest
 from tlshd.shared import config, uapi
 from tlshd.supervisor import netlink_codec, netlink_family
 from tlshd.supervisor.arbiter import HANDLED_SIGNALS, Supervisor
-from tlshd.supervisor.namespaces import Namespace
+from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.workers import Worker
 
 

@@ -193,7 +193,7 @@ def test_template_forks_one_worker_for_a_burst(tmp_path, listener):
     conf.write_text("[authenticate.client]\n[authenticate.server]\n"
                     "[netns]\nworker_idle_timeout=300\n")
     s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
-    s.use_template()
+    s.pool.use_template()
     nl = FakeNl()
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ns = s.add_namespace("init", str(conf), nlsock=nl, nsfd=nsfd)

@@ -81,7 +81,7 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path: Any, pki: Any,
                    worker_ids=ids)
     nsfd = None
     if spawn == "template":
-        s.use_template()
+        s.pool.use_template()
         nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     hellos: list[protocol.Hello] = []
     verify_hello = workercheck.verify_hello

@@ -218,7 +218,7 @@ def test_template_worker_stdio_is_dev_null(tmp_path):
     conf.write_text("[authenticate.client]\n[authenticate.server]\n"
                     "[netns]\nworker_idle_timeout=0\n")
     s = Supervisor(config.load(str(conf)), netlink_family.FamilyInfo(0x21, 5))
-    s.use_template()
+    s.pool.use_template()
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     ns = s.add_namespace("init", str(conf), nlsock=FakeNl(), nsfd=nsfd)
     try:
