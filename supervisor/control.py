@@ -34,14 +34,14 @@ from typing import Any, Protocol
 
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import netnscmd, statustext
+from tlshd.supervisor import netnscmd, paths, statustext
 from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.registry import Registry
 from tlshd.supervisor.workers import Worker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/run/tlshd/control.sock"
+DEFAULT_PATH = paths.CONTROL_SOCKET
 EXPIRY_WARNING_DAYS = 30
 CLIENT_TIMEOUT = 0.5
 # A command line: "status-netns " and a name of up to 255 bytes, or a

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 
-from tlshd.supervisor.control import DEFAULT_PATH
+from tlshd.supervisor.paths import CONTROL_SOCKET as DEFAULT_PATH
 
 COMMANDS = ("status", "status-json", "metrics", "reload", "netns")
 # How often "reload" asks whether the new workers are up.

@@ -16,6 +16,7 @@ from tlshd.shared import config, linux
 from tlshd.shared import log as tlshd_log
 from tlshd.shared.errors import ConfigError
 from tlshd.supervisor import netlink_family, netlink_socket, sdnotify
+from tlshd.supervisor.paths import CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 
 # Only what it takes to listen is imported before READY=1: the rest of the
 # supervisor (the loop, workers, control socket) costs seconds under
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlshd")
 
-# control.DEFAULT_PATH, without importing control (tests check they agree)
-DEFAULT_CONTROL_SOCKET = "/run/tlshd/control.sock"
 
 
 def _version() -> str:

@@ -24,8 +24,8 @@ import json
 import sys
 from typing import Any
 
-from tlshd.supervisor.control import DEFAULT_PATH
 from tlshd.supervisor.ctl import query
+from tlshd.supervisor.paths import CONTROL_SOCKET as DEFAULT_PATH
 
 CONFIG = "org.tlshd.config"
 ALLOW_USERNS = "org.tlshd.allow-userns"
