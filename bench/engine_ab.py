@@ -6,6 +6,10 @@ TLS 1.3 handshake pair (client + server, ECDSA P-256, verification on)
 several ways, interleaved round by round so that a noisy host hits each
 variant alike; prints the median CPU ms per pair of each:
 
+- ``bare``:    plain pyOpenSSL contexts with the same certificates, trust
+               anchors and verification (OpenSSL's own, no Python
+               callbacks), both ends over memory BIOs in one thread: the
+               floor for our credentials;
 - ``memory``:  the Engine's own SSL contexts, both ends over memory BIOs
                in one thread (OpenSSL + pyOpenSSL + our callbacks);
 - ``sockets``: the same contexts over a TCP loopback pair, both ends
@@ -70,23 +74,42 @@ class Bench:
         self.sctx = e._server_x509
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.name = verify.parse_peername("127.0.0.1")
+        self.bare_sctx = self.bare_context(conf.parent, True)
+        self.bare_cctx = self.bare_context(conf.parent, False)
+
+    def bare_context(self, d: Path, server: bool) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server
+                          else SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_tls13_ciphersuites(b"TLS_AES_256_GCM_SHA384")
+        ctx.load_verify_locations(str(d / "ca.pem"))
+        role = "server" if server else "client"
+        if server or self.mtls:
+            ctx.use_certificate_chain_file(str(d / ("%s.pem" % role)))
+            ctx.use_privatekey_file(str(d / ("%s.key" % role)))
+        mode = SSL.VERIFY_PEER
+        if server:
+            mode |= SSL.VERIFY_CLIENT_ONCE
+        ctx.set_verify(mode, None)
+        return ctx
 
     def tcp_pair(self) -> tuple[socket.socket, socket.socket]:
         c = socket.create_connection(self.listener.getsockname())
         s, _ = self.listener.accept()
         return c, s
 
-    def conns(self, cs: socket.socket | None, ss: socket.socket | None
-              ) -> tuple[SSL.Connection, SSL.Connection]:
-        c = SSL.Connection(self.cctx, cs)
+    def conns(self, cs: socket.socket | None, ss: socket.socket | None,
+              bare: bool = False) -> tuple[SSL.Connection, SSL.Connection]:
+        c = SSL.Connection(self.bare_cctx if bare else self.cctx, cs)
         c.set_connect_state()
         verify.set_expected_name(c, self.name)
-        s = SSL.Connection(self.sctx, ss)
+        s = SSL.Connection(self.bare_sctx if bare else self.sctx, ss)
         s.set_accept_state()
         return c, s
 
-    def memory(self) -> None:
-        c, s = self.conns(None, None)
+    def memory(self, bare: bool = False) -> None:
+        c, s = self.conns(None, None, bare)
         done: set[int] = set()
         for _ in range(16):
             for i, conn in enumerate((c, s)):
@@ -163,7 +186,8 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="engine-ab-"))
     guest.make_credentials(d)
     b = Bench(guest.write_config(d), a.mtls)
-    variants = {"memory": b.memory, "sockets": b.sockets,
+    variants = {"bare": lambda: b.memory(True), "memory": b.memory,
+                "sockets": b.sockets,
                 "engine": lambda: b.engine_pair(False)}
     if ktls_available():
         variants["engine+ktls"] = lambda: b.engine_pair(True)
