@@ -226,7 +226,9 @@ class PskFound:
 class HandshakeAnswer:
     """The outcome of one request: DONE's status and REMOTE_AUTH ids,
     a failure's one-line reason, the session id under which the worker
-    keeps the secrets (0: none), a success's server certificate kind."""
+    keeps the secrets (0: none), a success's server certificate kind,
+    and whether a success reused a session (the supervisor writes the
+    completion line from these: no log message per handshake)."""
 
     TYPE: ClassVar[Msg] = Msg.HANDSHAKE_ANS
     SENT_BY: ClassVar[Side] = Side.WORKER
@@ -237,6 +239,7 @@ class HandshakeAnswer:
     reason: str = ""
     session_id: int = 0
     cert_kind: str = ""
+    resumed: bool = False
 
     def encode(self) -> bytes:
         w = Writer()
@@ -245,6 +248,7 @@ class HandshakeAnswer:
         w.text(self.reason[:MAX_REASON])
         w.u32(self.session_id)
         w.u8(CERT_KINDS.index(self.cert_kind))
+        w.u8(1 if self.resumed else 0)
         return w.data()
 
     @classmethod
@@ -255,6 +259,7 @@ class HandshakeAnswer:
         reason = r.text()
         session_id = r.u32()
         kind = r.u8()
+        resumed = r.u8()
         r.end()
         # The kernel caps STATUS at MAX_ERRNO; anything larger is a lie.
         if status > 4095:
@@ -265,8 +270,11 @@ class HandshakeAnswer:
             raise ProtocolError("session id in a failed answer")
         if kind >= len(CERT_KINDS) or (kind and status):  # for the counts
             raise ProtocolError("bad certificate kind %d" % kind)
+        if resumed > 1 or (resumed and status):
+            raise ProtocolError("bad session reuse flag %d" % resumed)
         return cls(status=status, remote_auth=remote_auth, reason=reason,
-                   session_id=session_id, cert_kind=CERT_KINDS[kind])
+                   session_id=session_id, cert_kind=CERT_KINDS[kind],
+                   resumed=bool(resumed))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

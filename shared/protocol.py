@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 MAGIC = 0x544C  # "TL"
-PROTOCOL_VERSION = 5  # bump on any change to Msg or a body layout
+PROTOCOL_VERSION = 6  # bump on any change to Msg or a body layout
 HEADER = struct.Struct("!HBBIQ")
 
 Message = (HandshakeRequest | HandshakeAnswer | Hello | LogRecord

@@ -27,7 +27,7 @@ from typing import Any
 
 from tlshd.shared import protocol, uapi
 from tlshd.shared.errors import PeerGone, ProtocolError
-from tlshd.supervisor import keymaterial, workercheck
+from tlshd.supervisor import keymaterial, workercheck, workerlog
 from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.requests import Request, Requests
 from tlshd.supervisor.workerpool import WorkerPool
@@ -36,16 +36,34 @@ from tlshd.supervisor.workers import Worker
 log = logging.getLogger(__name__)
 
 
-def ktls_attached(sockfd: int) -> bool:
-    """Whether kTLS is attached to the TCP socket ``sockfd`` (its ULP)."""
+def socket_state(sockfd: int) -> tuple[bool, str]:
+    """(whether kTLS is attached to the TCP socket ``sockfd``, its peer's
+    address for the completion line), read from the socket itself, not
+    from anything the worker said."""
     sock = socket.socket(fileno=sockfd)
     try:
-        ulp = sock.getsockopt(socket.IPPROTO_TCP, uapi.TCP_ULP, 16)
-    except OSError:
-        return False
+        try:
+            ulp = sock.getsockopt(socket.IPPROTO_TCP, uapi.TCP_ULP, 16)
+        except OSError:
+            ulp = b""
+        try:
+            addr = str(sock.getpeername()[0])
+        except (OSError, IndexError):
+            addr = "unknown"
     finally:
         sock.detach()
-    return ulp.rstrip(b"\0") == uapi.TLS_ULP_NAME
+    return ulp.rstrip(b"\0") == uapi.TLS_ULP_NAME, addr
+
+
+def completion_line(req: Request, addr: str, status: int,
+                    resumed: bool) -> str:
+    """ktls-utils' "Handshake with '<peer>' (<address>) <outcome>"."""
+    if status:
+        outcome = "failed: %s" % errno.errorcode.get(status, str(status))
+    else:
+        outcome = "succeeded (session reuse)" if resumed else "succeeded"
+    name = workerlog.sanitize(req.request.peername or addr)
+    return "Handshake with '%s' (%s) %s" % (name, addr, outcome)
 
 
 class Monitor:
@@ -152,11 +170,14 @@ class Monitor:
                                    "worker's answer refused")
             return
         status, reason = msg.status, msg.reason
-        if status == 0 and not ktls_attached(req.sockfd):
+        ktls, addr = socket_state(req.sockfd)
+        if status == 0 and not ktls:
             log.error("Worker %d (netns %s) reported success for request "
                       "%d but the socket has no kTLS", worker.pid,
                       worker.label, req_id)
             status, reason = errno.EIO, "no kTLS on the socket"
+        log.info("%s [netns %s]", completion_line(req, addr, status,
+                                                  msg.resumed), ns.label)
         self.requests.complete(req, status,
                                msg.remote_auth if status == 0 else (),
                                reason, msg.session_id,

@@ -33,8 +33,13 @@ X509_CHECK_FLAG_NEVER_CHECK_SUBJECT = int(
     _lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
 )
 
+# The content types the message handlers are given (all others are
+# dropped in the callback itself).
+_USED_TYPES = frozenset((SSL3_RT_HEADER, SSL3_RT_HANDSHAKE, SSL3_RT_ALERT))
+
 # (ssl pointer, write_p, content_type, first bytes) -> None; must not
-# raise.  The handler sees at most MSG_PREFIX bytes of each message: the
+# raise.  The handler sees only record headers (no bytes), handshake
+# messages and alerts, and at most MSG_PREFIX bytes of each message: the
 # handshake type, the alert level and description, a CertificateVerify's
 # signature scheme (after the 4-byte handshake header); a certificate
 # message is not copied whole just to read its first byte.
@@ -68,9 +73,15 @@ class MsgCallback:
             arg: Any,
         ) -> None:
             del version, arg
+            # About a third of the calls (TLS 1.3's inner content types,
+            # ChangeCipherSpec) say nothing the handlers use: return
+            # before any conversion.  A record header's bytes are not
+            # needed either, only that it was seen.
+            if content_type not in _USED_TYPES:
+                return
             key = int(_ffi.cast("uintptr_t", ssl))
             data = (bytes(_ffi.buffer(buf, min(length, MSG_PREFIX)))
-                    if length else b"")
+                    if length and content_type != SSL3_RT_HEADER else b"")
             self._handler(key, bool(write_p), content_type, data)
             if (received is not None and not write_p and length
                     and content_type == SSL3_RT_HANDSHAKE):

@@ -42,6 +42,7 @@ from tlshd.worker.recordlimit import PeerLimits
 from tlshd.worker.sessionreuse import ReuseSettings, SessionReuse
 from tlshd.worker.sslconf import openssl_conf_path
 from tlshd.worker.tlsoutcome import (
+    KEPT_SECRETS,
     DeadlineExpired,
     HandshakeState,
     Outcome,
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 # OpenSSL sends no tickets: checked by this process's first Engine, or
 # inherited from the worker template's (the configuration is global).
 _tickets_checked = False
+
+# The keylog labels HandshakeState.record_keylog keeps, each with the
+# space that ends it.
+_KEPT_PREFIXES = tuple(label + b" " for label in KEPT_SECRETS)
 
 # The kTLS-capable suites; AES-256-GCM first, as in GnuTLS's NORMAL.
 DEFAULT_CIPHERSUITES = (
@@ -218,6 +223,10 @@ class Engine:
             state.observe(write_p, content_type, data)
 
     def _on_keylog(self, conn: SSL.Connection, line: bytes) -> None:
+        # Five lines per handshake; only the two traffic secrets are kept,
+        # so the others are dropped before client_random() is read.
+        if not line.startswith(_KEPT_PREFIXES):
+            return
         state = conn.get_app_data()
         if isinstance(state, HandshakeState):
             state.record_keylog(line, conn.client_random())

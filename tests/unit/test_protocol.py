@@ -80,13 +80,25 @@ def test_unknown_type_version_magic_rejected():
             protocol.decode(data, 0)
 
 
-def test_status_beyond_max_errno_rejected():
-    body = struct.pack("!IBHIB", 5000, 0, 0, 0, 0)  # no session id
-    data = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION,
+def _answer_frame(status: int, resumed: int) -> bytes:
+    # status, no REMOTE_AUTH, no reason, no session id, no kind, resumed
+    body = struct.pack("!IBHIBB", status, 0, 0, 0, 0, resumed)
+    return protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION,
                                 protocol.Msg.HANDSHAKE_ANS,
                                 len(body), 1) + body
+
+
+def test_status_beyond_max_errno_rejected():
     with pytest.raises(ProtocolError, match="errno"):
-        protocol.decode(data, 0)
+        protocol.decode(_answer_frame(5000, 0), 0)
+
+
+def test_session_reuse_flag_is_strict():
+    ok, _ = protocol.decode(_answer_frame(0, 1), 0)
+    assert isinstance(ok, protocol.HandshakeAnswer) and ok.resumed
+    for status, resumed in ((0, 2), (13, 1)):
+        with pytest.raises(ProtocolError, match="session reuse flag"):
+            protocol.decode(_answer_frame(status, resumed), 0)
 
 
 def test_bad_log_level_rejected():

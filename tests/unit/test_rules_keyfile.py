@@ -42,7 +42,7 @@ def test_message_type_numbers_are_pinned():
     """The numbers are the wire format; changing one without bumping
     PROTOCOL_VERSION would let two builds misread each other silently.
     Change this table only together with PROTOCOL_VERSION."""
-    assert protocol.PROTOCOL_VERSION == 5
+    assert protocol.PROTOCOL_VERSION == 6
     assert {m.name: int(m) for m in protocol.Msg} == {
         "HANDSHAKE_REQ": 2, "HELLO": 3, "HANDSHAKE_ANS": 5, "LOG": 7,
         "SPAWN_REQ": 8, "SPAWN_ANS": 9, "PSK_FOUND": 10, "PSK_LOOKUP": 11,

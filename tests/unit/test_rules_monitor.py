@@ -9,6 +9,7 @@ and what a permitted message changes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -247,11 +248,49 @@ def test_a_hello_that_does_not_check_out_kills(
 
 @pytest.fixture
 def ktls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """ktls_attached, faked: the fds listed have kTLS."""
+    """socket_state, faked: the fds listed have kTLS; every peer is
+    192.0.2.7."""
     attached: list[int] = []
-    monkeypatch.setattr(monitor, "ktls_attached",
-                        lambda fd: fd in attached)
+    monkeypatch.setattr(monitor, "socket_state",
+                        lambda fd: (fd in attached, "192.0.2.7"))
     return attached
+
+
+def test_the_completion_line_is_the_supervisors(
+        env: Env, ktls: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    """ktls-utils' "Handshake with ..." line, from the answer and the
+    socket (the worker sends no log record for it), tagged with the
+    namespace; a peer name is sanitised like a worker's log text."""
+    ok = env.request(auth=AM.X509)
+    ktls.append(ok.sockfd)
+    reused = env.request(auth=AM.X509)
+    ktls.append(reused.sockfd)
+    bad = env.request(auth=AM.X509)
+    bad.request = dataclasses.replace(bad.request, peername="x\ny")
+    with caplog.at_level(logging.INFO, logger="tlshd.supervisor.monitor"):
+        env.deliver(answer(0), ok.req_id)
+        env.deliver(protocol.HandshakeAnswer(status=0, remote_auth=(),
+                                             resumed=True), reused.req_id)
+        env.deliver(answer(errno.EACCES, reason="bad cert"), bad.req_id)
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("Handshake with")]
+    label = env.ns.label
+    assert lines == [
+        "Handshake with 'host' (192.0.2.7) succeeded [netns %s]" % label,
+        "Handshake with 'host' (192.0.2.7) succeeded (session reuse)"
+        " [netns %s]" % label,
+        "Handshake with 'x\\x0ay' (192.0.2.7) failed: EACCES [netns %s]"
+        % label,
+    ]
+
+
+def test_a_success_without_ktls_is_logged_as_failed(
+        env: Env, ktls: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    req = env.request(auth=AM.X509)
+    with caplog.at_level(logging.INFO, logger="tlshd.supervisor.monitor"):
+        env.deliver(answer(0), req.req_id)
+    assert env.done.dones == [(req.sockfd, errno.EIO, (), 0)]
+    assert "Handshake with 'host' (192.0.2.7) failed: EIO" in caplog.text
 
 
 def test_success_with_ktls_is_passed_on(env: Env, ktls: list[int]) -> None:
@@ -422,22 +461,30 @@ def test_lookup_answer_to_a_gone_worker_is_logged(
     assert env.pool.events == [] and env.done.dones == []
 
 
-# ---- ktls_attached ------------------------------------------------------
+# ---- socket_state -------------------------------------------------------
 
-def test_ktls_attached_reads_the_ulp(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_socket_state_reads_the_ulp(monkeypatch: pytest.MonkeyPatch) -> None:
     pair = socket.socketpair()  # not TCP: the option is refused
     try:
-        assert not monitor.ktls_attached(pair[0].fileno())
+        assert monitor.socket_state(pair[0].fileno())[0] is False
         os.fstat(pair[0].fileno())  # detached, not closed
     finally:
         for s in pair:
             s.close()
     tcp = socket.socket()
     try:
-        assert not monitor.ktls_attached(tcp.fileno())  # no ULP
+        # No ULP, not connected.
+        assert monitor.socket_state(tcp.fileno()) == (False, "unknown")
         os.fstat(tcp.fileno())
     finally:
         tcp.close()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    try:
+        assert monitor.socket_state(client.fileno()) == (False, "127.0.0.1")
+    finally:
+        client.close()
+        listener.close()
 
     class FakeSocket:
         ulp = b""
@@ -449,6 +496,9 @@ def test_ktls_attached_reads_the_ulp(monkeypatch: pytest.MonkeyPatch) -> None:
             assert (level, name, size) == (socket.IPPROTO_TCP, 31, 16)
             return self.ulp
 
+        def getpeername(self) -> tuple[str, int]:
+            return ("192.0.2.1", 2049)
+
         def detach(self) -> int:
             return 0
 
@@ -457,4 +507,4 @@ def test_ktls_attached_reads_the_ulp(monkeypatch: pytest.MonkeyPatch) -> None:
                           (b"tls\0\0\0\0", True), (b"tl", False),
                           (b"tlsx", False), (b"mptcp\0", False)):
         FakeSocket.ulp = ulp
-        assert monitor.ktls_attached(3) == attached, ulp
+        assert monitor.socket_state(3) == (attached, "192.0.2.1"), ulp

@@ -60,11 +60,11 @@ def request(*, psks=(), cert=b"", key=b"", flags=0, key_update=0,
 
 
 def answer(status=0, remote_auth=(), reason="", session_id=0,
-           nids=None, cert_kind=0):
+           nids=None, cert_kind=0, resumed=0):
     return (u32(status) + u8(len(remote_auth) if nids is None else nids)
             + b"".join(u32(v) for v in remote_auth)
             + (reason if isinstance(reason, bytes) else text(reason))
-            + u32(session_id) + u8(cert_kind))
+            + u32(session_id) + u8(cert_kind) + u8(resumed))
 
 
 def frame(mtype, body, *, magic=protocol.MAGIC,
@@ -125,6 +125,9 @@ REFUSED = [
     # the answer
     ("answer: status over MAX_ERRNO", ANS, answer(status=4096), 0),
     ("answer: certificate kind 3", ANS, answer(cert_kind=3), 0),
+    ("answer: session reuse flag 2", ANS, answer(resumed=2), 0),
+    ("answer: session reuse in a failure", ANS,
+     answer(status=13, resumed=1), 0),
     ("answer: certificate kind in a failure", ANS,
      answer(status=13, cert_kind=1), 0),
     ("answer: no reason (None)", ANS, answer(reason=NONE_TEXT), 0),
@@ -181,6 +184,7 @@ ACCEPTED = [
     ("answer: MAX_LIST ids", ANS, answer(remote_auth=[1] * MAX_LIST), 0),
     ("answer: session id in a success", ANS, answer(session_id=5), 0),
     ("answer: an ML-DSA certificate", ANS, answer(cert_kind=2), 0),
+    ("answer: a reused session", ANS, answer(resumed=1), 0),
     ("log: level 10", LOG, u8(10) + text("x"), 0),
     ("log: level 50", LOG, u8(50) + text("x"), 0),
     ("hello", HELLO, HELLO_BODY, 0),
@@ -317,7 +321,7 @@ def test_wire_limits_are_pinned():
     running supervisor execs workers of the new build, and a limit
     changed without bumping PROTOCOL_VERSION would make one end refuse
     what the other sends.  Change these only with PROTOCOL_VERSION."""
-    assert protocol.PROTOCOL_VERSION == 5
+    assert protocol.PROTOCOL_VERSION == 6
     assert {name: getattr(protocol, name) for name in (
         "MAX_MSG", "MAX_STR", "MAX_LIST", "MAX_SECRET", "MAX_REASON",
         "MAX_LOOKUPS")} == {
