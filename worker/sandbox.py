@@ -66,6 +66,7 @@ SECCOMP_LOG_ENV = "TLSHD_SECCOMP_LOG"
 SOL_SOCKET = socket.SOL_SOCKET
 IPPROTO_TCP = socket.IPPROTO_TCP
 TCP_NODELAY = 1
+TCP_CORK = 3
 FIONBIO = 0x5421
 F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
 PROT_EXEC = 0x4
@@ -98,8 +99,10 @@ def policy(pid: int) -> tuple[seccomp.Rule, ...]:
                    "TCP_NODELAY: reading our sockets' options", 1,
                    (SOL_SOCKET, IPPROTO_TCP, SOL_TLS)),
         allow_if("setsockopt", "TCP_NODELAY around the handshake, "
-                 "TCP_ULP \"tls\", then SOL_TLS TLS_TX/TLS_RX keys",
+                 "TCP_CORK around each flight, TCP_ULP \"tls\", then "
+                 "SOL_TLS TLS_TX/TLS_RX keys",
                  (Eq(1, IPPROTO_TCP), Eq(2, TCP_NODELAY)),
+                 (Eq(1, IPPROTO_TCP), Eq(2, TCP_CORK)),
                  (Eq(1, IPPROTO_TCP), Eq(2, TCP_ULP)),
                  (Eq(1, SOL_TLS),)),
         allow_args("ioctl", "FIONBIO: sock.setblocking(); other requests "

@@ -113,8 +113,9 @@ def test_wrong_arch_and_x32_are_killed_even_in_log_mode() -> None:
     assert run_bpf(logged, X86.audit, read) == ALLOW
 
 
-def test_setsockopt_only_tcp_nodelay_ulp_and_sol_tls() -> None:
+def test_setsockopt_only_tcp_nodelay_cork_ulp_and_sol_tls() -> None:
     assert call("setsockopt", 3, 6, 1) == ALLOW  # TCP_NODELAY
+    assert call("setsockopt", 3, 6, 3) == ALLOW  # TCP_CORK
     assert call("setsockopt", 3, 6, 31) == ALLOW  # TCP_ULP
     assert call("setsockopt", 3, 282, 1) == ALLOW  # TLS_TX
     assert call("setsockopt", 3, 282, 2) == ALLOW  # TLS_RX
