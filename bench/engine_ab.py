@@ -14,8 +14,16 @@ variant alike; prints the median CPU ms per pair of each:
                in one thread (OpenSSL + pyOpenSSL + our callbacks);
 - ``sockets``: the same contexts over a TCP loopback pair, both ends
                stepped non-blocking from one thread;
+- ``threads``: the ``sockets`` handshake with each end in a thread of
+               its own (started per pair), stepped by the worker's poll
+               loop (handshakeio.drive): what two threads cost;
+- ``pool``:    ``threads`` with two long-lived threads fed by queues, as
+               the worker's pool runs handshakes (no thread start);
+- ``engine-pool``: Engine.client_handshake / server_handshake in those
+               two long-lived threads: what Engine.run adds to ``pool``
+               (socket options, states, success(): description, keys);
 - ``engine``:  Engine.client_handshake / server_handshake in two threads
-               over TCP loopback, exactly as the worker runs them
+               over TCP loopback, the server's started per pair
                (includes success(): description, peer subject);
 - ``engine+ktls``: the same plus ktls.install on both sockets (guest
                only: the host kernel may have no kTLS);
@@ -28,6 +36,7 @@ variant alike; prints the median CPU ms per pair of each:
 from __future__ import annotations
 
 import argparse
+import queue
 import shutil
 import socket
 import statistics
@@ -35,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tlshd.worker import sslconf
@@ -44,7 +54,7 @@ sslconf.use_worker_config()
 import guest  # noqa: E402
 from OpenSSL import SSL  # noqa: E402
 
-from tlshd.worker import ktls, tlsoutcome, verify  # noqa: E402
+from tlshd.worker import handshakeio, ktls, tlsoutcome, verify  # noqa: E402
 from tlshd.worker.main import load_engine  # noqa: E402
 
 
@@ -153,6 +163,65 @@ class Bench:
             cs.close()
             ss.close()
 
+    def threads(self) -> None:
+        cs, ss = self.tcp_pair()
+        deadline = time.monotonic() + 60
+        for x in (cs, ss):
+            x.setblocking(False)
+        c, s = self.conns(cs, ss)
+        t = threading.Thread(target=handshakeio.drive,
+                             args=(s, ss, deadline))
+        t.start()
+        handshakeio.drive(c, cs, deadline)
+        t.join()
+        cs.close()
+        ss.close()
+
+    def start_pool(self) -> None:
+        self.jobs: list[queue.Queue[Callable[[], object] | None]] = [
+            queue.Queue(), queue.Queue()]
+        self.results: queue.Queue[object] = queue.Queue()
+
+        def run(q: queue.Queue[Callable[[], object] | None]) -> None:
+            while (job := q.get()) is not None:
+                self.results.put(job())
+
+        for q in self.jobs:
+            threading.Thread(target=run, args=(q,), daemon=True).start()
+
+    def in_pool(self, client: Callable[[], object],
+                server: Callable[[], object]) -> None:
+        self.jobs[1].put(server)
+        self.jobs[0].put(client)
+        for _ in range(2):
+            self.results.get()
+
+    def pool(self) -> None:
+        cs, ss = self.tcp_pair()
+        deadline = time.monotonic() + 60
+        for x in (cs, ss):
+            x.setblocking(False)
+        c, s = self.conns(cs, ss)
+        self.in_pool(lambda: handshakeio.drive(c, cs, deadline),
+                     lambda: handshakeio.drive(s, ss, deadline))
+        cs.close()
+        ss.close()
+
+    def engine_pool(self) -> None:
+        cs, ss = self.tcp_pair()
+        deadline = time.monotonic() + 60
+        out: list[object] = []
+        self.in_pool(
+            lambda: out.append(self.engine.client_handshake(
+                cs, peername="127.0.0.1", use_certificate=self.mtls,
+                deadline=deadline)),
+            lambda: out.append(self.engine.server_handshake(
+                ss, deadline=deadline)))
+        if any(o.status for o in out):  # type: ignore[attr-defined]
+            raise RuntimeError(out)
+        cs.close()
+        ss.close()
+
     def engine_pair(self, install: bool) -> None:
         cs, ss = self.tcp_pair()
         deadline = time.monotonic() + 60
@@ -186,8 +255,10 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="engine-ab-"))
     guest.make_credentials(d)
     b = Bench(guest.write_config(d), a.mtls)
+    b.start_pool()
     variants = {"bare": lambda: b.memory(True), "memory": b.memory,
-                "sockets": b.sockets,
+                "sockets": b.sockets, "threads": b.threads, "pool": b.pool,
+                "engine-pool": b.engine_pool,
                 "engine": lambda: b.engine_pair(False)}
     if ktls_available():
         variants["engine+ktls"] = lambda: b.engine_pair(True)

@@ -769,7 +769,7 @@ def main() -> int:
         # around the handshake beyond pyOpenSSL's calls).
         say("handshake cost per group")
         text = ""
-        for extra in ([], ["--mtls"]):
+        for extra in ([], ["--mtls"], ["--psk"]):
             r = subprocess.run(
                 [sys.executable, str(REPO / "bench" / "handshake_cost.py"),
                  "--pairs", "20", *extra], capture_output=True, text=True,
