@@ -15,6 +15,12 @@ Three views, written to <out>/profile/:
    utime+stime over the loop.
 3. ``start``: python -X importtime of the worker's and the supervisor's
    imports (importtime-*.txt).
+4. ``floor``: bench/handshake_cost.py (tls, mtls, psk) in the same boot
+   (handshake_cost.txt).
+
+``--impls ours,base`` profiles the daemon of BENCH_BASE_VENV's checkout
+too, in the same boot (before/after); ``--daemon-only`` skips 1 and 3.
+bench/attribution.py turns profile/ into the per-part table.
 
 py-spy and pyinstrument are profiling tools, not dependencies of tlshd:
 ``.venv/bin/pip install py-spy pyinstrument``.
@@ -117,11 +123,14 @@ def engine_loop(conf: Path, mode: str, n: int, out: Path) -> dict:
 
 
 def daemon_profile(conf: Path, group: int, cycles: int, out: Path,
-                   native: bool) -> dict:
-    d = guest.Daemon("ours", conf, group)
+                   native: bool, impl: str = "ours") -> dict:
+    d = guest.Daemon(impl, conf, group)
     d.start("profile")
-    say("ours ready after %.1f s" % d.start_seconds)
+    say("%s ready after %.1f s" % (impl, d.start_seconds))
     result: dict = {"start_seconds": d.start_seconds, "loops": {}}
+    # py-spy files: py-spy-<scenario>-<process>.txt for ours (as before),
+    # py-spy-<impl>-<scenario>-<process>.txt for another impl.
+    prefix = "" if impl == "ours" else impl + "-"
     try:
         guest.nfs_cycle("tls")
         guest.nvme_cycle(1)
@@ -163,15 +172,15 @@ def daemon_profile(conf: Path, group: int, cycles: int, out: Path,
                 tag = "supervisor" if "supervisor" in title else "worker"
                 argv = [str(guest.VENV_BIN / "py-spy"), "record", "--pid",
                         str(pid), "--rate", "250", "--format", "raw",
-                        "--output", str(out / ("py-spy-%s-%s.txt"
-                                               % (name, tag))),
+                        "--output", str(out / ("py-spy-%s%s-%s.txt"
+                                               % (prefix, name, tag))),
                         "--nonblocking"]
                 if native:
                     argv.append("--native")
                 spies.append(subprocess.Popen(
                     argv, stdout=subprocess.DEVNULL,
-                    stderr=open(out / ("py-spy-%s-%s.err" % (name, tag)),
-                                "w")))
+                    stderr=open(out / ("py-spy-%s%s-%s.err"
+                                       % (prefix, name, tag)), "w")))
             time.sleep(3)  # py-spy attaches
             for _ in range(cycles):
                 fn()
@@ -204,6 +213,11 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=20)
     p.add_argument("--cycles", type=int, default=8)
     p.add_argument("--native", action="store_true")
+    p.add_argument("--impls", default="ours",
+                   help="comma-separated: ours, base (BENCH_BASE_VENV's "
+                   "checkout); each is profiled in turn, in this order")
+    p.add_argument("--daemon-only", action="store_true",
+                   help="skip the engine loop and the import times")
     a = p.parse_args()
     out = Path(a.out) / "profile"
     out.mkdir(parents=True, exist_ok=True)
@@ -221,14 +235,29 @@ def main() -> int:
     group = guest.handshake_group_id()
     results: dict = {"crypto": guest.crypto_cost(40)}
     say("crypto: %s" % results["crypto"])
-    results["engine"] = [engine_loop(conf, m, a.pairs, out)
-                         for m in ("tls", "mtls")]
-    say("engine: %s" % results["engine"])
-    import_times(out)
-    results["daemon"] = daemon_profile(conf, group, a.cycles, out,
-                                       a.native)
+    if not a.daemon_only:
+        results["engine"] = [engine_loop(conf, m, a.pairs, out)
+                             for m in ("tls", "mtls")]
+        say("engine: %s" % results["engine"])
+        import_times(out)
+    impls = a.impls.split(",")
+    for impl in impls:
+        key = "daemon" if impl == "ours" else "daemon-" + impl
+        results[key] = daemon_profile(conf, group, a.cycles, out, a.native,
+                                      impl)
+    # OpenSSL's own cost per handshake pair, for the attribution table.
+    text = ""
+    for extra in ([], ["--mtls"], ["--psk"]):
+        r = subprocess.run(
+            [sys.executable, str(guest.REPO / "bench" / "handshake_cost.py"),
+             "--pairs", "20", *extra], capture_output=True, text=True,
+            timeout=900, check=False)
+        text += r.stdout + r.stderr
+    (out / "handshake_cost.txt").write_text(text)
+    say(text)
     (out / "profile.json").write_text(json.dumps(results, indent=1))
-    sh("cp %s/ours.log %s/ 2>/dev/null; true" % (guest.WORK, out))
+    for impl in impls:
+        sh("cp %s/%s.log %s/ 2>/dev/null; true" % (guest.WORK, impl, out))
     return 0
 
 
