@@ -139,7 +139,7 @@ class Supervisor:
         # listener before this socket joined.  No READY will come for
         # them again, so ACCEPT until the kernel says none is pending
         # (accept_noted, at the end of this turn of the loop).
-        ns.nlsock.ready = True
+        ns.nlsock.note_pending()
 
     def remove_namespace(self, ns: Namespace) -> None:
         self.discovery.remove(ns)
@@ -206,9 +206,12 @@ class Supervisor:
             ns.paused_until = time.monotonic() + FLOOD_PAUSE
         if not ready:
             return
-        for _ in range(MAX_ACCEPTS_PER_TURN):
+        budget = ns.nlsock.take_readies()
+        for done in range(MAX_ACCEPTS_PER_TURN):
             if self.stopping is not None:
                 return
+            if budget is not None and done >= budget:
+                return  # each READY read has had its ACCEPT
             try:
                 req = ns.nlsock.accept()
             except netlink_socket.AcceptFailed as e:
@@ -231,7 +234,7 @@ class Supervisor:
             self.requests.submit(ns, req)
             self.pool.demand(ns, time.monotonic())
         # More may be pending: carry on after the other namespaces' turn.
-        ns.nlsock.ready = True
+        ns.nlsock.note_pending()
 
     def _listen(self, ns: Namespace) -> None:
         """Listen to ``ns``'s READY socket."""

@@ -152,6 +152,13 @@ class HandshakeSocket:
             raise
         self.seq = 0
         self.ready = False
+        # READYs read since the last ACCEPT loop: the kernel multicasts one
+        # per request it queues, after queueing it, so that many ACCEPTs
+        # empty the queue without one more that only hears EAGAIN.  None:
+        # unknown (READYs lost to an overrun, or requests queued before
+        # this socket joined the group): ACCEPT until EAGAIN.  Only the
+        # kernel's datagrams count (port 0), never another sender's.
+        self.readies: int | None = None
         # Decode and send the re-key upcall's attributes when this kernel
         # has them (their numbers mean something else on other kernels).
         self.rekey = family.rekey_upcall
@@ -204,6 +211,8 @@ class HandshakeSocket:
                 return
             if cmd == uapi.HANDSHAKE_CMD_READY:
                 self.ready = True
+                if self.readies is not None:
+                    self.readies += 1
 
     def drain(self) -> bool:
         """Read queued notifications; True if ACCEPT should run.
@@ -221,6 +230,7 @@ class HandshakeSocket:
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     self.ready = True
+                    self.readies = None
                     continue
                 raise
             if data is None:
@@ -235,6 +245,18 @@ class HandshakeSocket:
                         and self.foreign - foreign > MAX_DRAIN // 2)
         ready, self.ready = self.ready, False
         return ready
+
+    def note_pending(self) -> None:
+        """Requests may be queued whose READYs were not counted: the
+        next ACCEPT loop runs until EAGAIN."""
+        self.ready = True
+        self.readies = None
+
+    def take_readies(self) -> int | None:
+        """How many ACCEPTs the READYs read so far call for (None: until
+        EAGAIN); the count starts again from 0."""
+        n, self.readies = self.readies, 0
+        return n
 
     def _transact(self, data: bytes, seq: int) -> list[netlink_codec.NlMsg]:
         """Send one request; return the messages answering it."""

@@ -56,8 +56,11 @@ class FakeNl:
         # READY seen (and consumed) while waiting for an ACCEPT or DONE
         # answer, as netlink_socket.HandshakeSocket notes it.
         self.ready = False
+        # READYs counted, as HandshakeSocket.readies (None: unknown).
+        self.readies: int | None = None
         self.flooded = False  # see netlink_socket.HandshakeSocket.drain
         self.ready_during_done: list[netlink_codec.AcceptedRequest] = []
+        self.accepts = 0  # ACCEPT calls, the empty ones too
 
     def fileno(self) -> int:
         return self.r.fileno()
@@ -66,11 +69,23 @@ class FakeNl:
         self.r.setblocking(False)
         noted, self.ready = self.ready, False
         try:
-            return bool(self.r.recv(4096)) or noted
+            data = self.r.recv(4096)  # one byte per READY
         except BlockingIOError:
             return noted
+        if self.readies is not None:
+            self.readies += len(data)
+        return bool(data) or noted
+
+    def note_pending(self) -> None:
+        self.ready = True
+        self.readies = None
+
+    def take_readies(self) -> int | None:
+        n, self.readies = self.readies, 0
+        return n
 
     def accept(self) -> netlink_codec.AcceptedRequest | None:
+        self.accepts += 1
         return self.queue.pop(0) if self.queue else None
 
     def done(self, sockfd: int, status: int,
@@ -84,6 +99,8 @@ class FakeNl:
             # waited for DONE's answer: the socket shows nothing.
             self.queue.append(self.ready_during_done.pop(0))
             self.ready = True
+            if self.readies is not None:
+                self.readies += 1
         return 0
 
     def leave_group(self) -> None:

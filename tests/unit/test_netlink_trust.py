@@ -300,7 +300,7 @@ def test_accepts_per_turn_are_bounded(sup, listener):
             sockfd=fd, msg_type=uapi.MsgType.CLIENTHELLO,
             auth_mode=uapi.AuthMode.UNAUTH, timeout_ms=20000, peerids=(),
             certs=(), peername="127.0.0.1", keyring=None))
-    nl.w.send(b"R")
+    nl.w.send(b"R" * n)  # one READY per request, as the kernel sends
     s.on_netlink(ns)
     assert len(s.requests) == arbiter.MAX_ACCEPTS_PER_TURN
     assert nl.ready  # noted: the loop comes back at once
@@ -308,6 +308,33 @@ def test_accepts_per_turn_are_bounded(sup, listener):
     for p in peers:
         p.close()
     run_until(s, lambda: len(nl.dones) == n)
+
+
+def test_one_accept_per_ready_and_none_that_only_hears_eagain(sup, listener):
+    """The kernel multicasts one READY per queued request: that many
+    ACCEPTs, and no extra one to hear EAGAIN.  When READYs may have been
+    missed (a new group member, an overrun), ACCEPT runs until EAGAIN."""
+    s, nl, ns = sup
+    run_until(s, lambda: ready(ns))
+    peers = []
+    for _ in range(2):
+        fd, peer = connected_fd(listener)
+        peers.append(peer)
+        nl.submit(fd, timeout_ms=20000)
+    before = nl.accepts
+    s.on_netlink(ns)
+    assert nl.accepts - before == 2 and len(s.requests) == 2
+    fd, peer = connected_fd(listener)
+    peers.append(peer)
+    nl.submit(fd, timeout_ms=20000, ready=False)
+    nl.note_pending()
+    before = nl.accepts
+    s.on_netlink(ns)
+    assert nl.accepts - before == 2  # the request, then EAGAIN
+    assert len(s.requests) == 3
+    for p in peers:
+        p.close()
+    run_until(s, lambda: len(nl.dones) == 3)
 
 
 def test_flooded_namespace_is_paused_others_served(sup, listener, attacker):
