@@ -13,6 +13,7 @@ answers.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -206,21 +207,31 @@ def handle(engine: Engine, job: Job,
 
 
 class Server:
-    """The worker's request loop and its handshake thread pool."""
+    """The worker's request loop and its handshake thread pool.
+
+    A request goes to the thread that became idle last (or waits in
+    ``backlog`` while every thread is busy).  A queue.Queue would wake
+    the thread that has waited longest, so a worker serving one request
+    at a time would run them on every thread in turn, and each thread
+    dirties its own stack, Python thread state and OpenSSL per-thread
+    state (docs/benchmarks.md, PSS per active worker).
+    """
 
     def __init__(self, channel: Channel, lock: threading.Lock,
                  engine: Engine, threads: int) -> None:
         self.channel = channel
         self.engine = engine
         self.lock = lock
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.idle: list[queue.SimpleQueue[Job]] = []  # last idle at the end
+        self.backlog: collections.deque[Job] = collections.deque()
+        self.idle_lock = threading.Lock()
         # Secrets of sessions the kernel may ask to re-key; only this
         # process ever holds them.
         self.rekeys = RekeyTable()
         self.lookups = SupervisorLookups(self.send)
         self.pool = [
             threading.Thread(target=self._work, name="handshake-%d" % i,
-                             daemon=True)
+                             args=(queue.SimpleQueue(),), daemon=True)
             for i in range(threads)
         ]
         for t in self.pool:
@@ -230,11 +241,26 @@ class Server:
         with self.lock:
             self.channel.send(msg, req_id)
 
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
+    def submit(self, job: Job) -> None:
+        """Hand ``job`` to the thread idle last, or queue it."""
+        with self.idle_lock:
+            if not self.idle:
+                self.backlog.append(job)
                 return
+            inbox = self.idle.pop()
+        inbox.put(job)
+
+    def _next(self, inbox: queue.SimpleQueue[Job]) -> Job:
+        """The oldest queued job, else the next one handed to us."""
+        with self.idle_lock:
+            if self.backlog:
+                return self.backlog.popleft()
+            self.idle.append(inbox)
+        return inbox.get()
+
+    def _work(self, inbox: queue.SimpleQueue[Job]) -> None:
+        while True:
+            job = self._next(inbox)
             answer = handle(self.engine, job, self.rekeys, self.lookups)
             try:
                 self.send(answer, job.req_id)
@@ -258,4 +284,4 @@ class Server:
                     socket.socket(fileno=fd).close()
                 raise SystemExit("unexpected %s from supervisor"
                                  % type(msg).__name__)
-            self.jobs.put(Job(req_id, msg, fds[0]))
+            self.submit(Job(req_id, msg, fds[0]))
