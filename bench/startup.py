@@ -33,11 +33,12 @@ upper bound by the pipe's latency (well under a millisecond).
 interpreter) before each of ours, for before/after figures from one run;
 ``--packaged NAME=ROOT`` (repeatable) also starts the tlshd of a .deb
 unpacked at ROOT (``dpkg-deb -x``), as its /usr/sbin/tlshd would run:
-the package's own environment, ``python3 -I``, none of the development
-venv's .pth files.  ``floor`` lines: a bare interpreter start (with
-``-I``, ``-S``, both) and importing the supervisor, per interpreter, for
-reference.  ``--trace`` prints the first start's log lines with their
-arrival times.  ``--importtime`` runs one more start with
+the package's own environment with its first line's options
+(``python3 -IS``), none of the development venv's .pth files.
+``floor`` lines: a bare interpreter start (with ``-I``, ``-S``, both)
+and importing the supervisor, per interpreter, for reference.
+``--trace`` prints the first start's log lines with their arrival
+times.  ``--importtime`` runs one more start with
 PYTHONPROFILEIMPORTTIME=1 and prints the supervisor's 25 costliest imports
 (cumulative).
 """
@@ -97,15 +98,18 @@ def started_at(pid: int) -> float:
 
 def packaged(root: str) -> list[str]:
     """The command of a .deb unpacked at ``root`` (``dpkg-deb -x``):
-    /usr/sbin/tlshd run by the package's own environment, as its first
-    line (``python3 -I``) would.  The environment's interpreter is a
+    /usr/sbin/tlshd run by the package's own environment with the
+    options of its first line (``#!/usr/lib/tlshd/venv/bin/python3
+    -IS``), as the kernel would.  The environment's interpreter is a
     relative link to /usr/bin/python3.11: link that below ``root``."""
     link = Path(root, "usr/bin/python3.11")
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/usr/bin/python3.11")
-    return [root + "/usr/lib/tlshd/venv/bin/python3", "-I",
-            root + "/usr/sbin/tlshd"]
+    script = root + "/usr/sbin/tlshd"
+    with open(script) as f:
+        interpreter, *options = f.readline()[2:].split(maxsplit=1)
+    return [root + interpreter, *(o.strip() for o in options), script]
 
 
 def one_start(command: list[str], conf: Path, timeout: float,

@@ -52,17 +52,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
 # Re-exported: the checks of what a configuration names, and ConfigError,
 # are reached as config.X.
+from tlshd.shared.configchecks import MAIN_FILE_ONLY as MAIN_FILE_ONLY
 from tlshd.shared.configchecks import hidden_by_service as hidden_by_service
 from tlshd.shared.configchecks import key_problems as key_problems
+from tlshd.shared.configchecks import (
+    namespace_warnings as namespace_warnings,
+)
 from tlshd.shared.configchecks import pq_problems as pq_problems
 from tlshd.shared.configchecks import service_warnings as service_warnings
 from tlshd.shared.configchecks import tags_files as tags_files
 from tlshd.shared.configchecks import warn_key_files as warn_key_files
 from tlshd.shared.errors import ConfigError as ConfigError
+from tlshd.shared.frozen import Frozen
 from tlshd.shared.keyfile import KeyFile
 
 log = logging.getLogger(__name__)
@@ -136,57 +140,100 @@ _PATH_KEYS = {
                             "x509.pq.certificate", "x509.pq.private_key"),
     "netns": ("default", "unnamed"),
 }
-# Read from the main file only (tlshd.conf(5)).
-MAIN_FILE_ONLY = ("netns", "sandbox")
-@dataclass(frozen=True)
-class RoleConfig:
-    """Credentials for one end: ``[authenticate.client]`` or ``.server``."""
-
-    truststore: str | None = None
-    crl: str | None = None
-    certificate: str | None = None
-    private_key: str | None = None
-    ciphersuites: str | None = None
-    # The ML-DSA pair presented to peers that can verify it
-    # (tlshd.worker.tlscreds).
-    pq_certificate: str | None = None
-    pq_private_key: str | None = None
 
 
-@dataclass(frozen=True)
-class PathSetting:
+class RoleConfig(Frozen):
+    """Credentials for one end: ``[authenticate.client]`` or ``.server``.
+
+    ``pq_certificate``, ``pq_private_key``: the ML-DSA pair presented to
+    peers that can verify it (tlshd.worker.tlscreds).
+    """
+
+    __slots__ = ("certificate", "ciphersuites", "crl", "pq_certificate",
+                 "pq_private_key", "private_key", "truststore")
+
+    def __init__(self, truststore: str | None = None, crl: str | None = None,
+                 certificate: str | None = None,
+                 private_key: str | None = None,
+                 ciphersuites: str | None = None,
+                 pq_certificate: str | None = None,
+                 pq_private_key: str | None = None) -> None:
+        self.truststore = truststore
+        self.crl = crl
+        self.certificate = certificate
+        self.private_key = private_key
+        self.ciphersuites = ciphersuites
+        self.pq_certificate = pq_certificate
+        self.pq_private_key = pq_private_key
+
+
+class PathSetting(Frozen):
     """A key naming a file, where it is set."""
 
-    section: str
-    key: str
-    value: str
-    line: int
+    __slots__ = ("key", "line", "section", "value")
+
+    def __init__(self, section: str, key: str, value: str,
+                 line: int) -> None:
+        self.section = section
+        self.key = key
+        self.value = value
+        self.line = line
 
 
-@dataclass(frozen=True)
-class Config:
-    path: str
-    loglevel: int = 0
-    keyrings: tuple[str, ...] = ()
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
-    client_handshake_timeout: float = DEFAULT_CLIENT_HANDSHAKE_TIMEOUT
-    session_reuse: bool = False
-    session_lifetime: float = DEFAULT_SESSION_LIFETIME
-    session_cache_size: int = DEFAULT_SESSION_CACHE_SIZE
-    client: RoleConfig = RoleConfig()
-    server: RoleConfig = RoleConfig()
-    netns_default: str | None = None
-    netns_unnamed: str | None = None
-    netns_unnamed_userns: bool = False
-    netns_max: int = DEFAULT_MAX_NAMESPACES
-    worker_idle_timeout: float = DEFAULT_WORKER_IDLE_TIMEOUT
-    worker_user: str = "tlshd"
-    # Problems that do not make the file unusable, "path:line: what".
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-    # Line of each "section" and "section key" present in the file.
-    where: dict[str, int] = field(default_factory=dict, compare=False)
-    # Every file name the file sets (absolute paths only).
-    paths: tuple[PathSetting, ...] = field(default=(), compare=False)
+_NO_ROLE = RoleConfig()
+
+
+class Config(Frozen):
+    """One configuration file's settings (see parse)."""
+
+    __slots__ = ("client", "client_handshake_timeout", "handshake_timeout",
+                 "keyrings", "loglevel", "netns_default", "netns_max",
+                 "netns_unnamed", "netns_unnamed_userns", "path", "paths",
+                 "server", "session_cache_size", "session_lifetime",
+                 "session_reuse", "warnings", "where", "worker_idle_timeout",
+                 "worker_user")
+    UNCOMPARED = frozenset({"warnings", "where", "paths"})
+
+    def __init__(
+            self, path: str, *, loglevel: int = 0,
+            keyrings: tuple[str, ...] = (),
+            handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+            client_handshake_timeout: float = (
+                DEFAULT_CLIENT_HANDSHAKE_TIMEOUT),
+            session_reuse: bool = False,
+            session_lifetime: float = DEFAULT_SESSION_LIFETIME,
+            session_cache_size: int = DEFAULT_SESSION_CACHE_SIZE,
+            client: RoleConfig = _NO_ROLE, server: RoleConfig = _NO_ROLE,
+            netns_default: str | None = None,
+            netns_unnamed: str | None = None,
+            netns_unnamed_userns: bool = False,
+            netns_max: int = DEFAULT_MAX_NAMESPACES,
+            worker_idle_timeout: float = DEFAULT_WORKER_IDLE_TIMEOUT,
+            worker_user: str = "tlshd", warnings: tuple[str, ...] = (),
+            where: dict[str, int] | None = None,
+            paths: tuple[PathSetting, ...] = ()) -> None:
+        self.path = path
+        self.loglevel = loglevel
+        self.keyrings = keyrings
+        self.handshake_timeout = handshake_timeout
+        self.client_handshake_timeout = client_handshake_timeout
+        self.session_reuse = session_reuse
+        self.session_lifetime = session_lifetime
+        self.session_cache_size = session_cache_size
+        self.client = client
+        self.server = server
+        self.netns_default = netns_default
+        self.netns_unnamed = netns_unnamed
+        self.netns_unnamed_userns = netns_unnamed_userns
+        self.netns_max = netns_max
+        self.worker_idle_timeout = worker_idle_timeout
+        self.worker_user = worker_user
+        # Problems that do not make the file unusable, "path:line: what".
+        self.warnings = warnings
+        # Line of each "section" and "section key" present in the file.
+        self.where = {} if where is None else where
+        # Every file name the file sets (absolute paths only).
+        self.paths = paths
 
     def line(self, section: str, key: str | None = None) -> int | None:
         """Where ``[section]`` (or its ``key``) is set, if it is."""
@@ -298,23 +345,6 @@ def log_warnings(cfg: Config) -> None:
         if warning not in _warned:
             _warned.add(warning)
             log.warning("%s", warning)
-
-
-def namespace_warnings(cfg: Config) -> list[str]:
-    """Settings of a namespace's file that only the main file's count."""
-    found = []
-    for section in MAIN_FILE_ONLY:
-        line = cfg.line(section)
-        if line is not None:
-            found.append("%s:%d: [%s] has no effect in a namespace's file "
-                         "(read from the main file only)"
-                         % (cfg.path, line, section))
-    line = cfg.line("debug", "loglevel")
-    if line is not None and cfg.loglevel:
-        found.append("%s:%d: [debug] loglevel has no effect in a "
-                     "namespace's file (read from the main file only)"
-                     % (cfg.path, line))
-    return found
 
 
 def load(path: str, warn: bool = True) -> Config:

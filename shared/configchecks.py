@@ -1,7 +1,8 @@
 """Checks of the files a configuration names, for warnings and
 --check-config: private keys others could read, paths tlshd.service
 hides from the daemon, ktls-utils session tag files, x509.pq.certificate
-files whose key is not ML-DSA.  Reached as ``config.X``
+files whose key is not ML-DSA; and the settings a namespace's file makes
+in vain.  Reached as ``config.X``
 (tlshd.shared.config re-exports them).
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
+# typing.TYPE_CHECKING without importing typing before the daemon listens
+# (docs/benchmarks.md, Start-up); mypy treats any TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from tlshd.shared.config import Config
 
@@ -19,6 +22,8 @@ log = logging.getLogger("tlshd.shared.config")
 
 # Where ktls-utils reads its session tags (tls-session-tags(7)).
 TAGS_DIR = "/etc/tlshd/tags.d"
+# Read from the main file only (tlshd.conf(5)).
+MAIN_FILE_ONLY = ("netns", "sandbox")
 # What tlshd.service hides from the daemon: path prefix -> the setting.
 SERVICE_HIDDEN = (
     ("/home", "ProtectHome=yes"),
@@ -40,6 +45,23 @@ def hidden_by_service(path: str) -> str | None:
                 return ("%s is under %s, which tlshd.service hides from "
                         "the daemon (%s)" % (shown, prefix, setting))
     return None
+
+
+def namespace_warnings(cfg: Config) -> list[str]:
+    """Settings of a namespace's file that only the main file's count."""
+    found = []
+    for section in MAIN_FILE_ONLY:
+        line = cfg.line(section)
+        if line is not None:
+            found.append("%s:%d: [%s] has no effect in a namespace's file "
+                         "(read from the main file only)"
+                         % (cfg.path, line, section))
+    line = cfg.line("debug", "loglevel")
+    if line is not None and cfg.loglevel:
+        found.append("%s:%d: [debug] loglevel has no effect in a "
+                     "namespace's file (read from the main file only)"
+                     % (cfg.path, line))
+    return found
 
 
 def service_warnings(cfg: Config) -> list[str]:

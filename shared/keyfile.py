@@ -10,11 +10,14 @@ schema (tlshd.shared.config).
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-
 from tlshd.shared.errors import ConfigError
+from tlshd.shared.frozen import Frozen
+
+# typing.TYPE_CHECKING without importing typing (mypy treats any
+# TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 
 def show(text: str, limit: int = 60) -> str:
@@ -41,14 +44,24 @@ def _fmt(number: float) -> str:
 
 
 def _hint(name: str, known: Iterable[str], fmt: str = "%s") -> str:
+    # Imported only for a name that needs a suggestion: most files have
+    # none, and the daemon reads its file before it listens.
+    import difflib
+
     close = difflib.get_close_matches(name, list(known), n=1)
     return " (did you mean %s?)" % (fmt % close[0]) if close else ""
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(Frozen):
+    """One key's value and the line that sets it."""
+
+    __slots__ = ("line", "text")
     text: str
     line: int
+
+    def __init__(self, text: str, line: int) -> None:
+        self.text = text
+        self.line = line
 
 
 class KeyFile:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import resource
 
 # <linux/prctl.h>
@@ -89,10 +88,12 @@ def seccomp_set_mode_filter(program: bytes, flags: int) -> None:
     the process or on none; a positive return names the thread that could
     not be synchronised.
     """
-    nr = _NR_SECCOMP.get(platform.machine())
+    # os.uname() rather than platform.machine(): the same field, and the
+    # supervisor does not pay for importing platform at start-up.
+    machine = os.uname().machine
+    nr = _NR_SECCOMP.get(machine)
     if nr is None:
-        raise OSError(38, "seccomp: unsupported architecture %s"
-                      % platform.machine())
+        raise OSError(38, "seccomp: unsupported architecture %s" % machine)
     if len(program) % 8 or not 0 < len(program) // 8 <= 4096:
         raise ValueError("not a BPF program of 1 to 4096 instructions")
     insns = ctypes.create_string_buffer(program, len(program))

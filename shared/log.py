@@ -12,13 +12,18 @@ twice.  Each stderr line carries its severity: when stderr is the journal
 journald turns into the entry's priority; otherwise as a word after
 "tlshd[pid]: " for warnings and worse ("error: ...").  Informational
 lines keep the plain "tlshd[pid]: message" form.  See tlshd(8), LOGGING.
+
+Syslog is written by SyslogHandler below rather than
+logging.handlers.SysLogHandler, whose module (with pickle, queue and the
+network handlers) the service paid for on every start, before it could
+listen (docs/benchmarks.md, Start-up).
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
+import socket
 import sys
 
 FORMAT_STDERR = "tlshd[%(process)d]: %(message)s"
@@ -28,6 +33,9 @@ FORMAT_SYSLOG = "tlshd[%(process)d]: %(message)s"
 PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3),
               (logging.WARNING, 4), (logging.INFO, 6))
 DEBUG_PRIORITY = 7
+# syslog(3)'s socket and tlshd's facility, as ktls-utils logs.
+SYSLOG_PATH = "/dev/log"
+LOG_AUTH = 4
 
 
 def priority(level: int) -> int:
@@ -62,6 +70,60 @@ class StderrFormatter(logging.Formatter):
             return line
         head, sep, rest = line.partition(": ")
         return head + sep + word + rest
+
+
+class SyslogHandler(logging.Handler):
+    """Records to the local syslog socket, as syslog(3) sends them:
+    ``<PRI>message``, one datagram each (or NUL-terminated on a stream
+    socket), PRI being the facility and the record's priority.
+
+    Like logging.handlers.SysLogHandler: connected at construction (an
+    error there is the caller's), connected again once if a send fails
+    (syslog restarted), and a record that still cannot be sent goes to
+    handleError.
+    """
+
+    def __init__(self, path: str, facility: int) -> None:
+        super().__init__()
+        self.path = path
+        self.facility = facility
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        # A datagram socket, as journald's and rsyslog's /dev/log are;
+        # a stream one where the first fails (a daemon offering that).
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+            return sock
+        except OSError:
+            sock.close()
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = ("<%d>%s\0" % (self.facility << 3 | priority(
+                record.levelno), self.format(record))).encode()
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.sock.close()
+                self.sock = self._connect()
+                self.sock.sendall(data)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
 
 
 def stderr_is_journal() -> bool:
@@ -100,13 +162,11 @@ def setup(to_stderr: bool, debug: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler: logging.Handler
-    if to_stderr or not os.path.exists("/dev/log"):
+    if to_stderr or not os.path.exists(SYSLOG_PATH):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(StderrFormatter(stderr_is_journal()))
     else:
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log",
-            facility=logging.handlers.SysLogHandler.LOG_AUTH)
+        handler = SyslogHandler(SYSLOG_PATH, LOG_AUTH)
         handler.setFormatter(logging.Formatter(FORMAT_SYSLOG))
     root.addHandler(handler)
     # Debugging applies to tlshd's own loggers only: pyroute2 narrates

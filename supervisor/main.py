@@ -8,7 +8,6 @@ import logging
 import os
 import pwd
 import sys
-from typing import TYPE_CHECKING
 
 import setproctitle
 
@@ -23,6 +22,9 @@ from tlshd.supervisor.paths import CONTROL_SOCKET as DEFAULT_CONTROL_SOCKET
 # emulation (docs/benchmarks.md, Start-up) and is imported by serve(), and
 # what only --check-config or the work after READY=1 needs (subprocess,
 # netns, tlsstat) where it is used.
+# typing.TYPE_CHECKING without importing typing before the daemon listens
+# (docs/benchmarks.md, Start-up); mypy treats any TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from tlshd.supervisor.arbiter import Supervisor
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ProtocolError
+from tlshd.shared.frozen import Frozen
 
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 GENL_HDR = struct.Struct("=BBH")  # cmd, version, reserved
@@ -35,24 +35,32 @@ MAX_PEERNAME = 1024
 MAX_CERTS = 8
 
 
-@dataclass(frozen=True, slots=True)
-class NlMsg:
+class NlMsg(Frozen):
     """One netlink message: header fields and payload after nlmsghdr."""
 
+    __slots__ = ("flags", "payload", "seq", "type")
     type: int
     flags: int
     seq: int
     payload: bytes
 
+    def __init__(self, type: int, flags: int, seq: int,
+                 payload: bytes) -> None:
+        self.type = type
+        self.flags = flags
+        self.seq = seq
+        self.payload = payload
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AcceptedRequest:
+
+class AcceptedRequest(Frozen):
     """The kernel's ACCEPT reply: one handshake to run.
 
     ``sockfd`` is an fd number in the process that sent ACCEPT; that
     process owns it and must close it after DONE.
     """
 
+    __slots__ = ("auth_mode", "certs", "key_update", "keyring", "msg_type",
+                 "peerids", "peername", "session_id", "sockfd", "timeout_ms")
     sockfd: int
     msg_type: int
     auth_mode: int
@@ -63,8 +71,24 @@ class AcceptedRequest:
     keyring: int | None
     # Re-key upcall (proposed): uapi.KeyUpdateType and the session id the
     # agent returned in the first handshake's DONE; 0 when absent.
-    key_update: int = 0
-    session_id: int = 0
+    key_update: int
+    session_id: int
+
+    def __init__(self, *, sockfd: int, msg_type: int, auth_mode: int,
+                 timeout_ms: int | None, peerids: tuple[int, ...],
+                 certs: tuple[tuple[int, int], ...], peername: str | None,
+                 keyring: int | None, key_update: int = 0,
+                 session_id: int = 0) -> None:
+        self.sockfd = sockfd
+        self.msg_type = msg_type
+        self.auth_mode = auth_mode
+        self.timeout_ms = timeout_ms
+        self.peerids = peerids
+        self.certs = certs
+        self.peername = peername
+        self.keyring = keyring
+        self.key_update = key_update
+        self.session_id = session_id
 
 
 def _align(n: int) -> int:

@@ -7,7 +7,7 @@ from which the re-key upcall is switched on (tlshd.supervisor.netlink_socket
 uses the result).  Spoken directly with tlshd.supervisor.netlink_codec
 rather than through pyroute2, whose import alone took 4.6 s of the
 daemon's 6-7 s start under emulation (docs/benchmarks.md, Start-up).
-FamilyInfo is a plain dataclass.
+FamilyInfo is a plain immutable value (tlshd.shared.frozen).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
 
 from tlshd.shared import uapi
 from tlshd.shared.errors import ConfigError, ProtocolError
+from tlshd.shared.frozen import Frozen
 from tlshd.supervisor import netlink_codec
 from tlshd.supervisor.netlink_codec import iter_attrs
 
@@ -55,16 +55,28 @@ CTRL_VERSION = 1
 CTRL_TIMEOUT = 5.0  # seconds; the kernel answers within send()
 
 
-@dataclass(frozen=True)
-class FamilyInfo:
+class FamilyInfo(Frozen):
     """What the running kernel offers: ids, op flags, DONE's attributes."""
 
+    __slots__ = ("done_attr_types", "done_attrs", "family_id", "group_id",
+                 "op_flags")
     family_id: int
     group_id: int
-    op_flags: dict[int, int] = field(default_factory=dict)
-    done_attrs: frozenset[int] = frozenset()
+    op_flags: dict[int, int]
+    done_attrs: frozenset[int]
     # DONE's policy: attribute number -> NL_ATTR_TYPE_*, when known.
-    done_attr_types: dict[int, int] = field(default_factory=dict)
+    done_attr_types: dict[int, int]
+
+    def __init__(self, family_id: int, group_id: int,
+                 op_flags: dict[int, int] | None = None,
+                 done_attrs: frozenset[int] = frozenset(),
+                 done_attr_types: dict[int, int] | None = None) -> None:
+        self.family_id = family_id
+        self.group_id = group_id
+        self.op_flags = {} if op_flags is None else op_flags
+        self.done_attrs = done_attrs
+        self.done_attr_types = ({} if done_attr_types is None
+                                else done_attr_types)
 
     @property
     def done_session_id_attr(self) -> int | None:

@@ -127,13 +127,9 @@ def write(path, text):
 
 
 FAKE_SYSLOG = """\
-import logging.handlers, os, sys
-real_exists = os.path.exists
-os.path.exists = lambda p: p == "/dev/log" or real_exists(p)
-class Handler(logging.handlers.SysLogHandler):
-    def __init__(self, address=None, **kw):
-        super().__init__(address=sys.argv[1], **kw)
-logging.handlers.SysLogHandler = Handler
+import sys
+from tlshd.shared import log
+log.SYSLOG_PATH = sys.argv[1]
 from tlshd.supervisor import main
 sys.exit(main.main(sys.argv[2:]))
 """

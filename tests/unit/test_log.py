@@ -79,3 +79,30 @@ def test_other_netlink_errors_are_named():
     text = netlink_family.unavailable_message(
         OSError(errno.EPERM, os.strerror(errno.EPERM)))
     assert "cannot ask the kernel for it: Operation not permitted" in text
+
+
+def test_syslog_records_carry_facility_auth_and_reconnect(tmp_path):
+    """What syslog(3) would send: <PRI>line, NUL-terminated; a restarted
+    syslog (a new socket at the same path) still gets the next record."""
+    import socket
+
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(10)
+    handler = tlshd_log.SyslogHandler(path, tlshd_log.LOG_AUTH)
+    handler.setFormatter(logging.Formatter(tlshd_log.FORMAT_SYSLOG))
+    record = logging.LogRecord("tlshd", logging.WARNING, "f", 1, "x %d",
+                               (1,), None)
+    handler.emit(record)
+    assert server.recv(100) == b"<36>tlshd[%d]: x 1\0" % os.getpid()
+    server.close()
+    os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(10)
+    record.levelno = logging.DEBUG
+    handler.emit(record)
+    assert server.recv(100) == b"<39>tlshd[%d]: x 1\0" % os.getpid()
+    handler.close()
+    server.close()

@@ -58,7 +58,7 @@ def test_every_key_reaches_its_setting(tmp_path, section, key, value,
     assert attribute(cfg, attr) == expected
     default = config.Config(path=str(path))
     assert attribute(default, attr) != expected
-    changed = {a for a in config.Config.__dataclass_fields__
+    changed = {a for a in config.Config.fields()
                if a not in ("warnings", "where", "paths")
                and getattr(cfg, a) != getattr(default, a)}
     both = {"handshake_timeout", "client_handshake_timeout"}
@@ -198,9 +198,8 @@ def test_not_utf8_is_refused():
 
 
 def test_config_is_immutable():
-    import dataclasses
     cfg = config.parse("")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         cfg.handshake_timeout = 1.0
 
 
@@ -251,11 +250,10 @@ def test_the_legacy_file_is_used_only_if_it_exists(tmp_path, monkeypatch,
 def test_path_settings_and_roles_are_immutable():
     """A Config is shared by every namespace using the file: none of its
     parts can be changed under them."""
-    import dataclasses
     cfg = config.parse("[authenticate.client]\nx509.crl = /c\n")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         cfg.paths[0].value = "/other"
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         cfg.client.crl = "/other"
 
 

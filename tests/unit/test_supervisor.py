@@ -10,7 +10,6 @@ right status, promptly.  Malformed worker messages: test_supervisor_ipc.py.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import signal
@@ -80,8 +79,8 @@ def test_default_deadline_by_role(sup, listener):
     which cancels after 10 s) gets the client default, a server request
     (nfsd, 20 s) the server default; with one, a little less than it."""
     s, nl, ns = sup
-    ns.cfg = dataclasses.replace(ns.cfg, handshake_timeout=15.0,
-                                 client_handshake_timeout=8.0)
+    ns.cfg = ns.cfg.replace(handshake_timeout=15.0,
+                            client_handshake_timeout=8.0)
     run_until(s, lambda: ready(ns))
     client_fd, client_peer = connected_fd(listener)
     server_fd, server_peer = connected_fd(listener)
