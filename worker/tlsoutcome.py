@@ -254,10 +254,14 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
     server_scheme, client_scheme = (
         (s.own_scheme, s.peer_scheme) if server
         else (s.peer_scheme, s.own_scheme))
-    signer = _signer(server_cert, server_scheme)
+    # Each certificate's texts once (a DER conversion and a lookup each).
+    server_texts = cert_texts(server_cert)
     client_cert = peer if server else conn.get_certificate()
-    if client_cert is not None and client_scheme is not None:
-        signer += "; client " + _signer(client_cert, client_scheme)
+    client_texts = cert_texts(client_cert) if client_cert is not None else None
+    peer_texts = client_texts if server else server_texts
+    signer = _signer(server_texts, server_scheme)
+    if client_texts is not None and client_scheme is not None:
+        signer += "; client " + _signer(client_texts, client_scheme)
     description = (
         f"(TLS1.3)-({group})-({signer})"
         f"-({_CIPHER_SHORT.get(cipher, cipher)})"
@@ -268,19 +272,17 @@ def success(conn: SSL.Connection, s: HandshakeState, *,
         cipher=cipher,
         group=group,
         description=description,
-        peer_subject=cert_texts(peer)[1],
+        peer_subject=peer_texts[1] if peer_texts is not None else None,
         tx=TrafficKeys(cipher, mine, s.tx_records),
         rx=TrafficKeys(cipher, theirs, s.rx_records),
-        cert_kind="" if reused else _kind(server_cert),
+        cert_kind="" if reused or server_cert is None else _kind(server_texts),
         signature=scheme_name(server_scheme),
     )
 
 
-def _kind(cert: crypto.X509 | None) -> str:
-    """tlscreds.KIND_* of ``cert`` (from the cached key description)."""
-    if cert is None:
-        return ""
-    if cert_texts(cert)[0].startswith(tlscreds.ML_DSA_PREFIX):
+def _kind(texts: tuple[str, str | None]) -> str:
+    """tlscreds.KIND_* of a certificate, from its cert_texts()."""
+    if texts[0].startswith(tlscreds.ML_DSA_PREFIX):
         return tlscreds.KIND_ML_DSA
     return tlscreds.KIND_CLASSICAL
 
@@ -292,9 +294,10 @@ def scheme_name(scheme: int | None) -> str:
     return _SCHEMES.get(scheme, f"0x{scheme:04x}")
 
 
-def _signer(cert: crypto.X509 | None, scheme: int | None) -> str:
-    """"<key description>, <signature scheme>" of one end."""
-    text = cert_texts(cert)[0]
+def _signer(texts: tuple[str, str | None], scheme: int | None) -> str:
+    """"<key description>, <signature scheme>" of one end, from its
+    certificate's cert_texts()."""
+    text = texts[0]
     return f"{text}, {scheme_name(scheme)}" if scheme is not None else text
 
 
