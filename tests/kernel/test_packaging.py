@@ -271,7 +271,12 @@ def test_service_under_systemd(systemd: ServiceManager, pki: Any,
     # supervisor sends once it listens in the initial namespace.
     assert systemd.run("systemctl show -p Type --value tlshd.service"
                        ).stdout.strip() == "notify"
-    assert "netns init" in systemd.run("tlshdctl status").stdout
+    # READY=1 comes as soon as the supervisor listens for handshakes,
+    # before it has imported its loop and opened the control socket: a
+    # loaded machine may take a few seconds more to answer tlshdctl.
+    wait_for(lambda: "netns init" in systemd.run(
+        "tlshdctl status", check=False).stdout, TIMEOUT,
+        "tlshdctl status to answer")
     # Workers start on demand: none until the first handshake.
     assert served(systemd)["init"]["worker_pid"] is None
 
