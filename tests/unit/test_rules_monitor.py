@@ -9,7 +9,6 @@ and what a permitted message changes.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -266,7 +265,7 @@ def test_the_completion_line_is_the_supervisors(
     reused = env.request(auth=AM.X509)
     ktls.append(reused.sockfd)
     bad = env.request(auth=AM.X509)
-    bad.request = dataclasses.replace(bad.request, peername="x\ny")
+    bad.request = bad.request.replace(peername="x\ny")
     with caplog.at_level(logging.INFO, logger="tlshd.supervisor.monitor"):
         env.deliver(answer(0), ok.req_id)
         env.deliver(protocol.HandshakeAnswer(status=0, remote_auth=(),
