@@ -36,32 +36,26 @@ from tlshd.supervisor.workers import Worker
 log = logging.getLogger(__name__)
 
 
-def socket_state(sockfd: int) -> tuple[bool, str]:
-    """(whether kTLS is attached to the TCP socket ``sockfd``, its peer's
-    address for the completion line), read from the socket itself, not
-    from anything the worker said."""
+def ktls_attached(sockfd: int) -> bool:
+    """Whether kTLS is attached to the TCP socket ``sockfd`` (its ULP)."""
     sock = socket.socket(fileno=sockfd)
     try:
-        try:
-            ulp = sock.getsockopt(socket.IPPROTO_TCP, uapi.TCP_ULP, 16)
-        except OSError:
-            ulp = b""
-        try:
-            addr = str(sock.getpeername()[0])
-        except (OSError, IndexError):
-            addr = "unknown"
+        ulp = sock.getsockopt(socket.IPPROTO_TCP, uapi.TCP_ULP, 16)
+    except OSError:
+        return False
     finally:
         sock.detach()
-    return ulp.rstrip(b"\0") == uapi.TLS_ULP_NAME, addr
+    return ulp.rstrip(b"\0") == uapi.TLS_ULP_NAME
 
 
-def completion_line(req: Request, addr: str, status: int,
-                    resumed: bool) -> str:
-    """ktls-utils' "Handshake with '<peer>' (<address>) <outcome>"."""
+def completion_line(req: Request, status: int, resumed: bool) -> str:
+    """ktls-utils' "Handshake with '<peer>' (<address>) <outcome>"; the
+    address was read from the socket at ACCEPT (netlink_socket)."""
     if status:
         outcome = "failed: %s" % errno.errorcode.get(status, str(status))
     else:
         outcome = "succeeded (session reuse)" if resumed else "succeeded"
+    addr = req.request.peer_address or "unknown"
     name = workerlog.sanitize(req.request.peername or addr)
     return "Handshake with '%s' (%s) %s" % (name, addr, outcome)
 
@@ -170,14 +164,13 @@ class Monitor:
                                    "worker's answer refused")
             return
         status, reason = msg.status, msg.reason
-        ktls, addr = socket_state(req.sockfd)
-        if status == 0 and not ktls:
+        if status == 0 and not ktls_attached(req.sockfd):
             log.error("Worker %d (netns %s) reported success for request "
                       "%d but the socket has no kTLS", worker.pid,
                       worker.label, req_id)
             status, reason = errno.EIO, "no kTLS on the socket"
-        log.info("%s [netns %s]", completion_line(req, addr, status,
-                                                  msg.resumed), ns.label)
+        log.info("%s [netns %s]", completion_line(req, status, msg.resumed),
+                 ns.label)
         self.requests.complete(req, status,
                                msg.remote_auth if status == 0 else (),
                                reason, msg.session_id,

@@ -60,7 +60,8 @@ class AcceptedRequest(Frozen):
     """
 
     __slots__ = ("auth_mode", "certs", "key_update", "keyring", "msg_type",
-                 "peerids", "peername", "session_id", "sockfd", "timeout_ms")
+                 "peer_address", "peerids", "peername", "session_id",
+                 "sockfd", "timeout_ms")
     sockfd: int
     msg_type: int
     auth_mode: int
@@ -73,12 +74,15 @@ class AcceptedRequest(Frozen):
     # agent returned in the first handshake's DONE; 0 when absent.
     key_update: int
     session_id: int
+    # Not an attribute: the socket's peer address, read from the socket
+    # itself when the ACCEPT reply is checked (for the log lines).
+    peer_address: str
 
     def __init__(self, *, sockfd: int, msg_type: int, auth_mode: int,
                  timeout_ms: int | None, peerids: tuple[int, ...],
                  certs: tuple[tuple[int, int], ...], peername: str | None,
                  keyring: int | None, key_update: int = 0,
-                 session_id: int = 0) -> None:
+                 session_id: int = 0, peer_address: str = "") -> None:
         self.sockfd = sockfd
         self.msg_type = msg_type
         self.auth_mode = auth_mode
@@ -89,6 +93,7 @@ class AcceptedRequest(Frozen):
         self.keyring = keyring
         self.key_update = key_update
         self.session_id = session_id
+        self.peer_address = peer_address
 
 
 def _align(n: int) -> int:

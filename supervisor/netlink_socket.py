@@ -89,25 +89,37 @@ def lowest_free_fd(any_fd: int) -> int:
 def check_sockfd(fd: int, expected: int | None) -> str | None:
     """Why ``fd`` is not a handshake socket the kernel just gave us
     (None: it is).  ``expected``: the lowest free fd before ACCEPT."""
+    return inspect_sockfd(fd, expected)[0]
+
+
+def inspect_sockfd(fd: int, expected: int | None) -> tuple[str | None, str]:
+    """check_sockfd's answer, and the socket's peer address ("unknown"
+    if it has none), for the log lines: read now, while the connection
+    surely has its peer."""
     if expected is not None and fd != expected:
-        return "fd %d, but the kernel installs at %d" % (fd, expected)
+        return "fd %d, but the kernel installs at %d" % (fd, expected), ""
     # A socket object on the fd itself (not a dup) reads the domain and
     # protocol as it is made (SO_DOMAIN, SO_PROTOCOL); detach() then
-    # leaves the fd open.  Three syscalls where fstat, dup, two getsockopt
-    # and close took six.
+    # leaves the fd open.
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
         if e.errno == errno.ENOTSOCK:
-            return "fd %d is not a socket" % fd
-        return "fd %d: %s" % (fd, e.strerror)
-    domain, proto = sock.family, sock.proto
-    sock.detach()
-    if domain not in (socket.AF_INET, socket.AF_INET6):
-        return "fd %d is not an IP socket (domain %d)" % (fd, domain)
-    if proto != socket.IPPROTO_TCP:
-        return "fd %d is not a TCP socket (protocol %d)" % (fd, proto)
-    return None
+            return "fd %d is not a socket" % fd, ""
+        return "fd %d: %s" % (fd, e.strerror), ""
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return ("fd %d is not an IP socket (domain %d)"
+                    % (fd, sock.family)), ""
+        if sock.proto != socket.IPPROTO_TCP:
+            return ("fd %d is not a TCP socket (protocol %d)"
+                    % (fd, sock.proto)), ""
+        try:
+            return None, str(sock.getpeername()[0])
+        except OSError:
+            return None, "unknown"
+    finally:
+        sock.detach()
 
 
 def _kernel_socket() -> socket.socket:
@@ -319,10 +331,10 @@ class HandshakeSocket:
                     if fd is not None and check_sockfd(fd, expected):
                         fd = None  # not ours to answer or close
                     raise AcceptFailed(str(e), fd) from e
-                why = check_sockfd(req.sockfd, expected)
+                why, address = inspect_sockfd(req.sockfd, expected)
                 if why is not None:
                     raise AcceptFailed("SOCKFD refused: %s" % why, None)
-                return req
+                return req.replace(peer_address=address)
         return None
 
     def done(self, sockfd: int, status: int,

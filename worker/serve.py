@@ -69,11 +69,6 @@ def _peer_address(sock: socket.socket) -> str:
     return str(addr[0]) if isinstance(addr, tuple) else str(addr)
 
 
-def _who(sock: socket.socket, request: protocol.HandshakeRequest) -> str:
-    """"'peername' (address)" for a failure's log line (a success needs
-    no address here: its completion line is the supervisor's)."""
-    peer = _peer_address(sock)
-    return "'%s' (%s)" % (request.peername or peer, peer)
 
 
 def run_key_update(rekeys: RekeyTable | None,
@@ -169,6 +164,9 @@ def handle(engine: Engine, job: Job,
     if job.request.msg_type in uapi.KEY_UPDATE_MSGS:
         return handle_key_update(rekeys, job)
     sock = socket.socket(fileno=job.fd)
+    # Read now: a failed handshake's peer may have gone by its log line.
+    peer = _peer_address(sock)
+    who = "'%s' (%s)" % (job.request.peername or peer, peer)
     remote_auth: tuple[int, ...] = ()
     session_id = 0
     reused = False
@@ -182,8 +180,7 @@ def handle(engine: Engine, job: Job,
         elif result.status != 0:
             status, reason = result.status, result.reason
             if result.reason:
-                log.error("Handshake with %s: %s",
-                          _who(sock, job.request), result.reason)
+                log.error("Handshake with %s: %s", who, result.reason)
         else:
             status, reason, session_id = install_keys(sock, result, job,
                                                       rekeys)
@@ -191,7 +188,7 @@ def handle(engine: Engine, job: Job,
                 remote_auth, reused = result.remote_auth, result.resumed
                 cert_kind = result.cert_kind
     except Exception:
-        log.exception("Handshake with %s crashed", _who(sock, job.request))
+        log.exception("Handshake with %s crashed", who)
         status, reason = errno.EIO, "internal error"
     finally:
         sock.close()

@@ -175,6 +175,8 @@ def test_check_sockfd_accepts_the_fresh_tcp_socket(listener):
         assert fd == expected
         assert netlink_socket.check_sockfd(fd, expected) is None
         assert netlink_socket.check_sockfd(fd, None) is None
+        # The peer's address, read from the socket for the log lines.
+        assert netlink_socket.inspect_sockfd(fd, None) == (None, "127.0.0.1")
     finally:
         os.close(fd)
         peer.close()
