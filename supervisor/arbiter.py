@@ -80,7 +80,7 @@ class Supervisor:
         self.requests = Requests(family.rekey_upcall
                                  and tlsstat.rekey_supported())
         self.discovery = Discovery(cfg, family, self.home, self._added,
-                                   self._removing)
+                                   self._removing, watch_fd=self._watch_fd)
         self.pool = WorkerPool(self.requests, self._watch_fd,
                                self._unwatch_fd,
                                lambda ns, w: self.monitor.on_channel(ns, w),
@@ -395,4 +395,5 @@ class Supervisor:
                 os.close(ns.nsfd)
         if self.control is not None:
             self.control.close()
+        self.discovery.close()
         log.info("Shut down")

@@ -1,0 +1,202 @@
+"""The walk over /proc for unnamed namespaces, off the loop's thread.
+
+Why a thread, not slices of the loop's turns: a slice is bounded by the
+clock, but the clock is looked at between processes, and in a loaded
+TCG guest one stat of /proc/<pid>/ns/net takes a millisecond or more; and
+while a walk is under way the loop ran its slices back to back, so a
+READY nearly always found one under way (the loop's slowest turns under
+churn were the walk's: docs/benchmarks.md).  On a thread, the walk gives
+the GIL back at every stat(2) and getdents(2) (they release it), so a
+READY waits for one process's worth of Python, not a slice; the loop
+sleeps in select() meanwhile instead of spinning.  The thread still uses
+a CPU while it walks, as the slices did.
+
+The thread only reads /proc: it is given a ProcWalk opened by the loop
+(an error opening /proc is the loop's to log) and the pids to leave out,
+and hands back the list of namespaces found, or the error that ended it.
+It touches no state of the loop, forks nothing and opens no fd that
+outlives it; the loop is woken through an eventfd (close-on-exec) and
+takes the result with ``take``.  A cancelled walk stops at its next
+batch and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from tlshd.supervisor import netns
+
+log = logging.getLogger(__name__)
+
+# The pause between the end of one walk over /proc and the start of the
+# next, while unnamed namespaces are served.
+INTERVAL = 2.0
+# How long the thread walks between two looks at the cancel flag.
+CHUNK = 0.05
+
+
+class WalkThread:
+    """At most one walk over /proc at a time, each on a thread of its own.
+
+    ``fileno`` is readable when a walk has ended (poll it with the loop's
+    selector); ``take`` then gives its result.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        # Written by the thread before it ends; read after join().
+        self._found: list[netns.Found] = []
+        self._error: OSError | None = None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def running(self) -> bool:
+        """A walk was started and its result not taken yet."""
+        return self._thread is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def start(self, walk: netns.ProcWalk) -> None:
+        """Walk ``walk`` to its end on a new thread (owned from now on)."""
+        assert self._thread is None
+        self._cancel.clear()
+        self._found, self._error = [], None
+        self._thread = threading.Thread(target=self._run, args=(walk,),
+                                        name="tlshd-proc-walk", daemon=True)
+        self._thread.start()
+
+    def _run(self, walk: netns.ProcWalk) -> None:
+        try:
+            while not walk.step(time.monotonic() + CHUNK):
+                if self._cancel.is_set():
+                    return
+            self._found = walk.result()
+        except OSError as e:
+            self._error = e
+        finally:
+            walk.close()
+            os.eventfd_write(self.fd, 1)
+
+    def take(self) -> list[netns.Found] | None:
+        """The namespaces the walk found, once it has ended (None: under
+        way, cancelled, or none started).  Raises the OSError that ended
+        it."""
+        thread = self._thread
+        if thread is None:
+            return None
+        try:
+            os.eventfd_read(self.fd)  # written as the thread ends
+        except BlockingIOError:
+            return None
+        thread.join()
+        self._thread = None
+        if self._cancel.is_set():
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._found
+
+    def cancel(self) -> None:
+        """Drop the walk under way (its thread ends at its next batch)."""
+        self._cancel.set()
+        self.take()
+
+    def close(self) -> None:
+        """Stop the walk under way and close the eventfd."""
+        thread = self._thread
+        self._cancel.set()
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        os.close(self.fd)
+
+
+class Walks:
+    """A walk over /proc every INTERVAL seconds (from the end of one to
+    the start of the next), each on a WalkThread; what the last complete
+    one found.  ``watch_fd`` polls the thread's eventfd in the loop (the
+    thread is made at the first walk, so a supervisor that serves no
+    unnamed namespace holds no eventfd)."""
+
+    def __init__(self, watch_fd: Callable[[WalkThread, Callable[[], None]],
+                                          None] | None = None) -> None:
+        self._watch_fd = watch_fd
+        self._walker: WalkThread | None = None
+        self._at = 0.0  # when the next walk starts
+        self.found: dict[netns.Key, netns.Found] = {}
+        self.count = 0  # walks completed
+
+    @property
+    def wake_at(self) -> float | None:
+        """When the next walk is to start (None: one is under way; its
+        thread wakes the loop when it ends)."""
+        return None if self.running else self._at
+
+    @property
+    def running(self) -> bool:
+        return self._walker is not None and self._walker.running
+
+    def due(self, now: float, ours: Callable[[], set[int]]) -> bool:
+        """Start a walk if it is time (leaving out the pids ``ours``
+        gives), or take the result of the one under way: True when one
+        has just completed.  An error is logged; the next walk is then
+        INTERVAL later."""
+        try:
+            if not self.running:
+                if now >= self._at:
+                    self._start(ours())
+                return False
+            assert self._walker is not None
+            found = self._walker.take()
+        except OSError as e:  # EMFILE, say: the next walk may do
+            log.error("Cannot look for unnamed namespaces in /proc: %s", e)
+            self._at = time.monotonic() + INTERVAL
+            return False
+        if found is None:
+            return False
+        self.found = {f.key: f for f in found}
+        self._at = time.monotonic() + INTERVAL
+        self.count += 1
+        return True
+
+    def _start(self, ours: set[int]) -> None:
+        walk = netns.ProcWalk(frozenset(ours))
+        if self._walker is None:
+            try:
+                self._walker = WalkThread()
+            except OSError:
+                walk.close()
+                raise
+            if self._watch_fd is not None:
+                self._watch_fd(self._walker, self._ended)
+        self._walker.start(walk)
+
+    def _ended(self) -> None:
+        """The thread has ended.  A walk still wanted is taken by the
+        loop's next call of ``due``; a cancelled one is dropped here (its
+        eventfd would keep the loop awake)."""
+        if self._walker is not None and self._walker.cancelled:
+            self._walker.take()
+
+    def stop(self) -> None:
+        """No more walks for now: drop the one under way and what the
+        last one found; the next ``due`` starts one at once."""
+        if self._walker is not None:
+            self._walker.cancel()
+        self.found = {}
+        self._at = 0.0
+
+    def close(self) -> None:
+        if self._walker is not None:
+            self._walker.close()
+            self._walker = None
