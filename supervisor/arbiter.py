@@ -160,8 +160,7 @@ class Supervisor:
 
     def serve_namespaces(self) -> None:
         """Serve the initial namespace and watch for the others."""
-        self.sel.register(self.discovery.watch(), selectors.EVENT_READ,
-                          self.on_watch)
+        self._watch_fd(self.discovery.watch(), self.on_watch)
         self.scan()
 
     def on_watch(self) -> None:
@@ -282,7 +281,9 @@ class Supervisor:
         timeout = self._next_wakeup(time.monotonic())
         if max_wait is not None:
             timeout = min(timeout, max_wait)
-        for key, _ in self.sel.select(timeout):
+        with self.discovery.unnamed.waiting():  # the /proc walk's turn
+            events = self.sel.select(timeout)
+        for key, _ in events:
             callback: Callable[[], None] = key.data
             callback()
         now = time.monotonic()

@@ -5,11 +5,18 @@ clock, but the clock is looked at between processes, and in a loaded
 TCG guest one stat of /proc/<pid>/ns/net takes a millisecond or more; and
 while a walk is under way the loop ran its slices back to back, so a
 READY nearly always found one under way (the loop's slowest turns under
-churn were the walk's: docs/benchmarks.md).  On a thread, the walk gives
-the GIL back at every stat(2) and getdents(2) (they release it), so a
-READY waits for one process's worth of Python, not a slice; the loop
-sleeps in select() meanwhile instead of spinning.  The thread still uses
-a CPU while it walks, as the slices did.
+churn were the walk's: docs/benchmarks.md).  On a thread, the loop
+sleeps in select() while the walk goes on, instead of spinning.
+
+But the GIL is not fair: a thread that gives it back for a system call
+and wants it again after finds the walk's thread holding it, and waits
+up to sys.getswitchinterval() (5 ms), at every system call of a turn (a
+READY's turn makes about ten).  So the walk only runs while the loop
+waits in select() (``gate``, set by the loop around it): the walk looks
+at the gate before each process, and while the loop works it waits on
+the gate without the GIL.  A READY then waits for the end of one
+process's look at most (a stat(2), which itself runs without the GIL),
+and the turn that follows has the GIL to itself.
 
 The thread only reads /proc: it is given a ProcWalk opened by the loop
 (an error opening /proc is the loop's to log) and the pids to leave out,
@@ -24,9 +31,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from tlshd.supervisor import netns
 
@@ -35,7 +44,8 @@ log = logging.getLogger(__name__)
 # The pause between the end of one walk over /proc and the start of the
 # next, while unnamed namespaces are served.
 INTERVAL = 2.0
-# How long the thread walks between two looks at the cancel flag.
+# How long the thread waits on the gate between two looks at the cancel
+# flag.
 CHUNK = 0.05
 
 
@@ -46,8 +56,12 @@ class WalkThread:
     selector); ``take`` then gives its result.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Set while the loop waits in select(): the walk runs only then.
+        self.gate = threading.Event() if gate is None else gate
+        if gate is None:
+            self.gate.set()
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         # Written by the thread before it ends; read after join().
@@ -76,8 +90,15 @@ class WalkThread:
         self._thread.start()
 
     def _run(self, walk: netns.ProcWalk) -> None:
+        # Signals are the loop's (its wake-up fd): none interrupts us.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        walk.CHECK_EVERY = 1  # one process per step: the gate between
         try:
-            while not walk.step(time.monotonic() + CHUNK):
+            while not walk.step(0.0):
+                # With a timeout: a cancel is seen while the loop works.
+                while not self.gate.wait(CHUNK):
+                    if self._cancel.is_set():
+                        return
                 if self._cancel.is_set():
                     return
             self._found = walk.result()
@@ -131,10 +152,22 @@ class Walks:
     def __init__(self, watch_fd: Callable[[WalkThread, Callable[[], None]],
                                           None] | None = None) -> None:
         self._watch_fd = watch_fd
+        # Set by the loop while it waits in select() (see the top).
+        self.gate = threading.Event()
+        self.gate.set()
         self._walker: WalkThread | None = None
         self._at = 0.0  # when the next walk starts
         self.found: dict[netns.Key, netns.Found] = {}
         self.count = 0  # walks completed
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around the loop's select(): the walk runs only meanwhile."""
+        self.gate.set()
+        try:
+            yield
+        finally:
+            self.gate.clear()
 
     @property
     def wake_at(self) -> float | None:
@@ -173,7 +206,7 @@ class Walks:
         walk = netns.ProcWalk(frozenset(ours))
         if self._walker is None:
             try:
-                self._walker = WalkThread()
+                self._walker = WalkThread(self.gate)
             except OSError:
                 walk.close()
                 raise
