@@ -16,7 +16,9 @@ waits in select() (``gate``, set by the loop around it): the walk looks
 at the gate before each process, and while the loop works it waits on
 the gate without the GIL.  A READY then waits for the end of one
 process's look at most (a stat(2), which itself runs without the GIL),
-and the turn that follows has the GIL to itself.
+and the turn that follows has the GIL to itself.  A loop that never
+waits still lets the walk look at one process every CHUNK, so a busy
+host delays discovery but cannot stop it.
 
 The thread only reads /proc: it is given a ProcWalk opened by the loop
 (an error opening /proc is the loop's to log) and the pids to leave out,
@@ -44,8 +46,8 @@ log = logging.getLogger(__name__)
 # The pause between the end of one walk over /proc and the start of the
 # next, while unnamed namespaces are served.
 INTERVAL = 2.0
-# How long the thread waits on the gate between two looks at the cancel
-# flag.
+# How long the thread waits on the gate before it looks at one process
+# anyway (and at the cancel flag).
 CHUNK = 0.05
 
 
@@ -95,12 +97,11 @@ class WalkThread:
         walk.CHECK_EVERY = 1  # one process per step: the gate between
         try:
             while not walk.step(0.0):
-                # With a timeout: a cancel is seen while the loop works.
-                while not self.gate.wait(CHUNK):
-                    if self._cancel.is_set():
-                        return
                 if self._cancel.is_set():
                     return
+                # With a timeout: a loop that never waits (a flood) still
+                # lets the walk go on, by one process every CHUNK.
+                self.gate.wait(CHUNK)
             self._found = walk.result()
         except OSError as e:
             self._error = e

@@ -144,3 +144,36 @@ def test_a_thread_gives_its_result_once_the_walk_has_ended():
     assert thread.take() == [netns.initial()]
     assert not thread.running and thread.take() is None
     thread.close()
+
+
+class CountingWalk(HeldWalk):
+    """Never ends; counts its steps (one process each)."""
+
+    def __init__(self, exclude: object = None) -> None:
+        super().__init__(exclude)
+        self.steps = 0
+
+    def step(self, deadline: float) -> bool:
+        self.steps += 1
+        return False
+
+
+def test_the_walk_waits_while_the_loop_works(monkeypatch):
+    """The loop sets the gate only while it waits in select(): when it
+    is clear (a turn under way), the walk looks at one process per
+    CHUNK only, so that a loop that never waits cannot stop it."""
+    held = CountingWalk()
+    monkeypatch.setattr(netns, "ProcWalk", lambda exclude: held)
+    walks = procwalk.Walks()
+    walks.gate.clear()  # the loop is working
+    walks.due(0.0, lambda: set())
+    time.sleep(0.5)
+    stalled = held.steps
+    assert 1 <= stalled <= 0.5 / procwalk.CHUNK + 2
+    with walks.waiting():  # the loop waits in select()
+        time.sleep(0.2)
+    assert not walks.gate.is_set()
+    went_on = held.steps - stalled
+    assert went_on > 100
+    walks.close()  # a cancel is seen while the gate is clear
+    assert held.closed
