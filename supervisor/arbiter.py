@@ -155,8 +155,7 @@ class Supervisor:
         server = self.control = control.ControlServer(path)
         # Registrations outlive a restart in the same private directory.
         self.registry.state_path = registry.state_path(path)
-        self.sel.register(server, selectors.EVENT_READ,
-                          lambda: server.handle(self))
+        self._watch_fd(server, lambda: server.handle(self))
 
     def serve_namespaces(self) -> None:
         """Serve the initial namespace and watch for the others."""
@@ -281,9 +280,7 @@ class Supervisor:
         timeout = self._next_wakeup(time.monotonic())
         if max_wait is not None:
             timeout = min(timeout, max_wait)
-        with self.discovery.unnamed.waiting():  # the /proc walk's turn
-            events = self.sel.select(timeout)
-        for key, _ in events:
+        for key, _ in self.discovery.unnamed.select(self.sel, timeout):
             callback: Callable[[], None] = key.data
             callback()
         now = time.monotonic()

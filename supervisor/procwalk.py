@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from tlshd.supervisor import netns
 
@@ -161,12 +161,13 @@ class Walks:
         self.found: dict[netns.Key, netns.Found] = {}
         self.count = 0  # walks completed
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Around the loop's select(): the walk runs only meanwhile."""
+    def select(self, sel: selectors.BaseSelector, timeout: float | None
+               ) -> list[tuple[selectors.SelectorKey, int]]:
+        """The loop's ``sel.select(timeout)``: the walk runs meanwhile
+        (and only then, see the top)."""
         self.gate.set()
         try:
-            yield
+            return sel.select(timeout)
         finally:
             self.gate.clear()
 
