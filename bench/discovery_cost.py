@@ -11,20 +11,27 @@ It makes N named namespaces with ``ip netns add`` (on a private tmpfs at
 /run/netns) and starts P sleeping processes, then times, as the median
 and maximum of several calls: the full read of /run/netns
 (``netns.named``), a ``NamedCache`` refresh after one entry changed, a
-full walk over /proc (``netns.unnamed``) and each slice of one
-(``ProcWalk``), a real Supervisor's first scan (serving them all), the
-longest turn of the loop spent on discovery over 5 s, its scans when
-nothing changed, and ``on_watch`` + ``scan`` around ``ip netns add`` and
-``ip netns del``.  ``--clock cpu`` times with the thread's CPU time
-instead of the wall clock, for a host that others keep busy.
+full walk over /proc (``netns.unnamed``) and each batch of one
+(``ProcWalk``, CHECK_EVERY processes), a real Supervisor's first scan
+(serving them all), the longest turn of the loop spent on discovery over
+5 s, its scans when nothing changed, and ``on_watch`` + ``scan`` around
+``ip netns add`` and ``ip netns del``.  ``--clock cpu`` times with the
+thread's CPU time instead of the wall clock, for a host that others keep
+busy.  Last, the loop's wake-up latency while /proc is walked back to
+back: a child process writes its time.monotonic() to a pipe the loop
+polls every few milliseconds, as a READY would come, and the loop's
+callback makes ten system calls, as a READY's turn does, then takes the
+difference (wall time whatever --clock says: what a request waits).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tlshd.shared import config
-from tlshd.supervisor import namespaces, netlink_family, netns
+from tlshd.supervisor import netlink_family, netns, procwalk
 from tlshd.supervisor.arbiter import Supervisor
 
 FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
@@ -103,6 +110,47 @@ def loop_turns(sup: Supervisor, seconds: float) -> tuple[float, int]:
     return longest, turns
 
 
+PROBE = struct.Struct("d")
+PROBE_CHILD = """
+import os, random, struct, sys, time
+fd, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    time.sleep(random.uniform(0.002, 0.012))
+    os.write(fd, struct.pack("d", time.monotonic()))
+"""
+
+
+def wake_latency(sup: Supervisor, seconds: float) -> None:
+    """The loop's delay (ms) in handling a readable fd while it runs
+    with walks over /proc back to back (procwalk.INTERVAL 0)."""
+    procwalk.INTERVAL = 0.0
+    r, w = os.pipe()
+    delays: list[float] = []
+
+    def on_probe() -> None:
+        data = os.read(r, PROBE.size * 64)
+        for _ in range(10):  # a READY's turn makes about ten system calls
+            os.fstat(r)
+        now = time.monotonic()
+        for (sent,) in PROBE.iter_unpack(data[:len(data) // 8 * 8]):
+            delays.append((now - sent) * 1000)
+    sup.step(0)  # the first turn ACCEPTs in every new namespace
+    sup.sel.register(r, selectors.EVENT_READ, on_probe)
+    child = subprocess.Popen([sys.executable, "-c", PROBE_CHILD, str(w),
+                              str(seconds)], pass_fds=[w])
+    os.close(w)
+    walks = sup.discovery.unnamed.count
+    while child.poll() is None:
+        sup.step(0.1)
+    sup.sel.unregister(r)
+    os.close(r)
+    delays.sort()
+    print("%-30s p50 %.2f ms, p99 %.2f ms, max %.2f ms (%d wake-ups, %d "
+          "walks)" % ("loop wake-up, walks running", delays[len(delays) // 2],
+                      delays[int(len(delays) * 0.99)], delays[-1],
+                      len(delays), sup.discovery.unnamed.count - walks))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--named", type=int, default=1000)
@@ -143,10 +191,11 @@ def main() -> int:
         done = False
         while not done:
             t = clock()
-            done = walk.step(time.monotonic() + namespaces.WALK_SLICE)
+            done = walk.step(0.0)  # one batch
             slices.append((clock() - t) * 1000)
-        print("%-30s %d slices, longest %.2f ms" % (
-            "ProcWalk slices", len(slices), max(slices)))
+        print("%-30s %d batches of %d, longest %.2f ms" % (
+            "ProcWalk batches", len(slices), netns.ProcWalk.CHECK_EVERY,
+            max(slices)))
         sup = Supervisor(config.load(str(work / "tlshd.conf")), FAMILY)
         sup.discovery.watch()
         first = timed(sup.scan, 1)[0]
@@ -155,7 +204,7 @@ def main() -> int:
         longest, turns = loop_turns(sup, 5.0)
         print("%-30s %8.2f ms over %d turns (%d served, %d walks)"
               % ("longest discovery turn", longest, turns,
-                 len(sup.namespaces), sup.discovery.walks))
+                 len(sup.namespaces), sup.discovery.unnamed.count))
         row("Discovery.scan(), no change", timed(sup.scan, args.runs))
 
         def churn() -> None:
@@ -182,6 +231,7 @@ def main() -> int:
             longest = max(longest, (clock() - t) * 1000)
         print("%-30s %8.2f ms (longest on_watch+scan)"
               % ("add/del churn", longest))
+        wake_latency(sup, 20.0)
         for ns in list(sup.namespaces):
             sup.remove_namespace(ns)
     finally:

@@ -3,8 +3,9 @@
 
 Runs as root inside the VM (it creates namespaces, starts nfsd and tlshd):
 
-    tools/vm-run --kernel 6.12 --smp 2 --timeout 1800 -- \\
-        .venv/bin/python bench/scale.py --count 100 --cycles 200
+    tools/vm-run --kernel 6.12 --smp 2 --timeout 3000 -- \\
+        .venv/bin/python bench/scale.py --count 1000 --cycles 1000 \\
+        --mounts 40 --procs 3000
 
 Every namespace is served through ``[netns] default=`` with one set of
 throwaway credentials, and ``[netns] unnamed=`` is set, so the supervisor
@@ -17,14 +18,14 @@ to walk).  In order, it prints:
    timed from the return of ``ip netns add`` and from its start;
 2. total PSS of the tlshd tree (supervisor, template, workers) with
    COUNT namespaces served and idle (once no worker is starting);
-3. submit -> accept of NFS mounts in the initial namespace (the
+3. the same with ACTIVE of them active: each has a handshake in flight
+   (an NFS mount from a peer on its own loopback that never finishes
+   the handshake), so each has a worker; and the PSS per worker;
+4. submit -> accept of NFS mounts in the initial namespace (the
    handshake tracepoints) while a loop adds and deletes a namespace and
-   the /proc walk runs;
-4. the supervisor's fds and VmRSS before and after CYCLES add/delete
-   cycles.
-
-While every served namespace holds a live worker (8 MiB each), keep
-COUNT at about 100 in the VM's 2 GiB.
+   the /proc walk runs (requests that waited over a second are listed);
+5. the supervisor's fds and VmRSS before and after CYCLES add/delete
+   cycles (every 50 cycles too; at most --cycle-seconds of them).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from lab import nfs, trace
-from lab.netns import tlshd_group_joined
+from lab.netns import NETNS_RUN, in_netns, tlshd_group_joined
+from lab.peers import RpcTlsPeer
 from lab.pki import Pki
 from lab.procs import fd_count, rss_kib
 from lab.shell import REPO, VENV_BIN, ensure_worker_user, sh
@@ -174,23 +176,25 @@ def add_namespaces(d: Daemon, count: int) -> None:
                            statistics.median(total), max(total)))
 
 
-def idle_pss(d: Daemon, count: int, settle: float) -> None:
+def idle_pss(d: Daemon, count: int, settle: float) -> int:
+    """Print the tree's PSS once every namespace is served and no worker
+    starts; return the total (KiB)."""
     def settled() -> bool:
         out = query(CONTROL, "status")
         m = re.match(r"(\d+) namespace\(s\) served.*?(\d+) starting", out)
         return bool(m) and int(m.group(1)) >= count and m.group(2) == "0"
     wait("every namespace served, no worker starting", settled, 3600, 1.0)
     time.sleep(settle)
-    tree = descendants(d.proc.pid)
-    kib = {pid: pss_kib(pid) for pid in tree}
-    workers = [p for p, t in tree.items() if t.startswith("tlshd: worker [")]
+    kib, workers = tree_pss(d)
+    pid = d.proc.pid
     print("idle, %d namespaces: total PSS %.1f MiB (supervisor %.1f, %d "
           "workers %.1f, other %.1f); %s"
-          % (count, sum(kib.values()) / 1024, kib[d.proc.pid] / 1024,
+          % (count, sum(kib.values()) / 1024, kib[pid] / 1024,
              len(workers), sum(kib[p] for p in workers) / 1024,
-             (sum(kib.values()) - kib[d.proc.pid]
+             (sum(kib.values()) - kib[pid]
               - sum(kib[p] for p in workers)) / 1024,
              query(CONTROL, "status").splitlines()[0]))
+    return sum(kib.values())
 
 
 @contextmanager
@@ -210,16 +214,24 @@ def churning() -> Iterator[None]:
 
 
 def mounts_under_churn(d: Daemon, mounts: int) -> None:
+    """NFS mounts in the initial namespace under churn; submit -> accept
+    of the requests submitted meanwhile (the trace's clock is
+    time.monotonic()'s, so a request of an earlier phase that the kernel
+    still had is left out)."""
     client = nfs.Nfs(nfs.start_server())
     trace.enable()
     failed = 0
+    start = time.monotonic()
     with churning():
         for _ in range(mounts):
             r = client.mount("", "tls")
             failed += not r.ok
             client.umount()
             d.alive()
-    waits = [(r.accept - r.submit) * 1000 for r in trace.read_requests()
+    reqs = [r for r in trace.read_requests()
+            if r.accept is not None and r.submit is not None
+            and r.submit >= start]
+    waits = [(r.accept - r.submit) * 1000 for r in reqs
              if r.accept is not None and r.submit is not None]
     if not waits:
         raise SystemExit("no handshake was accepted")
@@ -227,23 +239,109 @@ def mounts_under_churn(d: Daemon, mounts: int) -> None:
           "%.1f ms, p99 %.1f ms, max %.1f ms; %d of %d mounts failed"
           % (len(waits), statistics.median(waits), pct(waits, 0.99),
              max(waits), failed, mounts))
+    for r in reqs:
+        if r.accept is not None and r.submit is not None and (
+                r.accept - r.submit > 1.0):
+            print("  slow: req %s (%s) submitted %.1f s into the phase, "
+                  "accepted %.1f s later" % (r.req, r.comm,
+                                             r.submit - start,
+                                             r.accept - r.submit))
 
 
-def cycles(d: Daemon, count: int) -> None:
+def tree_pss(d: Daemon) -> tuple[dict[int, int], list[int]]:
+    """PSS (KiB) of each process of the tlshd tree; the workers' pids."""
+    tree = descendants(d.proc.pid)
+    kib = {pid: pss_kib(pid) for pid in tree}
+    return kib, [p for p, t in tree.items()
+                 if t.startswith("tlshd: worker [")]
+
+
+def active_pss(d: Daemon, count: int, names: list[str],
+               idle_kib: int) -> None:
+    """A handshake in flight in each of ``names``, so each has a worker:
+    the tree's PSS then.  Each namespace's NFS client mounts from an
+    RPC-with-TLS peer on its own loopback that reads the ClientHello and
+    never answers (tests/lab/peers.py), so the handshake holds; a mount
+    that gave up (its request timed out while the worker started) is
+    made again."""
+    peers: list[RpcTlsPeer] = []
+    mounts: dict[str, subprocess.Popen[bytes]] = {}
+
+    def mount(i: int, name: str) -> None:
+        target = "/mnt/%s-active%d" % (PREFIX, i)
+        os.makedirs(target, exist_ok=True)
+        mounts[name] = subprocess.Popen(
+            ["nsenter", "--net=%s/%s" % (NETNS_RUN, name), "timeout",
+             "120", "mount", "-t", "nfs", "-o", "vers=4.2,xprtsec=tls,"
+             "retry=0,soft,timeo=50,retrans=1", "127.0.0.1:/", target],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def working() -> list[str]:
+        titles = descendants(d.proc.pid).values()
+        return [n for n in names if "tlshd: worker [netns %s]" % n
+                in titles]
+
+    try:
+        for i, name in enumerate(names):
+            sh("ip -n %s link set lo up" % name)
+            with in_netns(name):
+                peers.append(RpcTlsPeer(2049, "hold"))
+            mount(i, name)
+        end = time.monotonic() + 600
+        while len(working()) < len(names) and time.monotonic() < end:
+            d.alive()
+            for i, name in enumerate(names):
+                if mounts[name].poll() is not None:
+                    mount(i, name)
+            time.sleep(1.0)
+        time.sleep(1.0)
+        kib, workers = tree_pss(d)
+        total = sum(kib.values())
+        print("%d namespaces, %d active (%d with a worker): total PSS %.1f "
+              "MiB (idle: %.1f); %d workers, PSS per worker %.1f MiB "
+              "(mean; %.1f to %.1f), %.1f MiB more than idle per worker"
+              % (count, len(names), len(working()), total / 1024,
+                 idle_kib / 1024, len(workers),
+                 statistics.mean(kib[p] for p in workers or [d.proc.pid])
+                 / 1024, min(kib[p] for p in workers or [d.proc.pid]) / 1024,
+                 max(kib[p] for p in workers or [d.proc.pid]) / 1024,
+                 (total - idle_kib) / max(1, len(workers)) / 1024),
+              flush=True)
+    finally:
+        for p in peers:
+            p.close()
+        for m in mounts.values():
+            m.kill()
+            m.wait()
+
+
+def cycles(d: Daemon, count: int, budget: float) -> None:
+    """``count`` add/delete cycles, or as many as ``budget`` seconds
+    allow; fds and VmRSS printed every 50 cycles, so a stopped run
+    still reports."""
     pid = d.proc.pid
     fd0, rss0 = fd_count(pid), rss_kib(pid)
     start = time.monotonic()
+    done = 0
     for i in range(count):
+        if time.monotonic() - start > budget:
+            print("  budget of %.0f s spent" % budget)
+            break
         name = "%sc%d" % (PREFIX, i)
         subprocess.run(["ip", "netns", "add", name], check=True)
         wait("served " + name, lambda name=name: d.alive() and served(name),
-             30, 0.01)
+             30, 0.05)
         subprocess.run(["ip", "netns", "del", name], check=True)
         wait("dropped " + name,
-             lambda name=name: d.alive() and not served(name), 30, 0.01)
+             lambda name=name: d.alive() and not served(name), 30, 0.05)
+        done = i + 1
+        if done % 50 == 0:
+            print("  %d cycles, %.0f s: supervisor fds %d, VmRSS %d KiB"
+                  % (done, time.monotonic() - start, fd_count(pid),
+                     rss_kib(pid)), flush=True)
     fd1, rss1 = fd_count(pid), rss_kib(pid)
     print("%d add/delete cycles in %.0f s: supervisor fds %d -> %d, VmRSS "
-          "%d -> %d KiB (%+d KiB)" % (count, time.monotonic() - start, fd0,
+          "%d -> %d KiB (%+d KiB)" % (done, time.monotonic() - start, fd0,
                                       fd1, rss0, rss1, rss1 - rss0))
 
 
@@ -261,6 +359,10 @@ def main() -> int:
     p.add_argument("--mounts", type=int, default=20)
     p.add_argument("--procs", type=int, default=1000,
                    help="extra processes for the /proc walk")
+    p.add_argument("--active", type=int, default=10,
+                   help="namespaces given a worker for the active PSS")
+    p.add_argument("--cycle-seconds", type=float, default=1200,
+                   help="stop the add/delete cycles after this long")
     p.add_argument("--settle", type=float, default=3.0)
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -289,11 +391,15 @@ def main() -> int:
     try:
         add_namespaces(d, args.count)
         sys.stdout.flush()
-        idle_pss(d, args.count, args.settle)
+        idle = idle_pss(d, args.count, args.settle)
         sys.stdout.flush()
+        active = ["%s%04d" % (PREFIX, i)
+                  for i in range(1, min(args.active + 1, args.count))]
+        if active:
+            active_pss(d, args.count, active, idle)
         mounts_under_churn(d, args.mounts)
         sys.stdout.flush()
-        cycles(d, args.cycles)
+        cycles(d, args.cycles, args.cycle_seconds)
     finally:
         d.stop()
         os.killpg(procs.pid, signal.SIGKILL)

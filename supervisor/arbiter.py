@@ -80,7 +80,7 @@ class Supervisor:
         self.requests = Requests(family.rekey_upcall
                                  and tlsstat.rekey_supported())
         self.discovery = Discovery(cfg, family, self.home, self._added,
-                                   self._removing)
+                                   self._removing, watch_fd=self._watch_fd)
         self.pool = WorkerPool(self.requests, self._watch_fd,
                                self._unwatch_fd,
                                lambda ns, w: self.monitor.on_channel(ns, w),
@@ -155,13 +155,11 @@ class Supervisor:
         server = self.control = control.ControlServer(path)
         # Registrations outlive a restart in the same private directory.
         self.registry.state_path = registry.state_path(path)
-        self.sel.register(server, selectors.EVENT_READ,
-                          lambda: server.handle(self))
+        self._watch_fd(server, lambda: server.handle(self))
 
     def serve_namespaces(self) -> None:
         """Serve the initial namespace and watch for the others."""
-        self.sel.register(self.discovery.watch(), selectors.EVENT_READ,
-                          self.on_watch)
+        self._watch_fd(self.discovery.watch(), self.on_watch)
         self.scan()
 
     def on_watch(self) -> None:
@@ -285,7 +283,7 @@ class Supervisor:
         timeout = self._next_wakeup(time.monotonic())
         if max_wait is not None:
             timeout = min(timeout, max_wait)
-        for key, _ in self.sel.select(timeout):
+        for key, _ in self.discovery.unnamed.select(self.sel, timeout):
             callback: Callable[[], None] = key.data
             callback()
         now = time.monotonic()
@@ -398,4 +396,5 @@ class Supervisor:
                 os.close(ns.nsfd)
         if self.control is not None:
             self.control.close()
+        self.discovery.close()
         log.info("Shut down")

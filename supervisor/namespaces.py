@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from tlshd.shared import config
 from tlshd.shared.errors import ConfigError
-from tlshd.supervisor import netlink_family, netlink_socket, netns
+from tlshd.supervisor import netlink_family, netlink_socket, netns, procwalk
 from tlshd.supervisor.dropins import Registered
 from tlshd.supervisor.namespace import Namespace
 from tlshd.supervisor.registry import Registration, Registry
@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 # After a change in /run/netns, look again this much later: "ip netns add"
 # mounts the namespace onto its file after creating it, unseen by inotify.
 RESCAN_DELAYS = (0.05, 0.3, 1.0)
-# How often to look for unnamed namespaces, when they are served: the
-# pause between the end of one walk over /proc and the start of the next.
-UNNAMED_SCAN_INTERVAL = 2.0
-# How long one turn of the loop may spend walking /proc.
-WALK_SLICE = 0.002
 # How long one scan may spend starting to serve new namespaces (at least
 # one); the rest are served by another scan SERVE_PAUSE later, after the
 # loop's other work (a start with 1000 named namespaces: each is a setns,
@@ -84,7 +79,10 @@ class Discovery:
     def __init__(self, cfg: config.Config, family: netlink_family.FamilyInfo,
                  home: int, added: Callable[[Namespace], None],
                  removing: Callable[[Namespace], None],
-                 state_path: str | None = None) -> None:
+                 state_path: str | None = None,
+                 watch_fd: Callable[[procwalk.WalkThread,
+                                     Callable[[], None]], None] | None = None
+                 ) -> None:
         self.cfg = cfg
         self.family = family
         self.home = home  # an fd of our own namespace
@@ -98,12 +96,8 @@ class Discovery:
         self._unserved: set[netns.Key] = set()  # logged once each
         self._named = netns.NamedCache()
         self._resync_at: float | None = None  # once watching
-        # The unnamed namespaces the last complete walk over /proc found,
-        # the walk under way, and when the next one starts.
-        self._unnamed: dict[netns.Key, netns.Found] = {}
-        self._walk: netns.ProcWalk | None = None
-        self._walk_at = 0.0
-        self.walks = 0  # walks completed
+        # The walks over /proc for unnamed namespaces, off the loop.
+        self.unnamed = procwalk.Walks(watch_fd)
         self._recheck = False  # look at served namespaces' files again
         self.registered = Registered(Registry(
             state_path, self._home_key,
@@ -159,8 +153,7 @@ class Discovery:
         self._recheck = True
         self.registered.reloaded(cfg.path)
         if not cfg.netns_unnamed:
-            self._stop_walk()
-            self._unnamed = {}
+            self.unnamed.stop()
 
     # ---- which namespaces -----------------------------------------------
 
@@ -187,20 +180,21 @@ class Discovery:
     @property
     def scans(self) -> list[float]:
         """When discovery wants the loop to wake up (a walk over /proc
-        under way: at once)."""
+        under way wakes it through its thread's eventfd)."""
         times = list(self._scans)
         if self._resync_at is not None:
             times.append(self._resync_at)
         registered = self.registered.wake_at()
         if registered is not None:
             times.append(registered)
-        if self.cfg.netns_unnamed:
-            times.append(0.0 if self._walk is not None else self._walk_at)
+        walk_at = self.unnamed.wake_at
+        if self.cfg.netns_unnamed and walk_at is not None:
+            times.append(walk_at)
         return times
 
     def scan_due(self, now: float) -> bool:
-        """Whether a scan is due; walks /proc for one slice if unnamed
-        namespaces are served (due when a walk is complete)."""
+        """Whether a scan is due; starts a walk over /proc when it is time
+        (unnamed namespaces served), due when one has completed."""
         due = bool(self._scans) and now >= min(self._scans)
         if due:
             self._scans = [t for t in self._scans if t > now]
@@ -208,39 +202,20 @@ class Discovery:
             self._named.mark(None)
             self._resync_at = now + NAMED_RESYNC
             due = True
-        if self.cfg.netns_unnamed and self._walk_unnamed(now):
+        if self.cfg.netns_unnamed and self.unnamed.due(now, self._ours):
             due = True
         return self.registered.due(now) or due
 
-    def _walk_unnamed(self, now: float) -> bool:
-        """One slice of the walk over /proc (starting one if it is time);
-        True when a walk has just completed."""
-        try:
-            if self._walk is None:
-                if now < self._walk_at:
-                    return False
-                ours = {os.getpid()}
-                for ns in self.served:
-                    ours.update(w.pid for w in ns.workers())
-                self._walk = netns.ProcWalk(ours)
-            if not self._walk.step(time.monotonic() + WALK_SLICE):
-                return False
-        except OSError as e:  # EMFILE, say: the next walk may do
-            log.error("Cannot look for unnamed namespaces in /proc: %s", e)
-            self._stop_walk()
-            self._walk_at = time.monotonic() + UNNAMED_SCAN_INTERVAL
-            return False
-        self._unnamed = {f.key: f for f in self._walk.result()}
-        self._walk = None
-        self._walk_at = time.monotonic() + UNNAMED_SCAN_INTERVAL
-        self.walks += 1
-        return True
+    def _ours(self) -> set[int]:
+        """Our pids, which a walk over /proc leaves out."""
+        ours = {os.getpid()}
+        for ns in self.served:
+            ours.update(w.pid for w in ns.workers())
+        return ours
 
-    def _stop_walk(self) -> None:
-        if self._walk is not None:
-            self._walk.close()
-            self._walk = None
-        self._walk_at = 0.0
+    def close(self) -> None:
+        """Stop the walk under way; close its eventfd."""
+        self.unnamed.close()
 
     def _candidate(self, key: netns.Key,
                    initial: netns.Found) -> Wanted | None:
@@ -257,7 +232,7 @@ class Discovery:
         f = self._named.by_key.get(key)
         if f is not None:
             return Wanted(f, "", False)
-        f = self._unnamed.get(key)
+        f = self.unnamed.found.get(key)
         if f is not None and self.cfg.netns_unnamed:
             return Wanted(f, self.cfg.netns_unnamed, True)
         return None
@@ -290,7 +265,7 @@ class Discovery:
         exist = (self._named.by_key.keys() | {initial.key}
                  | registered.keys())
         if self.cfg.netns_unnamed:
-            exist |= self._unnamed.keys()
+            exist |= self.unnamed.found.keys()
         recheck, self._recheck = self._recheck, False
         served = {ns.key for ns in self.served}
         # Served otherwise and registered since, or the reverse, or

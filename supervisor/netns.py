@@ -13,8 +13,9 @@ reused, inode numbers cannot while the namespace lives.  Sources:
   no event at all is caught by an occasional full re-read;
 - when configured, unnamed namespaces found through /proc/*/ns/net (the
   container runtimes that do not name theirs), found by walking /proc
-  every few seconds, a bounded slice per turn of the loop (``ProcWalk``),
-  so ten thousand processes never hold it up.  By default only those
+  every few seconds (``ProcWalk``, on a thread of its own: see
+  tlshd.supervisor.procwalk), so ten thousand processes never hold up
+  the loop.  By default only those
   owned by the initial user namespace: the root of a user namespace holds
   CAP_NET_ADMIN over the network namespaces it owns, so it can talk to
   our netlink socket there (see tlshd.supervisor.netlink_socket); serving
@@ -176,9 +177,9 @@ def unnamed(exclude_pids: Container[int]) -> list[Found]:
 class ProcWalk:
     """One pass over /proc/<pid>/ns/net, a slice at a time.
 
-    ``step`` looks at processes until the deadline passes (at least one),
-    so a host with ten thousand processes costs the loop many short turns
-    instead of one long one.  /proc is read as a directory stream: pids
+    ``step`` looks at processes until the deadline passes (at least one
+    batch of CHECK_EVERY), so the walk can be stopped between two steps.
+    /proc is read as a directory stream: pids
     that come and go during the pass are seen or not, as with any scan.
     The walk owns an fd of /proc until it is finished or closed.
     """

@@ -172,6 +172,7 @@ def release(s: Supervisor) -> None:
     os.close(signal.set_wakeup_fd(-1))
     os.close(s.wakeup_r)
     os.close(s.home)
+    s.discovery.close()
     s.sel.close()
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)

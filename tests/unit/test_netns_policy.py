@@ -20,7 +20,7 @@ import pytest
 from supervisorfakes import release
 
 from tlshd.shared import config
-from tlshd.supervisor import namespaces, netlink_family, netns
+from tlshd.supervisor import namespaces, netlink_family, netns, procwalk
 from tlshd.supervisor.arbiter import Supervisor
 
 FAMILY = netlink_family.FamilyInfo(0x3F00, 5)
@@ -69,20 +69,20 @@ def served(s: Supervisor) -> set[netns.Key | None]:
 
 
 def scan(s: Supervisor, finish: bool = True) -> None:
-    """Walk /proc to the end, a slice per turn as the loop does, then
-    scan (unnamed namespaces come from the last complete walk).  The
-    clock is moved past the pause between two walks.  ``finish``: also
-    run the scans that serve what did not fit in the first
-    (SERVE_SLICE)."""
-    walks = s.discovery.walks
-    for _ in range(100000):
-        later = time.monotonic() + namespaces.UNNAMED_SCAN_INTERVAL
+    """Walk /proc to the end (on the walk's thread, asked each turn as
+    the loop does), then scan (unnamed namespaces come from the last
+    complete walk).  The clock is moved past the pause between two walks.
+    ``finish``: also run the scans that serve what did not fit in the
+    first (SERVE_SLICE)."""
+    walks = s.discovery.unnamed.count
+    deadline = time.monotonic() + 30
+    while s.discovery.unnamed.count == walks:
+        later = time.monotonic() + procwalk.INTERVAL
         if s.discovery.scan_due(later):
             s.scan()
-        if s.discovery.walks > walks:
-            break
-    else:
-        raise AssertionError("the walk over /proc never finished")
+        if time.monotonic() > deadline:
+            raise AssertionError("the walk over /proc never finished")
+        time.sleep(0.001)
     for _ in range(10000 if finish else 0):
         soon = time.monotonic() + 1.0  # before the next walk
         if min(s.discovery.scans) > soon:
@@ -148,24 +148,27 @@ def test_max_namespaces_is_checked(tmp_path, value):
         config.load(str(conf))
 
 
-def test_the_walk_takes_a_slice_per_turn(tmp_path, scanning, root_owned,
-                                         monkeypatch):
-    monkeypatch.setattr(namespaces, "WALK_SLICE", 0.0)
+def test_the_walk_runs_off_the_loop_and_wakes_it(tmp_path, scanning,
+                                                root_owned):
+    """While a walk is under way the loop sleeps (no wake-up time of
+    discovery's): the walk's thread wakes it through the fd the loop
+    polls, and the scan that follows serves what the walk found."""
     s = supervisor(tmp_path, "")
     scanning.append(s)
     s.scan()
     assert root_owned not in served(s)  # no walk has completed yet
-    turns = 0
-    while s.discovery.walks == 0:
-        now = time.monotonic()
-        # A walk under way: the loop is to come back at once.
-        assert min(s.discovery.scans) <= now
-        if s.discovery.scan_due(now):
-            s.scan()
-        turns += 1
-    assert turns > 1
+    s.step(0)  # starts the walk
+    walker = s.discovery.unnamed
+    assert walker.count == 0
+    assert walker.running or walker.count == 1
+    assert walker.wake_at is None or not walker.running
+    start = time.monotonic()
+    while walker.count == 0:
+        s.step(30.0)  # returns early only when woken
+    # Nothing else here wakes the loop within 30 s: the walk's thread did.
+    assert time.monotonic() - start < 15
     assert root_owned in served(s)
-    # The next walk waits for UNNAMED_SCAN_INTERVAL.
+    # The next walk waits for INTERVAL.
     assert min(s.discovery.scans) > time.monotonic() + 1.0
 
 
