@@ -199,6 +199,26 @@ def test_socket_left_blocking_with_nagle_restored(
     for sock in (pair.csock, pair.ssock):
         assert sock.getblocking()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        # Flights are corked while OpenSSL writes them; the kernel gets
+        # its socket back uncorked, or its own sends would wait.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+
+
+def test_never_left_corked_after_a_failure(engine: Engine) -> None:
+    """A peer that never answers: the deadline passes while the socket
+    waits for the peer's flight, and it is handed back uncorked."""
+    from conftest import listening_socket  # type: ignore[import-not-found]
+
+    ls = listening_socket()
+    csock = socket.create_connection(ls.getsockname())
+    ssock, _ = ls.accept()
+    ls.close()
+    with csock, ssock:
+        out = engine.client_handshake(
+            csock, peername="localhost", deadline=time.monotonic() + 0.5
+        )
+        assert out.status == errno.ETIMEDOUT
+        assert csock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
 
 
 def test_nodelay_preserved_when_set(engine: Engine, pki: Any) -> None:
