@@ -169,8 +169,11 @@ class Monitor:
                       "%d but the socket has no kTLS", worker.pid,
                       worker.label, req_id)
             status, reason = errno.EIO, "no kTLS on the socket"
-        log.info("%s [netns %s]", completion_line(req, status, msg.resumed),
-                 ns.label)
+        if req.request.msg_type not in uapi.KEY_UPDATE_MSGS:
+            # A re-key has its own line (the worker's); a handshake's
+            # completion line is written here, as the worker wrote it.
+            log.info("%s [netns %s]",
+                     completion_line(req, status, msg.resumed), ns.label)
         self.requests.complete(req, status,
                                msg.remote_auth if status == 0 else (),
                                reason, msg.session_id,

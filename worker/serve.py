@@ -69,8 +69,6 @@ def _peer_address(sock: socket.socket) -> str:
     return str(addr[0]) if isinstance(addr, tuple) else str(addr)
 
 
-
-
 def run_key_update(rekeys: RekeyTable | None,
                    request: protocol.HandshakeRequest,
                    sock: socket.socket) -> tuple[int, str]:

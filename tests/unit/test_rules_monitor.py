@@ -284,6 +284,18 @@ def test_the_completion_line_is_the_supervisors(
     ]
 
 
+def test_a_rekey_answer_gets_no_completion_line(
+        env: Env, ktls: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    """A re-key has the worker's own line; the handshake completion line
+    is for handshakes only, as before it moved to the supervisor."""
+    req = env.request(msg_type=uapi.KEY_UPDATE_MSGS[0], auth=AM.X509)
+    ktls.append(req.sockfd)
+    with caplog.at_level(logging.INFO, logger="tlshd.supervisor.monitor"):
+        env.deliver(answer(0), req.req_id)
+    assert env.done.dones[-1][:2] == (req.sockfd, 0)
+    assert "Handshake with" not in caplog.text
+
+
 def test_a_success_without_ktls_is_logged_as_failed(
         env: Env, ktls: list[int], caplog: pytest.LogCaptureFixture) -> None:
     req = env.request(auth=AM.X509)  # no address read: "unknown"
