@@ -163,19 +163,30 @@ class Bench:
             cs.close()
             ss.close()
 
-    def threads(self) -> None:
+    def driven_pair(self) -> tuple[Callable[[], None], Callable[[], None],
+                                   Callable[[], None]]:
+        """A fresh TCP pair's two ends, each as the worker's poll loop
+        would step it, and what closes the pair."""
         cs, ss = self.tcp_pair()
         deadline = time.monotonic() + 60
         for x in (cs, ss):
             x.setblocking(False)
         c, s = self.conns(cs, ss)
-        t = threading.Thread(target=handshakeio.drive,
-                             args=(s, ss, deadline))
+
+        def close() -> None:
+            cs.close()
+            ss.close()
+
+        return (lambda: handshakeio.drive(c, cs, deadline),
+                lambda: handshakeio.drive(s, ss, deadline), close)
+
+    def threads(self) -> None:
+        client, server, close = self.driven_pair()
+        t = threading.Thread(target=server)
         t.start()
-        handshakeio.drive(c, cs, deadline)
+        client()
         t.join()
-        cs.close()
-        ss.close()
+        close()
 
     def start_pool(self) -> None:
         self.jobs: list[queue.Queue[Callable[[], object] | None]] = [
@@ -197,15 +208,9 @@ class Bench:
             self.results.get()
 
     def pool(self) -> None:
-        cs, ss = self.tcp_pair()
-        deadline = time.monotonic() + 60
-        for x in (cs, ss):
-            x.setblocking(False)
-        c, s = self.conns(cs, ss)
-        self.in_pool(lambda: handshakeio.drive(c, cs, deadline),
-                     lambda: handshakeio.drive(s, ss, deadline))
-        cs.close()
-        ss.close()
+        client, server, close = self.driven_pair()
+        self.in_pool(client, server)
+        close()
 
     def engine_pool(self) -> None:
         cs, ss = self.tcp_pair()
