@@ -426,19 +426,32 @@ def report(row: dict[str, Any]) -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def done_by_side(trace: Any) -> dict[str, list[int]]:
-    """DONE statuses by consumer: nfsd (the server end) or the client,
-    told apart by who submitted the request."""
+@dataclass
+class Sides:
+    """The kernel's record of this test's requests, by consumer: nfsd (the
+    server end) or the NFS client, told apart by who submitted them."""
+
+    done: dict[str, list[int]]  # DONE statuses
+    submitted: dict[str, int]
+
+
+def by_side(trace: Any) -> Sides:
+    """Requests submitted since the trace was cleared; one submitted before
+    (an earlier test's) is left out, whenever it completes."""
     submitter: dict[str, str] = {}
-    out: dict[str, list[int]] = {"server": [], "client": []}
+    out = Sides({"server": [], "client": []}, {"server": 0, "client": 0})
     for ev in trace.events():
         if ev.event == "handshake_submit":
             submitter[ev.req] = ev.comm
-        elif ev.event == "handshake_complete":
-            side = ("server" if submitter.get(ev.req, "").startswith("nfsd")
-                    else "client")
-            out[side].append(ev.status if ev.status is not None else -1)
+            out.submitted[side_of(ev.comm)] += 1
+        elif ev.event == "handshake_complete" and ev.req in submitter:
+            out.done[side_of(submitter.pop(ev.req))].append(
+                ev.status if ev.status is not None else -1)
     return out
+
+
+def side_of(comm: str) -> str:
+    return "server" if comm.startswith("nfsd") else "client"
 
 
 PARAMS = [pytest.param(role, case, id="%s-%s" % (role, case.name))
@@ -475,30 +488,46 @@ def test_bad_certificate(badpki, tlshd, trace, nfs, role, case):
         mounted = r.ok
         if r.ok:
             nfs.umount()
+    # The kernel NFS client goes on reconnecting for a while after a
+    # refused mount(8) has returned, so a connection of an earlier case can
+    # reach both ends of this case's daemon.  Each such straggler is one
+    # request on each side.  A Python peer's connection is one request of
+    # the verifying end only: the other side's requests count the
+    # stragglers.
+    other = "server" if role == "client" else "client"
+
+    def stragglers(sides: Sides) -> int:
+        return sides.submitted[other] if case.python_peer else 0
+
     # A Python client hears our server's alert before the supervisor has
     # sent DONE: wait for the kernel to record the verifying end's answer.
     end = time.monotonic() + 20
-    sides = done_by_side(trace)
-    while not sides[role] and time.monotonic() < end:
+    sides = by_side(trace)
+    while (len(sides.done[role]) <= stragglers(sides)
+           and time.monotonic() < end):
         time.sleep(0.2)
-        sides = done_by_side(trace)
-    verifier = sides[role]
+        sides = by_side(trace)
+    verifier = sides.done[role]
     log = tlshd.since(mark)
     failures = re.findall(r"Handshake with .*: certificate verify failed.*",
                           log)
     report({"role": role, "case": case.name, "verifier_done": verifier,
-            "other_done": sides["server" if role == "client" else "client"],
+            "other_done": sides.done[other],
+            "stragglers": stragglers(sides),
             "mounted": mounted, "consumer": consumer,
             "consumer_errno": mount_errno(consumer),
             "log": failures[0] if failures else "",
             "errors": re.findall(r"Handshake with '[^']*' \([^)]*\): .*",
                                  log)[:3]})
     assert verifier, "no request of the verifying end completed: %s" % sides
+    expected = 0 if case.accepted else -errno.EACCES
+    # Every request of the verifying end got the expected answer (0, or
+    # EACCES: refused), apart from at most one per straggler.
+    assert expected in verifier, (verifier, log[-2000:])
+    others = [s for s in verifier if s != expected]
+    assert len(others) <= stragglers(sides), (verifier, sides, log[-2000:])
     if case.accepted:
-        assert verifier == [0] * len(verifier), (verifier, log[-2000:])
         return
     assert not mounted, "mounted with a bad certificate: %s" % consumer
-    # 0 accepted: every request of the verifying end failed, with EACCES.
-    assert all(s == -errno.EACCES for s in verifier), (verifier, log[-2000:])
     assert failures, log[-2000:]
-    assert re.search(case.reason, failures[0], re.I), failures
+    assert any(re.search(case.reason, f, re.I) for f in failures), failures
