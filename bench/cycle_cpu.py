@@ -37,7 +37,7 @@ from tlshd.worker import sslconf
 sslconf.use_worker_config()
 
 import guest  # noqa: E402
-from guest import say, sh  # noqa: E402
+from guest import say  # noqa: E402
 
 
 def cg_usec(d: guest.Daemon) -> int:
@@ -65,15 +65,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cycles", type=int, default=6)
     a = p.parse_args()
-    guest.WORK.mkdir(parents=True, exist_ok=True)
-    guest.WORK.chmod(0o755)
-    guest.make_credentials(guest.WORK)
-    conf = guest.write_config(guest.WORK)
-    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
-       "--shell /usr/sbin/nologin tlshd")
-    guest.setup_tracing()
-    guest.setup_cgroups()
-    guest.setup_nfs()
+    conf = guest.prepare()
     guest.ktls_throwaway()
     group = guest.handshake_group_id()
     modes: dict[str, Callable[[], None]] = {

@@ -99,6 +99,22 @@ def config_for(impl: str, conf: Path) -> Path:
     return variant
 
 
+def prepare() -> Path:
+    """What every guest script needs before a daemon starts: credentials
+    and the daemons' configuration in WORK (returned), the worker's user,
+    tracing, the cgroups and nfsd.  NVMe and the kTLS warm-up are each
+    script's choice."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    WORK.chmod(0o755)
+    make_credentials(WORK)
+    conf = write_config(WORK)
+    ensure_worker_user()
+    setup_tracing()
+    setup_cgroups()
+    setup_nfs()
+    return conf
+
+
 def setup_tracing() -> None:
     if not (trace.TRACING / "trace").exists():
         sh("mount -t tracefs nodev %s" % trace.TRACING)
@@ -670,14 +686,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     say("setup: kernel %s, %d CPUs" % (platform.release(), os.cpu_count()))
-    WORK.mkdir(parents=True, exist_ok=True)
-    WORK.chmod(0o755)
-    make_credentials(WORK)
-    conf = write_config(WORK)
-    ensure_worker_user()
-    setup_tracing()
-    setup_cgroups()
-    setup_nfs()
+    conf = prepare()
     psk = setup_nvme()
     if os.environ.get("BENCH_COLD") != "1":
         t = time.monotonic()

@@ -227,15 +227,7 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out) / "profile"
     out.mkdir(parents=True, exist_ok=True)
-    guest.WORK.mkdir(parents=True, exist_ok=True)
-    guest.WORK.chmod(0o755)
-    guest.make_credentials(guest.WORK)
-    conf = guest.write_config(guest.WORK)
-    sh("id -u tlshd >/dev/null 2>&1 || useradd --system --no-create-home "
-       "--shell /usr/sbin/nologin tlshd")
-    guest.setup_tracing()
-    guest.setup_cgroups()
-    guest.setup_nfs()
+    conf = guest.prepare()
     guest.setup_nvme()
     guest.ktls_throwaway()
     group = guest.handshake_group_id()
