@@ -135,7 +135,6 @@ def setup_nfs() -> None:
        .format(r=EXPORT, t=TRIXIE))
     Path(EXPORT, "hello").write_bytes(PAYLOAD)
     opts = nfs.OPTS + ",fsid=0"
-    Path("/proc/fs/nfsd/nfsv4gracetime").write_text("10")
     Path("/proc/fs/nfsd/nfsv4leasetime").write_text("10")
     # 32 nfsd threads: each server-side handshake holds a thread while it
     # waits, and nconnect=16 must not queue behind a small pool.

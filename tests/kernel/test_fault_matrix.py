@@ -196,8 +196,11 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
     # Room for every event of the run (default: 1.4 MiB per CPU).
     Path("/sys/kernel/tracing/buffer_size_kb").write_text("16384")
     trace.clear()
-    # Warm up, then take the supervisor's baseline.
+    # Warm up, then take the supervisor's baseline.  The write also waits
+    # out nfsd's grace period, should it still run (a file is created):
+    # the load's writes would otherwise block until it ends.
     assert mount("/mnt/fm-warm", "xprtsec=tls"), "warm-up mount failed"
+    Path("/mnt/fm-warm/warm").write_bytes(b"warm")
     umount("/mnt/fm-warm")
     settled(lab)
     fd0, rss0 = lab.fd_count(lab.pid), lab.rss_kib(lab.pid)
@@ -212,6 +215,8 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
     # Supervisor restarts: (killed pid, new pid, time of the kill, time
     # the new one was ready).
     restarts: list[tuple[int, int, float, float]] = []
+    # Load steps that took over 8 s: (step, load, began, seconds).
+    slow: list[tuple[str, int, float, float]] = []
 
     def count(key: str) -> None:
         with lock:
@@ -221,10 +226,18 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
         mode = ("tls", "mtls")[i % 2]
         export = ("", "mtls")[i % 2]
         target = "/mnt/fm-%d" % i
+        def timed(step: str, since: float) -> float:
+            now = time.monotonic()
+            if now - since > 8:
+                with lock:
+                    slow.append((step, i, since, now - since))
+            return now
+
         while not stop.is_set():
             began = time.monotonic()
             ok = mount(target, "xprtsec=%s,nconnect=%d" % (mode, NCONNECT),
                        "127.0.0.1:/%s" % export, failures=load_failures)
+            ended = timed("mount", began)
             count("load mount ok" if ok else "load mount failed")
             if not ok:
                 # Not a tight loop while no agent listens (ESRCH at once):
@@ -232,12 +245,14 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
                 stop.wait(1.0)
             else:
                 with lock:
-                    mounted.append((began, time.monotonic()))
+                    mounted.append((began, ended))
                 try:
                     Path(target, "f%d" % i).write_bytes(os.urandom(4096))
                 except OSError:
                     count("load write failed")
+                written = timed("write", ended)
                 umount(target)
+                timed("umount", written)
 
     def peer_mounts(port: int, mode: str, target: str, timeout: int,
                     mounts_key: str, hellos_key: str) -> None:
@@ -365,19 +380,32 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
         t.start()
     time.sleep(SECONDS)
 
+    def served_by_new(new: int, killed: float,
+                      events: list[Any]) -> list[float]:
+        """Ends of the load mounts begun after the kill during which the
+        new supervisor completed a handshake (a mount that reused another
+        mount's transport needed none, and proves nothing)."""
+        served = [ev.stamp for ev in events
+                  if ev.event == "handshake_complete" and ev.pid == new
+                  and ev.status == 0]
+        with lock:
+            after = [(b, e) for b, e in mounted if b > killed]
+        return [e for b, e in after if any(b <= t <= e for t in served)]
+
     def recovered() -> bool:
         with lock:
             if not restarts:
                 return False
-            ready = restarts[-1][3]
-            return any(began > ready for began, _ in mounted)
+            _, new, killed, _ = restarts[-1]
+        return bool(served_by_new(new, killed, trace.events()))
 
     # The schedule slips on a loaded host: keep the load going until a
-    # supervisor restart has happened and a mount begun after it
-    # succeeded (or 5 minutes more; the checks below then fail).
+    # supervisor restart has happened and a mount begun after it was
+    # served by the new supervisor (or 5 minutes more; the checks below
+    # then fail).
     end = time.monotonic() + 300
     while not recovered() and time.monotonic() < end:
-        time.sleep(1.0)
+        time.sleep(2.0)
     stop.set()
     for t in threads:
         t.join(180)
@@ -408,12 +436,8 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
     # the end of any successful load mount begun after it.
     recovery: list[tuple[float, float | None, float | None]] = []
     for _, new, killed, ready in restarts:
-        served = [ev.stamp for ev in events
-                  if ev.event == "handshake_complete" and ev.pid == new
-                  and ev.status == 0]
         after = [(began, end) for began, end in mounted if began > killed]
-        needed = [end for began, end in after
-                  if any(began <= t <= end for t in served)]
+        needed = served_by_new(new, killed, events)
         recovery.append((ready - killed,
                          min(needed) - killed if needed else None,
                          min(e for _, e in after) - killed if after
@@ -446,6 +470,24 @@ def test_fault_matrix_under_load(netns_lab, trace, nvme_target,
         print("load mount durations: median %.1f s, max %.1f s"
               % (durations[len(durations) // 2], durations[-1]))
     print("load mount failures (last 3): %s" % load_failures[-3:])
+    print("load steps over 8 s (step, load, began after the start, "
+          "seconds): %s" % [(st, n, round(b - start, 1), round(d, 1))
+                            for st, n, b, d in slow])
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True,
+                           check=False).stdout.splitlines()
+    print("dmesg, NFS and RPC lines (last 15): %s"
+          % [ln for ln in dmesg if re.search(r"nfs|rpc|NFS", ln)][-15:])
+    # How the load came back after each supervisor kill, in seconds from
+    # the kill: the load mounts around it, and the new supervisor's DONEs.
+    for old, new, killed, ready in restarts:
+        around = sorted((b - killed, e - killed) for b, e in mounted
+                        if e > killed - 5)[:12]
+        dones = [(round(ev.stamp - killed, 1), ev.status) for ev in events
+                 if ev.event == "handshake_complete" and ev.pid == new][:20]
+        print("restart %d -> %d, ready %.1f s: load mounts (began, ended) "
+              "%s; the new supervisor's first DONEs (time, status) %s"
+              % (old, new, ready - killed,
+                 ", ".join("(%.1f, %.1f)" % m for m in around), dones))
     assert lab.daemon.proc.poll() is None, "the supervisor died"
     assert counts["load mount ok"] > 0
     assert counts["worker SIGKILL"] > 0 and counts["SIGHUP"] > 0
