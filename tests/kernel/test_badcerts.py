@@ -514,6 +514,8 @@ def test_bad_certificate(badpki, tlshd, trace, nfs, role, case):
     report({"role": role, "case": case.name, "verifier_done": verifier,
             "other_done": sides.done[other],
             "stragglers": stragglers(sides),
+            "peer_gone_at_install": len(re.findall(
+                r"Failed to install kTLS keys", log)),
             "mounted": mounted, "consumer": consumer,
             "consumer_errno": mount_errno(consumer),
             "log": failures[0] if failures else "",
@@ -525,7 +527,18 @@ def test_bad_certificate(badpki, tlshd, trace, nfs, role, case):
     # EACCES: refused), apart from at most one per straggler.
     assert expected in verifier, (verifier, log[-2000:])
     others = [s for s in verifier if s != expected]
-    assert len(others) <= stragglers(sides), (verifier, sides, log[-2000:])
+    # The NFS client may close a connection as soon as its own end of the
+    # handshake is done (seen on 6.12: a mount that made two connections,
+    # the second closed right after its handshake); our server end, still
+    # finishing, then finds the socket closed when it installs the keys
+    # and answers EIO.  Such a request had passed verification, so it can
+    # only excuse an answer in an accepted case.
+    closed = "|".join(str(e) for e in (errno.ENOTCONN, errno.ECONNRESET,
+                                       errno.EPIPE))
+    gone = (len(re.findall(r"Failed to install kTLS keys: \[Errno (?:%s)\]"
+                           % closed, log)) if case.accepted else 0)
+    excused = stragglers(sides) + min(gone, others.count(-errno.EIO))
+    assert len(others) <= excused, (verifier, sides, log[-2000:])
     if case.accepted:
         return
     assert not mounted, "mounted with a bad certificate: %s" % consumer
