@@ -213,16 +213,38 @@ def churning() -> Iterator[None]:
                        check=False, capture_output=True)
 
 
-def mounts_under_churn(d: Daemon, mounts: int) -> None:
+@contextmanager
+def spying(pid: int, out: Path | None) -> Iterator[None]:
+    """py-spy samples ``pid`` meanwhile (collapsed stacks to ``out``),
+    when asked for: where the supervisor's own time goes in this phase."""
+    if out is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--rate",
+         "250", "--format", "raw", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3)  # py-spy attaches
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output
+        spy.wait(120)
+        print("py-spy samples of the supervisor in %s" % out)
+
+
+def mounts_under_churn(d: Daemon, mounts: int,
+                       spy: Path | None = None) -> None:
     """NFS mounts in the initial namespace under churn; submit -> accept
     of the requests submitted meanwhile (the trace's clock is
     time.monotonic()'s, so a request of an earlier phase that the kernel
     still had is left out)."""
     client = nfs.Nfs(nfs.start_server())
     trace.enable()
+    tids = sched_trace_on(d.proc.pid)
     failed = 0
     start = time.monotonic()
-    with churning():
+    with churning(), spying(d.proc.pid, spy):
         for _ in range(mounts):
             r = client.mount("", "tls")
             failed += not r.ok
@@ -245,11 +267,90 @@ def mounts_under_churn(d: Daemon, mounts: int) -> None:
     slow = sorted((r for r in reqs
                    if r.accept is not None and r.submit is not None),
                   key=lambda r: (r.accept or 0.0) - (r.submit or 0.0))
+    runs = sched_runs(tids)
+    sched_trace_off()
     for r in reversed(slow[-3:]):
         assert r.accept is not None and r.submit is not None
         print("  slow: req %s (%s) submitted %.1f s into the phase, "
-              "accepted %.1f ms later" % (r.req, r.comm, r.submit - start,
-                                          (r.accept - r.submit) * 1000))
+              "accepted %.1f ms later; %s"
+              % (r.req, r.comm, r.submit - start,
+                 (r.accept - r.submit) * 1000,
+                 runs.explain(d.proc.pid, r.submit, r.accept)))
+
+
+SCHED = trace.TRACING / "events/sched"
+SWITCH = re.compile(r"\s(\d+\.\d+): sched_switch: .*prev_pid=(\d+) .*"
+                    r"next_pid=(\d+) ")
+WAKEUP = re.compile(r"\s(\d+\.\d+): sched_waking: .*pid=(\d+) ")
+
+
+def sched_trace_on(pid: int) -> list[int]:
+    """Trace when the supervisor's threads (as they are now) run and are
+    woken: with the slow requests' windows, it tells the supervisor busy
+    (its own work: a rescan, a garbage collection) from the supervisor
+    waiting for a CPU (the guest)."""
+    tids = [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+    either = " || ".join("prev_pid == %d || next_pid == %d" % (t, t)
+                         for t in tids)
+    (SCHED / "sched_switch/filter").write_text(either)
+    (SCHED / "sched_waking/filter").write_text(
+        " || ".join("pid == %d" % t for t in tids))
+    for ev in ("sched_switch", "sched_waking"):
+        (SCHED / ev / "enable").write_text("1")
+    return tids
+
+
+def sched_trace_off() -> None:
+    for ev in ("sched_switch", "sched_waking"):
+        (SCHED / ev / "enable").write_text("0")
+        (SCHED / ev / "filter").write_text("0")
+
+
+class Runs:
+    """When each traced thread was on a CPU, and when it was woken."""
+
+    def __init__(self) -> None:
+        self.on: dict[int, list[tuple[float, float]]] = {}
+        self.woken: dict[int, list[float]] = {}
+
+    def cpu_ms(self, tid: int, a: float, b: float) -> float:
+        return 1000 * sum(max(0.0, min(e, b) - max(s, a))
+                          for s, e in self.on.get(tid, []))
+
+    def explain(self, pid: int, a: float, b: float) -> str:
+        """The supervisor's main thread and its other threads over [a, b]:
+        time on a CPU, and the longest wait from a wake-up to running."""
+        waits = []
+        starts = sorted(s for s, _ in self.on.get(pid, []))
+        for w in self.woken.get(pid, []):
+            if a <= w <= b:
+                later = [s for s in starts if s >= w]
+                if later:
+                    waits.append(later[0] - w)
+        others = sum(self.cpu_ms(t, a, b) for t in self.on if t != pid)
+        return ("main thread on CPU %.1f ms, other threads %.1f ms, longest "
+                "wake-up -> run %.1f ms"
+                % (self.cpu_ms(pid, a, b), others,
+                   1000 * max(waits, default=0.0)))
+
+
+def sched_runs(tids: list[int]) -> Runs:
+    runs = Runs()
+    began: dict[int, float] = {}
+    for line in (trace.TRACING / "trace").read_text().splitlines():
+        m = SWITCH.search(line)
+        if m:
+            t, prev, nxt = float(m.group(1)), int(m.group(2)), int(m.group(3))
+            if prev in tids and prev in began:
+                runs.on.setdefault(prev, []).append((began.pop(prev), t))
+            if nxt in tids:
+                began[nxt] = t
+            continue
+        m = WAKEUP.search(line)
+        if m and int(m.group(2)) in tids:
+            runs.woken.setdefault(int(m.group(2)), []).append(
+                float(m.group(1)))
+    return runs
 
 
 def tree_pss(d: Daemon) -> tuple[dict[int, int], list[int]]:
@@ -368,6 +469,10 @@ def main() -> int:
     p.add_argument("--cycle-seconds", type=float, default=1200,
                    help="stop the add/delete cycles after this long")
     p.add_argument("--settle", type=float, default=3.0)
+    p.add_argument("--spy", type=Path, default=None,
+                   help="py-spy the supervisor during the mounts under "
+                   "churn, collapsed stacks to this file (py-spy is not a "
+                   "dependency: .venv/bin/pip install py-spy)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root in the VM (see the docstring)")
@@ -401,7 +506,7 @@ def main() -> int:
                   for i in range(1, min(args.active + 1, args.count))]
         if active:
             active_pss(d, args.count, active, idle)
-        mounts_under_churn(d, args.mounts)
+        mounts_under_churn(d, args.mounts, args.spy)
         sys.stdout.flush()
         cycles(d, args.cycles, args.cycle_seconds)
     finally:
