@@ -292,6 +292,7 @@ class Supervisor:
         now = time.monotonic()
         for worker in self.requests.expire(now):
             self.pool.close_if_idle(worker)
+        self.requests.retry_stalled()
         self.resume_paused(now)
         try:
             if self.discovery.scan_due(now):
