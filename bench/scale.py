@@ -328,8 +328,9 @@ class Runs:
                 if later:
                     waits.append(later[0] - w)
         others = sum(self.cpu_ms(t, a, b) for t in self.on if t != pid)
-        return ("main thread on CPU %.1f ms, other threads %.1f ms, longest "
-                "wake-up -> run %.1f ms"
+        return ("main thread on CPU %.1f ms, its other threads (those of the "
+                "phase's start: not the /proc walks', each on a new one) "
+                "%.1f ms, longest wake-up -> run %.1f ms"
                 % (self.cpu_ms(pid, a, b), others,
                    1000 * max(waits, default=0.0)))
 

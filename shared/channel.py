@@ -60,10 +60,14 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def send(
-        self, msg: protocol.Message, req_id: int = 0, fds: tuple[int, ...] = ()
-    ) -> None:
-        """Send one message; raises PeerGone if the other end is closed."""
+    def send(self, msg: protocol.Message, req_id: int = 0,
+             fds: tuple[int, ...] = (), wait: bool = True) -> None:
+        """Send one message; raises PeerGone if the other end is closed.
+
+        ``wait=False``: raise BlockingIOError instead of waiting when the
+        other end's queue is full (it is not reading); a datagram is sent
+        whole or not at all.
+        """
         if self.side is not None and msg.SENT_BY is not self.side:
             raise ValueError("the %s does not send %s"
                              % (self.side.value, type(msg).__name__))
@@ -77,7 +81,8 @@ class Channel:
                         array.array("i", fds).tobytes()))
         while True:
             try:
-                self.sock.sendmsg([data], anc)
+                self.sock.sendmsg([data], anc,
+                                  0 if wait else socket.MSG_DONTWAIT)
                 return
             except InterruptedError:
                 continue

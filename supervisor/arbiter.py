@@ -126,6 +126,7 @@ class Supervisor:
                       key: netns.Key | None = None,
                       nsfd: int | None = None) -> Namespace:
         """Serve a namespace (see namespaces.Discovery.add)."""
+        self.discovery.dirty = True
         return self.discovery.add(label, config_path, nlsock, key, nsfd)
 
     def _added(self, ns: Namespace) -> None:
@@ -142,6 +143,7 @@ class Supervisor:
         ns.nlsock.note_pending()
 
     def remove_namespace(self, ns: Namespace) -> None:
+        self.discovery.dirty = True
         self.discovery.remove(ns)
 
     def _removing(self, ns: Namespace) -> None:
@@ -164,12 +166,13 @@ class Supervisor:
 
     def on_watch(self) -> None:
         if self.discovery.on_watch():
-            self.scan()
+            self.scan(force=False)
 
-    def scan(self) -> None:
-        """Bring the served set in line with the namespaces that exist."""
+    def scan(self, force: bool = True) -> None:
+        """Bring the served set in line with the namespaces that exist
+        (``force`` false: only if something changed)."""
         if self.stopping is None:
-            self.discovery.scan()
+            self.discovery.scan(force)
 
     # ---- what control.py asks (control.Served) ---------------------------
 
@@ -289,10 +292,11 @@ class Supervisor:
         now = time.monotonic()
         for worker in self.requests.expire(now):
             self.pool.close_if_idle(worker)
+        self.requests.retry_stalled()
         self.resume_paused(now)
         try:
             if self.discovery.scan_due(now):
-                self.scan()
+                self.scan(force=False)
         except Exception:
             # As on_netlink: the loop serves every other namespace.
             log.exception("Error while looking for namespaces")

@@ -197,7 +197,13 @@ class Monitor:
                   req.ns.label, "key %08x" % psk.serial if psk else
                   "not found")
         try:
-            worker.channel.send(protocol.PskFound(psk=psk), req_id)
+            worker.channel.send(protocol.PskFound(psk=psk), req_id,
+                                wait=False)
+        except BlockingIOError:
+            # It asks and does not read the answers: never wait on it.
+            log.error("Worker %d for netns %s does not read the answers to "
+                      "its PSK lookups; killing it", worker.pid, ns.label)
+            self.pool.kill(worker)
         except (PeerGone, OSError) as e:
             # Its exit (pidfd) answers the request.
             log.error("Cannot answer worker %d's PSK lookup: %s",

@@ -99,6 +99,13 @@ class Discovery:
         # The walks over /proc for unnamed namespaces, off the loop.
         self.unnamed = procwalk.Walks(watch_fd)
         self._recheck = False  # look at served namespaces' files again
+        # Something a scan looks at may have changed besides /run/netns
+        # (which NamedCache.refresh reports): the registry, a walk over
+        # /proc, a namespace served or dropped from outside, a serve that
+        # failed or was put off.  A scan with nothing changed skips the
+        # set arithmetic over every namespace, which churn would
+        # otherwise run several times a second (docs/benchmarks.md).
+        self.dirty = True
         self.registered = Registered(Registry(
             state_path, self._home_key,
             lambda fd: netns.owner_userns(fd) != self._initial_userns))
@@ -199,12 +206,15 @@ class Discovery:
         if due:
             self._scans = [t for t in self._scans if t > now]
         if self._resync_at is not None and now >= self._resync_at:
+            # The full re-read, and a full scan whatever it finds.
             self._named.mark(None)
             self._resync_at = now + NAMED_RESYNC
-            due = True
+            self.dirty = due = True
         if self.cfg.netns_unnamed and self.unnamed.due(now, self._ours):
-            due = True
-        return self.registered.due(now) or due
+            self.dirty = due = True
+        if self.registered.due(now):
+            self.dirty = due = True
+        return due
 
     def _ours(self) -> set[int]:
         """Our pids, which a walk over /proc leaves out."""
@@ -250,8 +260,9 @@ class Discovery:
             return None
         return Wanted(w.found, path, False)
 
-    def scan(self) -> None:
-        """Bring the served set in line with the namespaces that exist.
+    def scan(self, force: bool = True) -> None:
+        """Bring the served set in line with the namespaces that exist
+        (unless ``force`` is false and nothing changed: see ``dirty``).
 
         The work is set arithmetic on keys plus a system call per
         namespace that changed: a served named namespace keeps its
@@ -259,7 +270,11 @@ class Discovery:
         looked at again.  New namespaces are served for SERVE_SLICE at
         most, the rest by the next scan.
         """
-        self._named.refresh()
+        named_changed = self._named.refresh()
+        if not (force or named_changed or self.dirty or self._recheck):
+            self._rescan_placeholders(time.monotonic())
+            return
+        self.dirty = False
         initial = netns.initial()
         registered = self.registered.registry.by_key
         exist = (self._named.by_key.keys() | {initial.key}
@@ -304,6 +319,7 @@ class Discovery:
             now = time.monotonic()
             if now >= deadline and i + 1 < len(new):
                 self._scans.append(now + SERVE_PAUSE)
+                self.dirty = True  # the rest are still to be served
                 break
         self._rescan_placeholders(time.monotonic())
 
@@ -314,11 +330,13 @@ class Discovery:
             nsfd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
             if fd_key(nsfd) != f.key:
                 os.close(nsfd)
-                return  # replaced under us; the next scan sees it
+                self.dirty = True  # replaced under us; the next scan sees it
+                return
             refused = self._refuse_unnamed(w, nsfd)
         except OSError as e:
             log.debug("netns %s vanished before it was served: %s",
                       f.label, e)
+            self.dirty = True
             return
         if refused:
             os.close(nsfd)
@@ -330,6 +348,7 @@ class Discovery:
         except OSError as e:
             os.close(nsfd)
             log.error("Cannot serve netns %s: %s", f.label, e)
+            self.dirty = True  # tried again at the next scan, as before
 
     def _refuse_unnamed(self, w: Wanted, nsfd: int) -> str | None:
         """Why an unnamed namespace is not served (None: it is).

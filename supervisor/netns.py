@@ -122,16 +122,21 @@ class NamedCache:
         else:
             self._marked.update(names)
 
-    def refresh(self) -> None:
-        """Stat what was marked, and every placeholder."""
-        if self._marked is None:
+    def refresh(self) -> bool:
+        """Stat what was marked, and every placeholder; True if the
+        namespaces found changed (one came, went, or another is there)."""
+        full = self._marked is None
+        if full:
             try:
                 names: Iterable[str] = os.listdir(self.directory)
             except FileNotFoundError:
                 names = []
+            before = self._keys(self._found)
             self._found, self.by_key, self._pending = {}, {}, {}
         else:
+            assert self._marked is not None
             names = self._marked | self._pending.keys()
+            before = self._keys(names)
         self._marked = set()
         for name in names:
             self._forget(name)
@@ -148,6 +153,12 @@ class NamedCache:
             else:
                 f = Found((st.st_dev, st.st_ino), path, name)
                 self._found[name] = self.by_key[f.key] = f
+        return self._keys(self._found if full else names) != before
+
+    def _keys(self, names: Iterable[str]) -> dict[str, Key]:
+        """The namespace each of ``names`` is (placeholders left out)."""
+        return {name: f.key for name in names
+                if (f := self._found.get(name)) is not None}
 
     def _forget(self, name: str) -> None:
         self._pending.pop(name, None)

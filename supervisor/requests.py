@@ -42,6 +42,9 @@ TIMEOUT_MARGIN = 0.5
 # The worker enforces each deadline itself and answers ETIMEDOUT; this much
 # later the supervisor stops waiting for a worker that is stuck.
 DEADLINE_GRACE = 1.0
+# How soon requests a worker could not take (its channel full) are handed
+# to it again.
+STALL_RETRY = 0.02
 
 # (netlink socket, sockfd, status, remote_auth, session_id); the callee
 # closes the sockfd.
@@ -118,6 +121,13 @@ class Requests:
         self._next_id = 1
         # Workers keep each session's secrets for re-keying (see main).
         self.keep_secrets = keep_secrets
+        # Workers whose channel was full at the last hand-over (the worker
+        # is not reading: busy, stuck, or compromised), with their
+        # namespace.  The supervisor never waits on a worker: their
+        # requests stay pending, handed over in order by retry_stalled(),
+        # and end by their deadline if the worker never reads again.
+        # By id(): a worker is compared by identity here.
+        self._stalled: dict[int, tuple[Worker, Namespace]] = {}
 
     # ---- what is in the table --------------------------------------------
 
@@ -159,7 +169,10 @@ class Requests:
         return any(r.sockfd == sockfd for r in self._table.values())
 
     def next_wakeup(self) -> float | None:
-        return min((r.wakeup() for r in self._table.values()), default=None)
+        times = [r.wakeup() for r in self._table.values()]
+        if self._stalled:
+            times.append(time.monotonic() + STALL_RETRY)
+        return min(times, default=None)
 
     # ---- state changes --------------------------------------------------
 
@@ -193,8 +206,11 @@ class Requests:
 
     def dispatch(self, req: Request, worker: Worker) -> None:
         """Hand pending ``req`` to ``worker`` (with the keys it names);
-        if that fails, complete it."""
+        if that fails, complete it.  If the worker's channel is full, the
+        request stays pending (see ``_stalled``)."""
         assert req.worker is None and req.req_id in self._table
+        if id(worker) in self._stalled:
+            return  # after the requests that wait already, in order
         material = self._key_material(req)
         if material is None:
             return
@@ -210,7 +226,13 @@ class Requests:
                 session_id=accepted.session_id,
                 x509_cert=cert, x509_key=key, psks=psks,
             )
-            worker.channel.send(msg, req.req_id, (req.sockfd,))
+            worker.channel.send(msg, req.req_id, (req.sockfd,), wait=False)
+        except BlockingIOError:
+            log.warning("Worker %d for netns %s is not reading its requests;"
+                        " request %d waits until it does (or its deadline)",
+                        worker.pid, req.ns.label, req.req_id)
+            self._stalled[id(worker)] = (worker, req.ns)
+            return
         except ValueError as e:  # material too large for one message
             log.error("Cannot hand request %d to worker %d: %s", req.req_id,
                       worker.pid, e)
@@ -248,6 +270,19 @@ class Requests:
             for why in skipped:
                 log.error("Cannot use PSK %s [netns %s]", why, req.ns.label)
         return cert, key, tuple(psks)
+
+    def retry_stalled(self) -> None:
+        """Hand the requests that wait for a full channel to its worker
+        again, in order, until it is full again; a worker no longer its
+        namespace's leaves them to the next one (WorkerPool.ready)."""
+        stalled, self._stalled = self._stalled, {}
+        for worker, ns in stalled.values():
+            if ns.worker is not worker or not worker.ready:
+                continue
+            for req in self.pending(ns):
+                self.dispatch(req, worker)
+                if id(worker) in self._stalled:
+                    break
 
     def expire(self, now: float) -> list[Worker]:
         """Complete overdue requests with ETIMEDOUT; return the workers

@@ -317,6 +317,10 @@ class WorkerPool:
             self.requests.fail_all(errno.EIO, "worker %s while starting"
                                    % how, namespace=ns, pending_only=True)
         ns.restart_at = ns.not_before if self.idle_timeout <= 0 else None
+        if self.requests.pending(ns):
+            # Requests it had not taken yet (its channel was full): the
+            # next worker takes them.
+            self.demand(ns, time.monotonic())
 
     def close(self, namespaces: list[Namespace]) -> None:
         """Kill and reap every worker; close the template."""

@@ -148,3 +148,35 @@ def test_a_closed_walk_gives_back_its_fd():
     walk.close()
     assert len(os.listdir("/proc/self/fd")) == fds
     assert walk.step(0.0) is True
+
+
+def test_refresh_says_whether_the_namespaces_changed(tmp_path):
+    """What lets a scan with nothing new skip its work: a refresh says
+    whether a namespace came, went or was replaced."""
+    cache = cache_of(tmp_path, "a", "b")
+    assert cache.refresh()  # the first read finds them
+    assert not cache.refresh()  # nothing marked, nothing changed
+    cache.mark(["a"])
+    assert not cache.refresh()  # looked at again: the same namespace
+    (tmp_path / "c").write_text("")
+    cache.mark(["c"])
+    assert cache.refresh()  # came
+    (tmp_path / "a").unlink()
+    (tmp_path / "a2").write_text("")  # keeps a's inode from being reused
+    (tmp_path / "a").write_text("")
+    cache.mark(["a"])
+    assert cache.refresh()  # replaced
+    (tmp_path / "b").unlink()
+    cache.mark(None)
+    assert cache.refresh()  # went (a full read)
+    cache.mark(None)
+    assert not cache.refresh()  # a full read of the same
+
+
+def test_placeholder_that_becomes_a_namespace_is_a_change(tmp_path):
+    (tmp_path / "new").write_text("")
+    cache = netns.NamedCache(str(tmp_path), dev=-1)
+    assert not cache.refresh()  # a placeholder is not a namespace yet
+    cache.dev = os.stat(tmp_path).st_dev  # "mounted"
+    assert cache.refresh()
+    assert list(keys(cache)) == ["new"]

@@ -207,3 +207,35 @@ def test_walk_that_cannot_open_proc_is_logged_and_tried_later(
                for r in caplog.records)
     assert min(s.discovery.scans) > time.monotonic() + 1.0
     s.step(0)  # still running
+
+
+def test_a_scan_with_nothing_changed_skips_its_work(
+        tmp_path, scanning, root_owned, monkeypatch):
+    """Churn in /run/netns wakes the loop for several scans a second;
+    one that finds nothing changed does not go over every namespace
+    (the set arithmetic and a lookup per namespace not served)."""
+    s = supervisor(tmp_path, "")
+    scanning.append(s)
+    scan(s)
+    assert root_owned in served(s)
+    worked: list[None] = []  # a scan that does its work asks this first
+    initial = netns.initial
+
+    def counted() -> netns.Found:
+        worked.append(None)
+        return initial()
+
+    monkeypatch.setattr(netns, "initial", counted)
+    for _ in range(3):
+        s.scan(force=False)
+    assert worked == []
+    # Dropped from outside: the next scan looks again, and serves it.
+    ns = next(ns for ns in s.namespaces if ns.key == root_owned)
+    s.remove_namespace(ns)
+    s.scan(force=False)
+    assert len(worked) == 1 and root_owned in served(s)
+    s.scan(force=False)
+    assert len(worked) == 1
+    # A forced scan (a reload, a registration) always does the work.
+    s.scan()
+    assert len(worked) == 2

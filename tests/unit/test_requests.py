@@ -37,7 +37,8 @@ class FakeChannel:
     def __init__(self) -> None:
         self.sent: list[int] = []
 
-    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = ()) -> None:
+    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = (),
+             wait: bool = True) -> None:
         self.sent.append(req_id)
 
 

@@ -43,7 +43,8 @@ class Channel:
             raise item
         return item
 
-    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = ()) -> None:
+    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = (),
+             wait: bool = True) -> None:
         if self.error is not None:
             raise self.error
         self.sent.append((msg, req_id))
@@ -471,6 +472,19 @@ def test_lookup_answer_to_a_gone_worker_is_logged(
         env.deliver(protocol.PskLookup(identity=b"known"), req.req_id)
     assert "Cannot answer worker 100's PSK lookup" in caplog.text
     assert env.pool.events == [] and env.done.dones == []
+
+
+def test_a_worker_that_does_not_read_its_answers_is_killed(
+        env: Env, psks: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The answer is never waited for: a worker whose channel is full
+    (it asks and does not read) is killed; its exit answers the request."""
+    req = env.request()
+    env.worker.channel.error = BlockingIOError()
+    with caplog.at_level(logging.ERROR):
+        env.deliver(protocol.PskLookup(identity=b"known"), req.req_id)
+    assert "does not read the answers to its PSK lookups" in caplog.text
+    assert env.pool.events == [("kill", env.worker)]
+    assert env.done.dones == []
 
 
 # ---- ktls_attached ------------------------------------------------------

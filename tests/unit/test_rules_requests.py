@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import time
 from types import SimpleNamespace
@@ -44,7 +45,8 @@ class Channel:
         self.sent: list[tuple[Any, int, tuple[int, ...]]] = []
         self.error = error
 
-    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = ()) -> None:
+    def send(self, msg: Any, req_id: int, fds: tuple[int, ...] = (),
+             wait: bool = True) -> None:
         if self.error is not None:
             raise self.error
         self.sent.append((msg, req_id, fds))
@@ -488,3 +490,97 @@ def test_refuse_answers_a_stray_fd_once(table: Any) -> None:
                           ("a-nl", above, errno.EIO, (), 0)]
     assert (ns.failed, len(reqs)) == (0, 1)  # not a request's failure
     reqs.fail_all(errno.EIO)
+
+
+# ---- a worker that does not read: the supervisor never waits on it ------
+
+def test_a_full_channel_leaves_requests_pending_in_order(table: Any) -> None:
+    """The hand-over never waits: a worker whose channel is full (busy,
+    stuck or compromised) gets its requests later, in the order they
+    came, and each still ends with one DONE."""
+    reqs, done, _ = table
+    w = worker()
+    ns = namespace(worker=w)
+    w.channel.error = BlockingIOError()
+    first = reqs.submit(ns, accepted())
+    assert first.worker is None and done.dones == []
+    # Waiting for a turn of the loop soon, to try again.
+    next_wakeup = reqs.next_wakeup()
+    assert next_wakeup is not None
+    assert next_wakeup <= time.monotonic() + requests.STALL_RETRY
+    w.channel.error = None
+    # A request that comes meanwhile does not overtake the first.
+    second = reqs.submit(ns, accepted())
+    assert second.worker is None and w.channel.sent == []
+    reqs.retry_stalled()
+    assert [r for _, r, _ in w.channel.sent] == [first.req_id, second.req_id]
+    assert first.worker is w and second.worker is w
+    assert reqs.next_wakeup() == min(first.wakeup(), second.wakeup())
+    for req in (first, second):
+        reqs.complete(req, 0, ())
+    assert [d[2] for d in done.dones] == [0, 0]
+
+
+def test_a_worker_that_never_reads_again_times_its_requests_out(
+        table: Any) -> None:
+    reqs, done, _ = table
+    w = worker()
+    ns = namespace(worker=w)
+    w.channel.error = BlockingIOError()
+    req = reqs.submit(ns, accepted(), timeout=0.5)
+    reqs.retry_stalled()
+    assert req.worker is None and done.dones == []
+    assert reqs.expire(time.monotonic() + 5) == []
+    assert [d[2] for d in done.dones] == [errno.ETIMEDOUT]
+    assert len(reqs) == 0
+
+
+def test_a_replaced_worker_leaves_its_waiting_requests_to_the_next(
+        table: Any) -> None:
+    reqs, done, _ = table
+    old = worker(1)
+    ns = namespace(worker=old)
+    old.channel.error = BlockingIOError()
+    req = reqs.submit(ns, accepted())
+    ns.worker = worker(2)  # the old one died or was retired
+    reqs.retry_stalled()
+    assert old.channel.sent == [] and req.worker is None
+    assert reqs.pending(ns) == [req]  # WorkerPool.ready hands it over
+    reqs.dispatch(req, ns.worker)
+    assert req.worker is ns.worker and done.dones == []
+    reqs.complete(req, 0, ())
+
+
+def test_a_real_channel_that_is_not_read_never_blocks(table: Any) -> None:
+    """With a real socketpair whose worker end nobody reads: the
+    supervisor hands over what fits and keeps the rest, without waiting
+    (an alarm fails the test if a send blocks)."""
+    from tlshd.shared.channel import Channel, socketpair
+    reqs, done, keys = table
+    keys.x509 = (b"c" * 4000, b"k" * 300)  # a certificate and key's size
+    ours, theirs = socketpair()
+    w = worker()
+    w.channel = Channel(ours, protocol.Side.SUPERVISOR)
+    ns = namespace(worker=w)
+    class Blocked(Exception):
+        """Not an OSError: nothing on the way catches it."""
+
+    def blocked(*_: Any) -> None:
+        raise Blocked("the supervisor waited on its worker")
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(10)
+    try:
+        made = [reqs.submit(ns, accepted()) for _ in range(200)]
+        reqs.retry_stalled()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    handed = [r for r in made if r.worker is w]
+    assert 0 < len(handed) < len(made)
+    assert reqs.pending(ns) == [r for r in made if r.worker is None]
+    for r in made:
+        reqs.complete(r, errno.EIO, ())
+    assert len(done.dones) == len(made)
+    ours.close()
+    theirs.close()
