@@ -61,8 +61,15 @@ def mount(target: str, opts: str, source: str = "127.0.0.1:/",
            "vers=4.2," + opts, source, target]
     if netns:
         cmd = ["nsenter", "--net=/run/netns/" + netns, *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                       timeout=timeout + 20)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           timeout=timeout + 20)
+    except subprocess.TimeoutExpired:
+        # timeout(1)'s SIGTERM did not end mount.nfs (waiting in the
+        # kernel): a failed mount, not the end of the load loop.
+        if failures is not None:
+            failures.append("mount did not end within %d s" % (timeout + 20))
+        return False
     if r.returncode and failures is not None:
         failures.append((r.stdout + r.stderr).strip()[-200:])
     return r.returncode == 0
