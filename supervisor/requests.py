@@ -211,9 +211,18 @@ class Requests:
         assert req.worker is None and req.req_id in self._table
         if id(worker) in self._stalled:
             return  # after the requests that wait already, in order
+        if not self._hand(req, worker):
+            log.warning("Worker %d for netns %s is not reading its requests;"
+                        " request %d waits until it does (or its deadline)",
+                        worker.pid, req.ns.label, req.req_id)
+            self._stalled[id(worker)] = (worker, req.ns)
+
+    def _hand(self, req: Request, worker: Worker) -> bool:
+        """Send pending ``req`` to ``worker``, or complete it if that
+        fails; False (still pending) if the worker's channel is full."""
         material = self._key_material(req)
         if material is None:
-            return
+            return True
         cert, key, psks = material
         remaining = max(1, int((req.deadline - time.monotonic()) * 1000))
         accepted = req.request
@@ -228,24 +237,21 @@ class Requests:
             )
             worker.channel.send(msg, req.req_id, (req.sockfd,), wait=False)
         except BlockingIOError:
-            log.warning("Worker %d for netns %s is not reading its requests;"
-                        " request %d waits until it does (or its deadline)",
-                        worker.pid, req.ns.label, req.req_id)
-            self._stalled[id(worker)] = (worker, req.ns)
-            return
+            return False
         except ValueError as e:  # material too large for one message
             log.error("Cannot hand request %d to worker %d: %s", req.req_id,
                       worker.pid, e)
             self.complete(req, errno.EINVAL, (), str(e))
-            return
+            return True
         except (PeerGone, OSError) as e:
             log.error("Cannot hand request %d to worker %d: %s", req.req_id,
                       worker.pid, e)
             self.complete(req, errno.EIO, ())
-            return
+            return True
         req.worker = worker
         worker.last_busy = time.monotonic()
         req.handed.update(p.serial for p in psks)
+        return True
 
     def _key_material(self, req: Request) -> KeyMaterial | None:
         """Read the kernel keys ``req`` names, for the worker (which can
@@ -274,14 +280,20 @@ class Requests:
     def retry_stalled(self) -> None:
         """Hand the requests that wait for a full channel to its worker
         again, in order, until it is full again; a worker no longer its
-        namespace's leaves them to the next one (WorkerPool.ready)."""
-        stalled, self._stalled = self._stalled, {}
-        for worker, ns in stalled.values():
+        namespace's leaves them to the next one (WorkerPool.ready).  While
+        the channel shows no room, nothing is tried: no kernel keys are
+        read again and no line is logged (a worker that never reads would
+        otherwise make the supervisor do both every STALL_RETRY)."""
+        for key, (worker, ns) in list(self._stalled.items()):
             if ns.worker is not worker or not worker.ready:
+                del self._stalled[key]
                 continue
+            if not worker.channel.writable():
+                continue
+            del self._stalled[key]
             for req in self.pending(ns):
-                self.dispatch(req, worker)
-                if id(worker) in self._stalled:
+                if not self._hand(req, worker):
+                    self._stalled[key] = (worker, ns)
                     break
 
     def expire(self, now: float) -> list[Worker]:

@@ -51,6 +51,9 @@ class Channel:
             raise self.error
         self.sent.append((msg, req_id, fds))
 
+    def writable(self) -> bool:
+        return not isinstance(self.error, BlockingIOError)
+
 
 def namespace(label: str = "a", *, held: bool = False, worker: Any = None,
               initial: bool = True) -> Any:
@@ -519,6 +522,28 @@ def test_a_full_channel_leaves_requests_pending_in_order(table: Any) -> None:
     for req in (first, second):
         reqs.complete(req, 0, ())
     assert [d[2] for d in done.dones] == [0, 0]
+
+
+def test_a_stalled_worker_costs_one_log_line_and_no_key_reads(
+        table: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """While its channel shows no room, the turns of the loop read no
+    kernel keys for its requests and log nothing more."""
+    reqs, _, keys = table
+    w = worker()
+    ns = namespace(worker=w)
+    w.channel.error = BlockingIOError()
+    with caplog.at_level(logging.WARNING):
+        req = reqs.submit(ns, accepted())
+        reads = len(keys.scopes)
+        for _ in range(50):
+            reqs.retry_stalled()
+    assert len(keys.scopes) == reads
+    assert len([r for r in caplog.records
+                if "is not reading its requests" in r.getMessage()]) == 1
+    w.channel.error = None
+    reqs.retry_stalled()
+    assert req.worker is w
+    reqs.complete(req, 0, ())
 
 
 def test_a_worker_that_never_reads_again_times_its_requests_out(
